@@ -1,0 +1,50 @@
+"""Kernel dispatch: the model's two seams (attention, concept embedding) select an implementation by name.
+
+``impl`` is one of ``"auto"`` (fused Triton kernels on CUDA, the PyTorch reference elsewhere),
+``"triton"`` or ``"torch"``. Triton is imported lazily, only when a Triton path is chosen.
+"""
+from __future__ import annotations
+
+import torch
+
+from mvptr_ds.kernels import reference
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to the concrete implementation used on ``device`` ("torch" or "triton")."""
+    if impl not in IMPLS:
+        raise ValueError(f"kernels={impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "auto"):
+    """Masked attention over ``[B, heads, L, head_dim]`` with a ``[B, L]`` bool key mask (True = real)."""
+    if resolve(impl, q.device) == "triton":
+        from mvptr_ds.kernels import triton_attention
+        return triton_attention.attention(q, k, v, key_padding_mask, dropout_p)
+    return reference.attention(q, k, v, key_padding_mask, dropout_p)
+
+
+def concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight,
+                      ln_weight, ln_bias, eps, dropout_p: float = 0.0, training: bool = False,
+                      impl: str = "auto"):
+    """Fused gather + position + type + LayerNorm (+ dropout); see ``reference.concept_embedding``."""
+    if resolve(impl, input_ids.device) == "triton":
+        from mvptr_ds.kernels import triton_embedding
+        return triton_embedding.concept_embedding(input_ids, position_ids, token_type_ids, word_weight,
+                                                  position_weight, type_weight, ln_weight, ln_bias, eps,
+                                                  dropout_p, training)
+    return reference.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                                       type_weight, ln_weight, ln_bias, eps, dropout_p, training)
