@@ -1,0 +1,470 @@
+"""Readers for the data formats MVPTR users already have (MVPTR.md section 5).
+
+* ``features.tsv``: rows ``image_id \\t num_boxes \\t base64(float32[num_boxes x 2054])``, with
+  ``features.lineidx`` (byte offset of each row, one per line) and optionally ``imageid2idx.json``
+  (``{image_id: row}``).
+* ``predictions.tsv``: rows ``image_id \\t json{"objects": [{"class", "rect", "conf", ..}], "image_h", "image_w"}``.
+* captions: a JSON list or JSONL of ``{"image_id", "caption", "phrases": [[elem, ...], ...]}``
+  (``phrases`` optional: SPICE-style tuples of 1 to 3 elements).
+* ``id2phrase.json``: ``{"id": [element, ...]}``; ids are kept exactly as released.
+
+Nothing is silently dropped: every malformed row raises :class:`DataError`, whose message names the
+file, the row or line (1-based) and the field. Image ids are strings everywhere.
+Indices over large files are compact numpy arrays (byte offsets, sorted ids), so a process can address
+millions of rows without holding them as Python objects.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FEATURE_DIM = 2054
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, the row/line and the field."""
+
+    def __init__(self, path, message: str, row: Optional[int] = None, field: Optional[str] = None,
+                 unit: str = "row"):
+        where = str(path)
+        if row is not None:
+            where += f", {unit} {row}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
+        self.path, self.row, self.field = str(path), row, field
+
+    def __str__(self) -> str:  # a subclass that is also a KeyError must not quote the message
+        return self.args[0]
+
+
+class MissingImageError(DataError, KeyError):
+    """An image id is not in a feature store or tag file."""
+
+
+# ---------------------------------------------------------------- sorted id index
+
+class IdIndex:
+    """Compact image-id -> row lookup: sorted byte-string ids and their rows (numpy, no dict).
+
+    ``ids``: image ids in file order; ``rows``: their row numbers (0-based). Raises :class:`DataError`
+    on a duplicate id, naming both rows (1-based).
+    """
+
+    def __init__(self, ids: Sequence[str], rows: np.ndarray, path, unit: str = "row"):
+        keys = np.array([i.encode("utf-8") for i in ids], dtype=bytes) if len(ids) else np.zeros(0, "S1")
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.rows = np.asarray(rows, dtype=np.int64)[order]
+        if len(self.keys) > 1:
+            dup = np.nonzero(self.keys[1:] == self.keys[:-1])[0]
+            if len(dup):
+                k = dup[0]
+                raise DataError(path, f"duplicate image id {self.keys[k].decode()!r} (also at {unit} "
+                                f"{int(self.rows[k]) + 1})", int(self.rows[k + 1]) + 1, "image_id", unit)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, image_id: str) -> int:
+        """Row of ``image_id`` or -1."""
+        key = image_id.encode("utf-8")
+        pos = int(np.searchsorted(self.keys, key))
+        if pos < len(self.keys) and self.keys[pos] == key:
+            return int(self.rows[pos])
+        return -1
+
+    def ids(self) -> List[str]:
+        """Image ids, sorted."""
+        return [k.decode("utf-8") for k in self.keys]
+
+
+# ---------------------------------------------------------------- line index
+
+def scan_line_offsets(path: str, progress: bool = False) -> np.ndarray:
+    """Byte offset of every line of ``path`` (int64 ``[num_lines]``), streaming the file."""
+    from tqdm import tqdm
+
+    offsets = []
+    pos = 0
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, disable=not progress,
+                                     desc=f"indexing {os.path.basename(path)}") as bar:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+            bar.update(len(line))
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def read_lineidx(path: str, data_path: str) -> np.ndarray:
+    """Read a ``.lineidx`` file (one decimal byte offset per line) and check it against ``data_path``.
+
+    Returns int64 ``[num_rows]``. Raises :class:`DataError` for a non-integer line, offsets that do not
+    increase, or an offset at or past the end of the data file.
+    """
+    size = os.path.getsize(data_path)
+    out = []
+    with open(path, "r", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                off = int(line)
+            except ValueError:
+                raise DataError(path, f"{line[:40]!r} is not a byte offset", n, "offset", "line") from None
+            if off < 0 or off >= size:
+                raise DataError(path, f"offset {off} points past the end of {data_path} ({size} bytes)",
+                                n, "offset", "line")
+            if out and off <= out[-1]:
+                raise DataError(path, f"offset {off} does not increase (previous {out[-1]})", n, "offset",
+                                "line")
+            out.append(off)
+    return np.asarray(out, dtype=np.int64)
+
+
+def write_lineidx(path: str, offsets: np.ndarray) -> None:
+    """Write ``offsets`` (int ``[num_rows]``) as a ``.lineidx`` file, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(f"{int(o)}\n" for o in offsets)
+    os.replace(tmp, path)
+
+
+def read_json_no_dup(path: str):
+    """``json.load`` that raises :class:`DataError` (file + line) on malformed JSON or a duplicate key."""
+    def pairs(items):
+        seen = {}
+        for k, v in items:
+            if k in seen:
+                raise DataError(path, f"duplicate key {k!r}", field=k)
+            seen[k] = v
+        return seen
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", e.lineno, "json", "line") from None
+
+
+# ---------------------------------------------------------------- features.tsv
+
+def decode_feature_row(line: bytes, path, row: int) -> Tuple[str, np.ndarray]:
+    """Parse one ``features.tsv`` row into ``(image_id, float32 [num_boxes, 2054])``.
+
+    ``row`` is 1-based and only used in error messages.
+    """
+    parts = line.rstrip(b"\r\n").split(b"\t")
+    if len(parts) != 3:
+        raise DataError(path, f"expected 3 tab-separated fields (image_id, num_boxes, features), got "
+                        f"{len(parts)} (truncated row?)", row, "row")
+    image_id = parts[0].decode("utf-8", errors="replace").strip()
+    if not image_id:
+        raise DataError(path, "empty image id", row, "image_id")
+    try:
+        num_boxes = int(parts[1])
+    except ValueError:
+        raise DataError(path, f"{parts[1][:20]!r} is not an integer", row, "num_boxes") from None
+    if num_boxes < 0:
+        raise DataError(path, f"negative box count {num_boxes}", row, "num_boxes")
+    try:
+        raw = base64.b64decode(parts[2], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise DataError(path, f"not valid base64 ({e}; truncated row?)", row, "features") from None
+    if len(raw) % 4:
+        raise DataError(path, f"{len(raw)} decoded bytes is not a whole number of float32 values "
+                        "(truncated row?)", row, "features")
+    n = len(raw) // 4
+    if n != num_boxes * FEATURE_DIM:
+        width = f"{n / num_boxes:g}" if num_boxes else "n/a"
+        raise DataError(path, f"{n} float32 values for num_boxes={num_boxes}: expected "
+                        f"{num_boxes} x {FEATURE_DIM} = {num_boxes * FEATURE_DIM} (width {width}, or a "
+                        "truncated row)", row, "features")
+    feats = np.frombuffer(raw, dtype="<f4").reshape(num_boxes, FEATURE_DIM)  # [num_boxes, 2054]
+    return image_id, feats
+
+
+def encode_feature_row(image_id: str, feats: np.ndarray) -> bytes:
+    """One ``features.tsv`` row (with newline) for float ``[num_boxes, 2054]`` features."""
+    feats = np.ascontiguousarray(feats, dtype="<f4")
+    if feats.ndim != 2 or feats.shape[1] != FEATURE_DIM:
+        raise ValueError(f"features of image {image_id!r} have shape {feats.shape}, expected [n, {FEATURE_DIM}]")
+    return b"%s\t%d\t%s\n" % (image_id.encode("utf-8"), feats.shape[0], base64.b64encode(feats.tobytes()))
+
+
+def iter_feature_rows(path: str, start_offset: int = 0, start_row: int = 0
+                      ) -> Iterator[Tuple[int, int, int, str, np.ndarray]]:
+    """Stream ``features.tsv`` from byte ``start_offset`` (row ``start_row``, 0-based).
+
+    Yields ``(row, offset, end_offset, image_id, float32 [num_boxes, 2054])`` per non-empty row, one row
+    in memory at a time.
+    """
+    row, pos = start_row, start_offset
+    with open(path, "rb") as f:
+        f.seek(start_offset)
+        for line in f:
+            end = pos + len(line)
+            if line.strip():
+                image_id, feats = decode_feature_row(line, path, row + 1)
+                yield row, pos, end, image_id, feats
+                row += 1
+            pos = end
+
+
+def read_feature_ids(path: str, offsets: np.ndarray) -> List[str]:
+    """Image id of each row at ``offsets`` (reads only each row's first field)."""
+    ids = []
+    with open(path, "rb") as f:
+        for r, off in enumerate(offsets):
+            f.seek(int(off))
+            head = f.read(256)
+            tab = head.find(b"\t")
+            if tab <= 0:
+                raise DataError(path, f"no image id before a tab at byte {int(off)} (lineidx out of step "
+                                "with the file?)", r + 1, "image_id")
+            ids.append(head[:tab].decode("utf-8", errors="replace"))
+    return ids
+
+
+# ---------------------------------------------------------------- predictions.tsv
+
+def parse_prediction_row(line: bytes, path, row: int) -> Tuple[str, dict]:
+    """Parse one ``predictions.tsv`` row into ``(image_id, record)``; the record has ``objects``
+    (each with a string ``class``). ``row`` is 1-based, for messages."""
+    parts = line.rstrip(b"\r\n").split(b"\t", 1)
+    if len(parts) != 2:
+        raise DataError(path, "expected 'image_id<TAB>json'", row, "row")
+    image_id = parts[0].decode("utf-8", errors="replace").strip()
+    if not image_id:
+        raise DataError(path, "empty image id", row, "image_id")
+    try:
+        rec = json.loads(parts[1])
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", row, "json") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("objects"), list):
+        raise DataError(path, "missing list 'objects'", row, "objects")
+    for k, obj in enumerate(rec["objects"]):
+        if not isinstance(obj, dict) or not isinstance(obj.get("class"), str) or not obj["class"].strip():
+            raise DataError(path, "object without a non-empty string 'class'", row, f"objects[{k}].class")
+    return image_id, rec
+
+
+class PredictionsReader:
+    """Lazy ``predictions.tsv``: an index of byte offsets and sorted ids; rows parsed on access.
+
+    ``reader[image_id] -> dict`` (the row's JSON), ``reader.classes(image_id) -> List[str]``.
+    Every row is validated once when the index is built.
+    """
+
+    def __init__(self, path: str, progress: bool = False):
+        self.path = str(path)
+        offsets, ids = [], []
+        pos = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    image_id, _ = parse_prediction_row(line, self.path, len(offsets) + 1)
+                    offsets.append(pos)
+                    ids.append(image_id)
+                pos += len(line)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.index = IdIndex(ids, np.arange(len(ids)), self.path)
+        self._fh, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __contains__(self, image_id: str) -> bool:
+        return self.index.find(str(image_id)) >= 0
+
+    def ids(self) -> List[str]:
+        return self.index.ids()
+
+    def __getitem__(self, image_id: str) -> dict:
+        row = self.index.find(str(image_id))
+        if row < 0:
+            raise MissingImageError(self.path, f"no row for image id {image_id!r}", field="image_id")
+        if self._fh is None or self._pid != os.getpid():  # one handle per process (safe after fork)
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        self._fh.seek(int(self.offsets[row]))
+        return parse_prediction_row(self._fh.readline(), self.path, row + 1)[1]
+
+    def classes(self, image_id: str) -> List[str]:
+        """Detected class names of ``image_id`` in file order."""
+        return [o["class"].strip() for o in self[image_id]["objects"]]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+
+# ---------------------------------------------------------------- captions
+
+def validate_caption(rec, path, line: int) -> Tuple[str, str, Optional[List[Tuple[str, ...]]]]:
+    """Check one caption record; returns ``(image_id, caption, phrases or None)``."""
+    if not isinstance(rec, dict):
+        raise DataError(path, "a caption record must be a JSON object", line, "record", "line")
+    if "image_id" not in rec or isinstance(rec["image_id"], (bool, list, dict)) or rec["image_id"] is None:
+        raise DataError(path, "missing or invalid image id", line, "image_id", "line")
+    image_id = str(rec["image_id"]).strip()
+    if not image_id:
+        raise DataError(path, "empty image id", line, "image_id", "line")
+    cap = rec.get("caption")
+    if not isinstance(cap, str):
+        raise DataError(path, "missing caption text", line, "caption", "line")
+    if not cap.strip():
+        raise DataError(path, "empty caption", line, "caption", "line")
+    phrases = rec.get("phrases")
+    if phrases is None:
+        return image_id, cap, None
+    if not isinstance(phrases, list):
+        raise DataError(path, "'phrases' must be a list of tuples", line, "phrases", "line")
+    out = []
+    for k, t in enumerate(phrases):
+        if (not isinstance(t, list) or not 1 <= len(t) <= 3
+                or not all(isinstance(e, str) and e.strip() for e in t)):
+            raise DataError(path, f"tuple {t!r} is not a list of 1 to 3 non-empty strings", line,
+                            f"phrases[{k}]", "line")
+        out.append(tuple(e.strip().lower() for e in t))
+    return image_id, cap, out
+
+
+class CaptionIndex:
+    """Captions as a compact index: one byte offset and one image id per caption.
+
+    JSONL (one record per line) is read lazily: ``index[i]`` seeks to the line and parses it. A JSON list
+    file is parsed once and kept in memory (convert it to JSONL for large corpora). Every record is
+    validated when the index is built (malformed JSON, missing fields, empty captions raise
+    :class:`DataError` with file and line).
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._records: Optional[list] = None
+        self._fh, self._pid = None, None
+        with open(self.path, "rb") as f:
+            first = f.read(4096).lstrip()
+        if first.startswith(b"["):
+            data = read_json_no_dup(self.path)
+            self._records = [validate_caption(r, self.path, i + 1) for i, r in enumerate(data)]
+            self.offsets = np.arange(len(data), dtype=np.int64)
+            self.lines = np.arange(1, len(data) + 1, dtype=np.int64)
+            ids = [r[0] for r in self._records]
+        else:
+            offsets, lines, ids = [], [], []
+            pos = 0
+            with open(self.path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if raw.strip():
+                        rec = self._parse(raw, n)
+                        ids.append(validate_caption(rec, self.path, n)[0])
+                        offsets.append(pos)
+                        lines.append(n)
+                    pos += len(raw)
+            self.offsets = np.asarray(offsets, dtype=np.int64)
+            self.lines = np.asarray(lines, dtype=np.int64)
+        uniq, inverse = np.unique(np.array([i.encode("utf-8") for i in ids], dtype=bytes)
+                                  if ids else np.zeros(0, "S1"), return_inverse=True)
+        self.image_keys = uniq                           # sorted distinct image ids (bytes)
+        self.image_of = inverse.astype(np.int64)         # [num_captions] index into image_keys
+
+    def _parse(self, raw: bytes, line: int):
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise DataError(self.path, f"malformed JSON: {msg}", line, "json", "line") from None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def image_id(self, i: int) -> str:
+        return self.image_keys[self.image_of[i]].decode("utf-8")
+
+    def __getitem__(self, i: int) -> Tuple[str, str, Optional[List[Tuple[str, ...]]]]:
+        """``(image_id, caption, phrases or None)`` of caption ``i`` (0-based)."""
+        if self._records is not None:
+            return self._records[i]
+        if self._fh is None or self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        self._fh.seek(int(self.offsets[i]))
+        line = int(self.lines[i])
+        return validate_caption(self._parse(self._fh.readline(), line), self.path, line)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+
+# ---------------------------------------------------------------- id2phrase.json
+
+@dataclass
+class ConceptVocab:
+    """A concept vocabulary: ids and tuples exactly as in the file, and the reverse lookup
+    (tuple elements stripped and lower-cased) -> id."""
+
+    path: str
+    id_to_tuple: Dict[int, Tuple[str, ...]]
+    tuple_to_id: Dict[Tuple[str, ...], int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.tuple_to_id:
+            self.tuple_to_id = {tuple(e.strip().lower() for e in t): i for i, t in self.id_to_tuple.items()}
+
+    def __len__(self) -> int:
+        return len(self.id_to_tuple)
+
+    def lookup(self, tup: Sequence[str]) -> Optional[int]:
+        """Id of a tuple (elements compared lower-cased and stripped), or None."""
+        return self.tuple_to_id.get(tuple(e.strip().lower() for e in tup))
+
+    def max_id(self) -> int:
+        return max(self.id_to_tuple) if self.id_to_tuple else -1
+
+
+def read_id2phrase(path: str) -> ConceptVocab:
+    """Read ``id2phrase.json`` (``{"id": [element, ...]}``) into a :class:`ConceptVocab`.
+
+    Ids must be non-negative integers (kept as released); tuples 1 to 3 non-empty strings, each
+    appearing once (a tuple listed under two ids is an error naming both).
+    """
+    data = read_json_no_dup(str(path))
+    if not isinstance(data, dict):
+        raise DataError(path, "expected a JSON object {id: [element, ...]}", field="json")
+    id_to_tuple: Dict[int, Tuple[str, ...]] = {}
+    tuple_to_id: Dict[Tuple[str, ...], int] = {}
+    for k, v in data.items():
+        try:
+            cid = int(k)
+        except ValueError:
+            raise DataError(path, f"concept id {k!r} is not an integer", field=k) from None
+        if cid < 0:
+            raise DataError(path, f"negative concept id {cid}", field=k)
+        if (not isinstance(v, list) or not 1 <= len(v) <= 3
+                or not all(isinstance(e, str) and e.strip() for e in v)):
+            raise DataError(path, f"{v!r} is not a list of 1 to 3 non-empty strings", field=k)
+        tup = tuple(e.strip().lower() for e in v)
+        if tup in tuple_to_id:
+            raise DataError(path, f"tuple {list(tup)} already has id {tuple_to_id[tup]}", field=k)
+        id_to_tuple[cid] = tuple(v)      # exactly as released
+        tuple_to_id[tup] = cid
+    return ConceptVocab(str(path), id_to_tuple, tuple_to_id)
+
+
+def write_id2phrase(path: str, id_to_tuple: Dict[int, Sequence[str]]) -> None:
+    """Write ``{"id": [element, ...]}`` sorted by id, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({str(i): list(id_to_tuple[i]) for i in sorted(id_to_tuple)}, f)
+    os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""Command line of mvptr_ds (Fire). Pre-training is the default command.
+
+    python -m mvptr_ds.run --stage 1 --model tiny              # one process, no launcher needed
+    deepspeed --num_gpus 2 mvptr_ds/run.py --stage 2            # DeepSpeed launcher
+    python -m mvptr_ds.run COMMAND --help                      # other commands, see COMMANDS below
+
+Commands only translate options into the typed config and call the function that does the work.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this): import the package, not siblings
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, _root)
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+from mvptr_ds.config import (ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig,
+                             model_config_from)
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(stage: int = 2,
+          objectives: Optional[Union[str, Sequence[str]]] = None,
+          model: Optional[str] = None,
+          data: str = "synthetic",
+          ds_config: str = "ds_configs/zero2.json",
+          output_dir: str = "runs/mvptr",
+          max_steps: int = TrainConfig.max_steps,
+          micro_batch: int = TrainConfig.micro_batch,
+          grad_accum: int = TrainConfig.grad_accum,
+          lr: float = TrainConfig.lr,
+          warmup_steps: int = TrainConfig.warmup_steps,
+          save_every: int = TrainConfig.save_every,
+          log_every: int = TrainConfig.log_every,
+          keep_last: int = TrainConfig.keep_last,
+          resume: str = "auto",
+          init_from: Optional[str] = None,
+          seed: int = TrainConfig.seed,
+          wandb: str = "offline",
+          precision: Optional[str] = None,
+          kernels: Optional[str] = None,
+          tokenizer: Optional[str] = None,
+          global_negatives: bool = False,
+          max_bad_steps: int = TrainConfig.max_bad_steps,
+          config: Optional[str] = None,
+          local_rank: Optional[int] = None):
+    """Pre-train MVPTR (the default command).
+
+    Args:
+        stage: 1 = uni-modal encoders only, masked concept recovering (the cross-modal encoder is not run);
+            2 = the whole model with VSC, ITM, MLM, WPG and MCR (the released recipe).
+        objectives: comma list out of mcr,vsc,itm,mlm,wpg; default: the stage's (1: mcr; 2: all five).
+        model: preset name (tiny, base) or the path of a JSON file of model settings; default: tiny
+            (the model of --config when one is given). Use base for the paper's model.
+        data: "synthetic" (built-in scene world; "synthetic:seed=3,images=200,captions_per_image=2"),
+            or a data directory in the real formats (see README).
+        ds_config: DeepSpeed template (ZeRO stage, precision, offload); batch sizes and lr come from the options.
+        output_dir: run folder: config.json, metrics.jsonl, checkpoints/, final/, wandb/.
+        max_steps: optimizer steps to train for.
+        micro_batch: examples per rank per forward pass.
+        grad_accum: micro batches per optimizer step.
+        lr: peak learning rate of AdamW.
+        warmup_steps: linear warm-up steps, then linear decay to 0 at max_steps.
+        save_every: checkpoint every N steps (and at the end).
+        log_every: log metrics every N steps.
+        keep_last: keep the newest K checkpoints.
+        resume: "auto" (newest complete checkpoint in output_dir, if any), "none", or a checkpoint path.
+        init_from: initial weights (e.g. a stage-1 run or its final/ folder); new weights are reported by name.
+        seed: seed of weights, data order, corruption and dropout.
+        wandb: offline (default; no network), online or disabled.
+        precision: fp32, bf16 or fp16; default: what the ds_config enables, else fp32.
+        kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), triton or torch.
+        tokenizer: local Hugging Face tokenizer directory for real data (BERT uncased).
+        global_negatives: contrastive and ITM negatives from all ranks (beyond the release; off by default).
+        max_bad_steps: consecutive non-finite batches tolerated before the run stops.
+        config: a run config.json (e.g. from an earlier run) whose values the other options override.
+        local_rank: set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment).
+    """
+    from mvptr_ds.training.ds_config import read_template, template_precision
+    from mvptr_ds.training.trainer import train as run_training
+
+    base = RunConfig.load(config) if config else RunConfig(model=ModelConfig(), data=DataConfig(),
+                                                            objectives=ObjectiveConfig(), train=TrainConfig())
+    if model is None:
+        model_cfg = base.model if config else model_config_from("tiny")
+    else:
+        model_cfg = model_config_from(str(model))
+    if kernels is not None:
+        model_cfg = dataclasses.replace(model_cfg, kernels=kernels)
+    ds_path = resolve_path(ds_config)
+    if precision is None:
+        precision = template_precision(read_template(ds_path))
+    run_cfg = RunConfig(
+        model=model_cfg,
+        data=dataclasses.replace(base.data, source=data, tokenizer=tokenizer or base.data.tokenizer),
+        objectives=dataclasses.replace(base.objectives, names=parse_objectives(objectives),
+                                       global_negatives=bool(global_negatives)),
+        train=dataclasses.replace(
+            base.train, stage=int(stage), output_dir=output_dir, ds_config=ds_path, max_steps=max_steps,
+            micro_batch=micro_batch, grad_accum=grad_accum, lr=float(lr), warmup_steps=warmup_steps,
+            save_every=save_every, log_every=log_every, keep_last=keep_last, resume=str(resume),
+            init_from=init_from, seed=seed, wandb=str(wandb), precision=precision, max_bad_steps=max_bad_steps),
+    ).validate()
+    result = run_training(run_cfg)
+    return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"
+
+
+def parse_objectives(value) -> tuple:
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(x).strip().lower() for x in items if str(x).strip())
+
+
+def resolve_path(path: str) -> str:
+    """A relative path as given if it exists, else relative to the repository (for ds_configs/ defaults)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    candidate = os.path.join(_REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+COMMANDS = {"train": train}
+
+
+def main(argv=None) -> int:
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["train"] + argv  # pre-training is the default command
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        fire.Fire(COMMANDS, command=argv, name="mvptr_ds.run")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

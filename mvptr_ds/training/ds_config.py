@@ -1,0 +1,115 @@
+"""DeepSpeed config: a small JSON template (ZeRO stage, precision, offload) merged with the typed config.
+
+Batch sizes, accumulation, learning rate, clipping and precision have one source, ``TrainConfig``. A template
+may omit them (ours do); if it sets one, it must agree with the typed config, otherwise the run stops with
+a message naming the key. The optimizer and scheduler are built by mvptr_ds (AdamW with the release's
+decay groups, linear warm-up/decay), so ``optimizer``/``scheduler`` blocks in a template are rejected.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Dict
+
+from mvptr_ds.config import ConfigError, TrainConfig
+
+_KNOWN_TOP_LEVEL = {
+    "zero_optimization", "bf16", "fp16", "amp", "steps_per_print", "wall_clock_breakdown", "gradient_clipping",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "prescale_gradients",
+    "gradient_predivide_factor", "communication_data_type", "flops_profiler", "activation_checkpointing",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "tensorboard", "wandb", "csv_monitor",
+    "comms_logger", "memory_breakdown", "dump_state", "checkpoint", "data_types", "seq_parallel_communication_data_type",
+    "timers", "compile", "aio", "elasticity", "monitor_config", "torch_autocast", "bfloat16",
+}
+_REJECTED = {
+    "optimizer": "the optimizer is built by mvptr_ds (AdamW, decay groups); set --lr instead",
+    "scheduler": "the schedule is built by mvptr_ds (linear warm-up/decay); set --warmup_steps instead",
+    "sparse_gradients": "DeepSpeed no longer supports sparse_gradients",
+}
+
+
+def read_template(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--ds_config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--ds_config {path}: expected a JSON object at the top level")
+    return d
+
+
+def template_precision(template: Dict[str, Any]) -> str:
+    """The precision a template asks for: "bf16", "fp16" or "fp32"."""
+    bf16 = template.get("bf16", template.get("bfloat16", {})).get("enabled", False)
+    fp16 = template.get("fp16", {}).get("enabled", False)
+    if bf16 and fp16:
+        raise ConfigError("ds_config enables both bf16 and fp16")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def build_ds_config(path: str, train: TrainConfig, world_size: int) -> Dict[str, Any]:
+    """Read the template at ``path`` and merge the typed training settings into it.
+
+    Raises ConfigError naming the offending key when the template is invalid or disagrees with ``train``.
+    """
+    template = read_template(path)
+    for key in template:
+        if key in _REJECTED:
+            raise ConfigError(f"--ds_config {path}: key {key!r} is not allowed: {_REJECTED[key]}")
+        if key not in _KNOWN_TOP_LEVEL:
+            raise ConfigError(f"--ds_config {path}: unknown key {key!r}")
+    zero = template.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"--ds_config {path}: zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--ds_config {path}: zero_optimization.stage={stage!r}: expected 0, 1, 2 or 3")
+    offload = zero.get("offload_optimizer", {}).get("device", "none") if isinstance(
+        zero.get("offload_optimizer", {}), dict) else "none"
+    if offload not in ("none", "cpu", "nvme"):
+        raise ConfigError(f"--ds_config {path}: zero_optimization.offload_optimizer.device={offload!r}")
+    if offload != "none" and stage < 2:
+        raise ConfigError(f"--ds_config {path}: optimizer offload needs zero_optimization.stage 2 or 3, got {stage}")
+
+    precision = template_precision(template)
+    if train.precision != precision and precision != "fp32":
+        raise ConfigError(
+            f"--precision {train.precision} disagrees with --ds_config {path}, which enables {precision}")
+
+    expected = {
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+    }
+    for key, value in expected.items():
+        if key in template and template[key] != value:
+            raise ConfigError(
+                f"--ds_config {path}: {key}={template[key]} disagrees with the run "
+                f"(micro batch {train.micro_batch} x accumulation {train.grad_accum} x world size {world_size}"
+                f"{'' if key != 'gradient_clipping' else f', clipping {train.grad_clip}'}: expects {value}); "
+                f"remove the key from the template or pass matching options")
+
+    cfg = copy.deepcopy(template)
+    cfg.update(expected)
+    cfg.pop("bfloat16", None)
+    cfg["bf16"] = {**template.get("bf16", template.get("bfloat16", {})), "enabled": train.precision == "bf16"}
+    cfg["fp16"] = {**template.get("fp16", {}), "enabled": train.precision == "fp16"}
+    if train.precision == "fp16":
+        cfg["fp16"].setdefault("loss_scale", 0)
+        cfg["fp16"].setdefault("initial_scale_power", 16)
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def zero_stage(ds_config: Dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: Dict[str, Any]) -> bool:
+    off = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return isinstance(off, dict) and off.get("device", "none") not in ("none", None)

@@ -1,0 +1,69 @@
+"""Rank-0 run reporting: ``metrics.jsonl``, a tqdm progress bar and Weights & Biases (offline by default).
+
+Only rank 0 writes. W&B runs under ``<output_dir>/wandb``; with ``offline`` nothing leaves the machine (sync
+later with ``wandb sync``). No secret (such as ``WANDB_API_KEY``) is ever written by this module: the config
+it logs is the run config, which holds none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, Optional
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, is_main: bool, total_steps: int, initial_step: int,
+                 wandb_mode: str, wandb_project: str, config: Dict[str, Any], resume: bool):
+        self.is_main = is_main
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._file = None
+        self._bar = None
+        self._wandb = None
+        if not is_main:
+            return
+        self._file = open(self.path, "a" if resume else "w")
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                         dynamic_ncols=True, file=sys.stderr, disable=None)
+        if wandb_mode != "disabled":
+            self._wandb = _start_wandb(output_dir, wandb_mode, wandb_project, config)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self._bar is not None and "loss" in record:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def event(self, message: str) -> None:
+        """A one-line notice (skipped step, checkpoint written, ...), shown above the progress bar."""
+        if self.is_main:
+            (self._bar.write if self._bar is not None else print)(message)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._bar = self._file = self._wandb = None
+
+
+def _start_wandb(output_dir: str, mode: str, project: str, config: Dict[str, Any]) -> Optional[Any]:
+    import wandb
+
+    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+        os.environ.setdefault(var, os.path.join(output_dir, "wandb", f".{sub}"))
+    os.makedirs(os.path.join(output_dir, "wandb"), exist_ok=True)
+    return wandb.init(project=project, dir=output_dir, mode=mode, config=config,
+                      name=os.path.basename(os.path.abspath(output_dir)), reinit="finish_previous")

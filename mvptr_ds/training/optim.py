@@ -1,0 +1,43 @@
+"""Optimizer and learning-rate schedule of the release: AdamW, no decay on biases and LayerNorm, linear warm-up/decay."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from mvptr_ds.config import TrainConfig
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two parameter groups: weights with decay; biases, LayerNorm parameters and scalars without."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layernorm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, train: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    """AdamW over ``decay_groups``; DeepSpeed's CPU Adam (AdamW mode) when the optimizer is offloaded."""
+    groups = decay_groups(module, train.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps,
+                                weight_decay=train.weight_decay, adamw_mode=True)
+    fused = any(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps,
+                             fused=True if fused else None)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 to the peak lr over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
