@@ -1,0 +1,35 @@
+"""mvptr_ds: MVPTR vision-language pre-training on DeepSpeed.
+
+torch is required without a pin so that a GPU user keeps the CUDA build they already have; CPU machines
+install a CPU build first (``make install`` does, see README) so that pip never pulls a CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mvptr_ds",
+    version="0.1.0",
+    description="MVPTR vision-language pre-training and fine-tuning at scale on DeepSpeed",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mvptr_ds", "mvptr_ds.*"]),
+    package_data={"mvptr_ds": ["data/assets/*.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.16",
+        "transformers>=4.40",
+        "tokenizers",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "fire",
+        "wandb",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["mvptr_ds=mvptr_ds.run:main"]},
+)
