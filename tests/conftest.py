@@ -1,0 +1,51 @@
+"""Shared test helpers: the repository root, ../shared/data, and running the CLI in a subprocess."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a child run: no launcher variables inherited, CPU accelerator, W&B offline."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True):
+    """Run ``python -m mvptr_ds.run ARGS`` (or through ``deepspeed --num_gpus N``); return the CompletedProcess."""
+    if launcher_procs:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launcher_procs),
+               "--master_port", str(free_port()), str(REPO / "mvptr_ds" / "run.py")] + list(args)
+    else:
+        cmd = [sys.executable, "-m", "mvptr_ds.run"] + list(args)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data {SHARED_DATA} not present (it ships with the project's CI, not with a clone)")
+    return SHARED_DATA
