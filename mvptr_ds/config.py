@@ -149,6 +149,7 @@ class TrainConfig:
     wandb: str = "offline"
     wandb_project: str = "mvptr_ds"
     max_bad_steps: int = 5         # consecutive non-finite steps before the run stops
+    stop_after: Optional[int] = None  # leave cleanly (with a checkpoint) after this step, e.g. for a job time limit
 
     def validate(self) -> None:
         if self.stage not in STAGE_OBJECTIVES:

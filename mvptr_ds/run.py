@@ -48,6 +48,7 @@ def train(stage: int = 2,
           tokenizer: Optional[str] = None,
           global_negatives: bool = False,
           max_bad_steps: int = TrainConfig.max_bad_steps,
+          stop_after: Optional[int] = None,
           config: Optional[str] = None,
           local_rank: Optional[int] = None):
     """Pre-train MVPTR (the default command).
@@ -79,6 +80,8 @@ def train(stage: int = 2,
         tokenizer: local Hugging Face tokenizer directory for real data (BERT uncased).
         global_negatives: contrastive and ITM negatives from all ranks (beyond the release; off by default).
         max_bad_steps: consecutive non-finite batches tolerated before the run stops.
+        stop_after: leave cleanly after this step with a checkpoint (e.g. a job's time limit); the schedule
+            still runs to max_steps when the run is continued with --resume auto.
         config: a run config.json (e.g. from an earlier run) whose values the other options override.
         local_rank: set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment).
     """
@@ -105,7 +108,8 @@ def train(stage: int = 2,
             base.train, stage=int(stage), output_dir=output_dir, ds_config=ds_path, max_steps=max_steps,
             micro_batch=micro_batch, grad_accum=grad_accum, lr=float(lr), warmup_steps=warmup_steps,
             save_every=save_every, log_every=log_every, keep_last=keep_last, resume=str(resume),
-            init_from=init_from, seed=seed, wandb=str(wandb), precision=precision, max_bad_steps=max_bad_steps),
+            init_from=init_from, seed=seed, wandb=str(wandb), precision=precision, max_bad_steps=max_bad_steps,
+            stop_after=stop_after),
     ).validate()
     result = run_training(run_cfg)
     return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"

@@ -42,11 +42,12 @@ def train(cfg: RunConfig) -> TrainResult:
 
     from mvptr_ds import pipeline
 
-    info = distributed.setup()
     train_cfg = cfg.train
-    os.makedirs(train_cfg.output_dir, exist_ok=True)
-    ds_cfg = build_ds_config(train_cfg.ds_config, train_cfg, info.world_size)
+    # Validate what can be validated before any process group exists, so bad input is one clear line.
+    ds_cfg = build_ds_config(train_cfg.ds_config, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resume_path = checkpoint.resolve_resume(train_cfg.resume, train_cfg.output_dir)
+    info = distributed.setup()
+    os.makedirs(train_cfg.output_dir, exist_ok=True)
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     parts = pipeline.build(cfg, info)
@@ -134,11 +135,15 @@ def train(cfg: RunConfig) -> TrainResult:
                 last = {k: v for k, v in record.items() if k.startswith("loss")}
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
 
-            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+            stopping = train_cfg.stop_after is not None and step >= train_cfg.stop_after
+            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or stopping:
                 state = {"step": step, "loader": parts.loader.state_dict(), "rng": checkpoint.rng_state(),
                          "config": cfg.to_dict()}
                 ckpt_path = checkpoint.save(engine, train_cfg.output_dir, step, state, cfg, train_cfg.keep_last)
                 logger.event(f"checkpoint {ckpt_path}")
+            if stopping and step < train_cfg.max_steps:
+                logger.event(f"stopped after step {step} (--stop_after); continue with --resume auto")
+                return TrainResult(train_cfg.output_dir, step, None, last)
 
         final_dir = export_final(engine, cfg, ckpt_path, info)
         if final_dir:

@@ -1,0 +1,64 @@
+"""The CLI's contract: defaults, --help, and one clear line (no traceback) for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, clean_env, run_cli
+
+from mvptr_ds.run import parse_objectives
+
+
+def test_parse_objectives_accepts_fire_forms():
+    assert parse_objectives("mcr,vsc") == ("mcr", "vsc")
+    assert parse_objectives(("MLM", "wpg")) == ("mlm", "wpg")
+    assert parse_objectives(None) == ()
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run([sys.executable, "-m", "mvptr_ds.run", "--help"], cwd=REPO, env=clean_env(PAGER="cat"),
+                          capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    for option in ("stage", "objectives", "model", "data", "ds_config", "output_dir", "max_steps", "micro_batch",
+                   "grad_accum", "lr", "warmup_steps", "save_every", "log_every", "resume", "init_from", "seed",
+                   "wandb", "precision"):
+        assert f"--{option}" in text, option
+
+
+def _error_line(args, tmp_path):
+    proc = run_cli(list(args) + ["--output_dir", str(tmp_path / "out"), "--wandb", "disabled"], check=False,
+                   timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "huge"], "unknown preset"),
+    (["--stage", "1", "--objectives", "itm"], "needs the cross-modal encoder"),
+    (["--objectives", "mcr,foo"], "'foo' is unknown"),
+    (["--stage", "3"], "train.stage=3"),
+    (["--ds_config", "nope.json"], "nope.json: file not found"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such directory"),
+    (["--precision", "fp8"], "train.precision='fp8'"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    assert expected in _error_line(args, tmp_path)
+
+
+def test_bad_ds_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}))
+    line = _error_line(["--ds_config", str(bad), "--micro_batch", "4"], tmp_path)
+    assert "train_micro_batch_size_per_gpu=8 disagrees" in line
+    bad.write_text('{"zero_optimization": {"stage": 2},}')
+    assert "not valid JSON" in _error_line(["--ds_config", str(bad)], tmp_path)
+
+
+def test_unknown_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mvptr_ds.run", "pretrian"], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr
