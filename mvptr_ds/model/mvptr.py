@@ -1,0 +1,164 @@
+"""The MVPTR backbone: textual, visual and cross-modal encoders over a shared embedding table.
+
+Layout (MVPTR.md sections 1-2; Li et al., "MVPTR: Multi-Level Semantic Alignment for Vision-Language
+Pre-Training via Multi-Stage Learning", ACM MM 2022):
+
+- stage 1, uni-modal: ``text_encoder`` over ``[CLS] words concepts [SEP]`` (type 0, positions 0..Lt-1);
+  ``visual_encoder`` over ``[CLS] tags [SEP]`` (type 1, positions from 0) followed by the projected regions
+  (no position/type embedding). ``txt_proj``/``vis_proj`` map the two ``[CLS]`` outputs to the contrastive
+  space (``x @ P``, then L2 normalisation; the orientation of the authors' raw matrices, checked against
+  their outputs in ``tests/test_compat.py``); ``logit_scale`` starts at ln(1/0.07).
+- stage 2, cross-modal: ``cross_encoder`` over the text outputs followed by the visual encoder's **region**
+  outputs only; ``pooler`` = tanh(dense) at position 0 (the text ``[CLS]``).
+
+Padding-aware cross-modal compute. Batches arrive padded per batch to the longest text (Lt) and the
+longest region list (Lr), so a naive concatenation has Lt+Lr positions per row, most of them padding when
+short captions meet images with few regions. ``encode_cross`` instead *packs* each row: its real text
+tokens and real regions are gathered to the left (keeping their order), the joint sequence is trimmed to
+``max_i(text_len_i + regions_i)``, the encoder runs on that, and the result is scattered back to the
+``[B, Lt+Lr, H]`` layout (text positions first, then regions) with zeros at padded positions. The
+cross-modal encoder has no position embedding and masks padded keys, so each real position's output is
+exactly what the naive padded computation gives; only padding work is removed. The packed length is a
+shape, so it costs one host sync per call. (Varlen attention without any padding is left to a kernel
+behind the attention seam.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mvptr_ds.config import ConfigError, ModelConfig
+from mvptr_ds.data.types import Batch
+from mvptr_ds.model.embeddings import BertEmbeddings, embed_regions
+from mvptr_ds.model.layers import BertEncoder, BertPooler
+
+TEXT_TYPE = 0
+VISUAL_TYPE = 1
+
+
+@dataclass
+class EncoderOutputs:
+    """What one forward pass of the backbone produces. B = batch, Lt/Lg/Lr = text/tag/region lengths."""
+
+    text: torch.Tensor                    # [B, Lt, H] textual encoder output
+    visual: torch.Tensor                  # [B, Lg+Lr, H] visual encoder output: tags (Lg) then regions (Lr)
+    text_embed: torch.Tensor              # [B, H] L2-normalised contrastive embedding of text[:, 0]
+    visual_embed: torch.Tensor            # [B, H] L2-normalised contrastive embedding of visual[:, 0]
+    num_tags: int                         # Lg: regions of ``visual`` are visual[:, num_tags:]
+    cross: Optional[torch.Tensor] = None  # [B, Lt+Lr, H] cross-modal output, text positions then regions
+    pooled: Optional[torch.Tensor] = None  # [B, H] tanh(pooler(cross[:, 0]))
+
+
+class MVPTRModel(nn.Module):
+    """The backbone without task heads. ``with_cross=False`` builds the stage-1 model (no cross encoder/pooler)."""
+
+    def __init__(self, cfg: ModelConfig, with_cross: bool = True):
+        super().__init__()
+        if cfg.vocab_size is None or cfg.only_word_size is None:
+            raise ConfigError("model.vocab_size and model.only_word_size must be set (they come from the data's "
+                              f"tokenizer and concept vocabulary); got vocab_size={cfg.vocab_size}, "
+                              f"only_word_size={cfg.only_word_size}")
+        cfg.validate()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.embeddings = BertEmbeddings(cfg)
+        self.img_embedding = nn.Linear(cfg.img_feature_dim, h)
+        self.img_layernorm = nn.LayerNorm(h, eps=cfg.layer_norm_eps) if cfg.use_img_layernorm else None
+        self.text_encoder = BertEncoder(cfg, cfg.text_layers)
+        self.visual_encoder = BertEncoder(cfg, cfg.visual_layers)
+        self.cross_encoder = BertEncoder(cfg, cfg.cross_layers) if with_cross else None
+        self.pooler = BertPooler(cfg) if with_cross else None
+        self.txt_proj = nn.Parameter(torch.empty(h, h))
+        self.vis_proj = nn.Parameter(torch.empty(h, h))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.apply(self._init_module)
+        nn.init.normal_(self.txt_proj, std=cfg.initializer_range)
+        nn.init.normal_(self.vis_proj, std=cfg.initializer_range)
+
+    def _init_module(self, m: nn.Module) -> None:
+        """BERT initialisation: weights ~ N(0, initializer_range), zero biases, LayerNorm 1/0."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.initializer_range)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def with_cross(self) -> bool:
+        return self.cross_encoder is not None
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Textual encoder. text_ids ``[B, Lt]`` long, text_mask ``[B, Lt]`` bool -> ``[B, Lt, H]``."""
+        h = self.embeddings(text_ids, TEXT_TYPE)
+        return self.text_encoder(h, text_mask.bool())
+
+    def encode_visual(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor, region_feats: torch.Tensor,
+                      region_mask: torch.Tensor) -> torch.Tensor:
+        """Visual encoder over tags then regions.
+
+        tag_ids/tag_mask ``[B, Lg]``; region_feats ``[B, Lr, img_feature_dim]``; region_mask ``[B, Lr]``.
+        Returns ``[B, Lg+Lr, H]``.
+        """
+        tags = self.embeddings(tag_ids, VISUAL_TYPE)  # (B, Lg, H)
+        regions = embed_regions(region_feats, self.img_embedding, self.img_layernorm,
+                                self.cfg.hidden_dropout, self.training)  # (B, Lr, H)
+        h = torch.cat([tags, regions.to(tags.dtype)], dim=1)  # (B, Lg+Lr, H)
+        mask = torch.cat([tag_mask.bool(), region_mask.bool()], dim=1)  # (B, Lg+Lr)
+        return self.visual_encoder(h, mask)
+
+    def embed_text(self, text_h: torch.Tensor) -> torch.Tensor:
+        """Contrastive text embedding: ``[B, Lt, H]`` (or its ``[B, H]`` [CLS] rows) -> ``[B, H]``, unit norm."""
+        cls = text_h[:, 0] if text_h.dim() == 3 else text_h
+        return F.normalize(cls @ self.txt_proj, dim=-1)
+
+    def embed_visual(self, visual_h: torch.Tensor) -> torch.Tensor:
+        """Contrastive image embedding: ``[B, Lg+Lr, H]`` (or its ``[B, H]`` [CLS] rows) -> ``[B, H]``, unit norm."""
+        cls = visual_h[:, 0] if visual_h.dim() == 3 else visual_h
+        return F.normalize(cls @ self.vis_proj, dim=-1)
+
+    def encode_cross(self, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
+                     region_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-modal encoder over packed text + regions (see the module docstring).
+
+        text_h ``[B, Lt, H]``, text_mask ``[B, Lt]``, region_h ``[B, Lr, H]``, region_mask ``[B, Lr]``.
+        Returns ``[B, Lt+Lr, H]``: text positions then regions; zeros at padded positions.
+        """
+        if self.cross_encoder is None:
+            raise ConfigError("this MVPTRModel was built with with_cross=False (stage 1): it has no "
+                              "cross-modal encoder")
+        joint = torch.cat([text_h, region_h.to(text_h.dtype)], dim=1)  # (B, Lt+Lr, H)
+        mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)  # (B, Lt+Lr)
+        lengths = mask.sum(dim=1)  # (B,)
+        packed_len = int(lengths.max())  # host sync: the packed length is a shape
+        # Real positions first, in their original order: a stable sort of "is padding".
+        order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices[:, :packed_len]  # (B, Lp)
+        index = order.unsqueeze(-1).expand(-1, -1, joint.shape[-1])  # (B, Lp, H)
+        packed_mask = torch.arange(packed_len, device=mask.device)[None, :] < lengths[:, None]  # (B, Lp)
+        out = self.cross_encoder(joint.gather(1, index), packed_mask)  # (B, Lp, H)
+        out = out.masked_fill(~packed_mask.unsqueeze(-1), 0.0)
+        return torch.zeros_like(joint).scatter(1, index, out)  # (B, Lt+Lr, H)
+
+    def pool(self, cross_h: torch.Tensor) -> torch.Tensor:
+        """``tanh(dense(cross_h[:, 0]))``: ``[B, L, H]`` -> ``[B, H]``."""
+        if self.pooler is None:
+            raise ConfigError("this MVPTRModel was built with with_cross=False (stage 1): it has no pooler")
+        return self.pooler(cross_h)
+
+    def forward(self, batch: Batch, run_cross: bool = True) -> EncoderOutputs:
+        """Run the uni-modal encoders and, if ``run_cross`` and the model has one, the cross-modal encoder."""
+        text = self.encode_text(batch.text_ids, batch.text_mask)
+        visual = self.encode_visual(batch.tag_ids, batch.tag_mask, batch.region_feats, batch.region_mask)
+        num_tags = batch.tag_ids.shape[1]
+        out = EncoderOutputs(text=text, visual=visual, text_embed=self.embed_text(text),
+                             visual_embed=self.embed_visual(visual), num_tags=num_tags)
+        if run_cross and self.with_cross:
+            out.cross = self.encode_cross(text, batch.text_mask, visual[:, num_tags:], batch.region_mask)
+            out.pooled = self.pool(out.cross)
+        return out
