@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -36,11 +36,18 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) pre-training as described by ``cfg`` on every rank of the launch."""
+def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
+    """Run (or resume) training as described by ``cfg`` on every rank of the launch.
+
+    ``build(cfg, dist_info) -> RunParts`` assembles the resolved config, the module (whose
+    ``forward(batch)`` returns an object with ``loss`` and a ``losses`` dict) and this rank's resumable
+    loader; the default is pre-training (``pipeline.build``). Fine-tuning tasks pass their own.
+    """
     import deepspeed
 
     from mvptr_ds import pipeline
+
+    build = build or pipeline.build
 
     train_cfg = cfg.train
     # Validate what can be validated before any process group exists, so bad input is one clear line.
@@ -50,7 +57,7 @@ def train(cfg: RunConfig) -> TrainResult:
     os.makedirs(train_cfg.output_dir, exist_ok=True)
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
-    parts = pipeline.build(cfg, info)
+    parts = build(cfg, info)
     cfg = parts.config  # vocabulary sizes resolved from the data
     if info.is_main:
         cfg.dump(os.path.join(train_cfg.output_dir, "config.json"))
