@@ -167,12 +167,35 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
 
+TASKS = ("pretrain", "retrieval", "vqa", "snli_ve", "refcoco")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation and downstream-task settings (MVPTR.md section 4)."""
+
+    task: str = "pretrain"         # what the run trains: pre-training or one downstream task
+    rerank_captions: int = 128     # retrieval: captions per image re-ranked by ITM
+    rerank_images: int = 64        # retrieval: images per caption re-ranked by ITM
+    batch_size: int = 64           # evaluation batch size
+    num_answers: int = 3129        # VQA answer vocabulary (taken from the data when it says otherwise)
+    head_dropout: float = 0.3      # VQA head dropout
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"eval.task={self.task!r}: expected one of {', '.join(TASKS)}")
+        for name in ("rerank_captions", "rerank_images", "batch_size", "num_answers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def objective_names(self) -> Tuple[str, ...]:
@@ -182,6 +205,7 @@ class RunConfig:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.eval.validate()
         allowed = STAGE_OBJECTIVES[self.train.stage]
         for name in self.objectives.names:
             if name not in OBJECTIVES:
