@@ -1,0 +1,373 @@
+"""Examples -> padded, corrupted :class:`~mvptr_ds.data.types.Batch`, and the rank-aware resumable loader.
+
+Collate (:class:`Collator`), per sample, in this order:
+
+1. truncate: caption words to ``max_seq_length - 2`` (the text stream's ``[CLS]``/``[SEP]`` come out of
+   ``max_seq_length``, as in MVPTR.md section 2), concepts (and their links and regions) to
+   ``max_phrases``, tag words to ``max_tag_length - 2``, regions to ``max_img_seq_length`` (a concept whose
+   true region was cut gets region -1). Every cut is counted in :class:`TruncationCounts`; nothing is
+   dropped silently.
+2. corrupt with a generator seeded by ``(seed, epoch, sample_id)`` (``corruption.corrupt_sample``).
+3. lay out ``[CLS] words concepts [SEP]`` and ``[CLS] tags [SEP]``, pad every stream to the batch's
+   longest, and draw the WPG negatives and picks from a generator seeded by ``(seed, epoch, position, rank)``.
+
+Order (:func:`step_plan`): epoch ``e`` has one global permutation of the dataset, seeded by ``(seed, e)``.
+Step ``t`` consumes the global slice ``[position, position + micro_batch * world_size)`` of the stream
+of permutations (epoch ``e``'s, then ``e+1``'s, ...: nothing is dropped and every rank always gets a full
+micro batch); rank ``r`` takes the ``r``-th contiguous ``micro_batch`` chunk. The state ``(epoch,
+position)`` counts global samples, so it does not depend on the world size: a run checkpointed on N ranks
+continues on M ranks without repeating or skipping a sample.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mvptr_ds.data import corruption
+from mvptr_ds.data.types import Batch, Example
+from mvptr_ds.data.vocab import VocabInfo
+
+
+class BatchError(ValueError):
+    """An example cannot be batched; the message names its sample id and field."""
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """Where a batch sits in the data stream: seeds every random draw of its collation."""
+
+    seed: int = 0
+    epoch: int = 0                            # epoch of the step's first global sample
+    position: int = 0                         # global position of the step's first sample in that epoch
+    rank: int = 0
+    sample_epochs: Optional[Tuple[int, ...]] = None  # epoch each example was drawn in (None: all ``epoch``)
+
+
+@dataclass
+class TruncationCounts:
+    """What truncation cut (items, not samples, except ``samples`` / ``samples_truncated``)."""
+
+    samples: int = 0
+    samples_truncated: int = 0
+    caption_words: int = 0
+    concepts: int = 0
+    tag_words: int = 0
+    regions: int = 0
+    concept_regions: int = 0      # true regions of kept concepts that were cut (set to -1)
+
+    def add(self, other: "TruncationCounts") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+
+class Collator:
+    """``collator(examples, ctx) -> Batch``; ``collate`` also returns this batch's :class:`TruncationCounts`.
+
+    ``objectives`` decides what is corrupted: caption words and concepts when it holds ``"mlm"``, tag words
+    when it holds ``"mcr"``. ``counters`` accumulates the truncations of every ``__call__``.
+    """
+
+    def __init__(self, vocab: VocabInfo, objectives: Sequence[str], max_seq_length: int = 35,
+                 max_phrases: int = 5, max_tag_length: int = 20, max_img_seq_length: int = 50,
+                 mask_prob: float = 0.15):
+        if min(max_seq_length, max_tag_length) < 3 or max_img_seq_length < 1 or max_phrases < 0:
+            raise ValueError(f"Collator: max_seq_length={max_seq_length} and max_tag_length={max_tag_length} "
+                             f"must be >= 3, max_img_seq_length={max_img_seq_length} >= 1, "
+                             f"max_phrases={max_phrases} >= 0")
+        self.vocab = vocab
+        self.mlm = "mlm" in objectives
+        self.mcr = "mcr" in objectives
+        self.max_words = max_seq_length - 2
+        self.max_phrases = max_phrases
+        self.max_tags = max_tag_length - 2
+        self.max_regions = max_img_seq_length
+        self.mask_prob = mask_prob
+        self.counters = TruncationCounts()
+
+    @classmethod
+    def from_config(cls, data_cfg, vocab: VocabInfo, objectives: Sequence[str]) -> "Collator":
+        """Limits and mask rate from a :class:`~mvptr_ds.config.DataConfig`."""
+        return cls(vocab, objectives, data_cfg.max_seq_length, data_cfg.max_phrases, data_cfg.max_tag_length,
+                   data_cfg.max_img_seq_length, data_cfg.mask_prob)
+
+    def __call__(self, examples: Sequence[Example], ctx: BatchContext = BatchContext()) -> Batch:
+        batch, counts = self.collate(examples, ctx)
+        self.counters.add(counts)
+        return batch
+
+    def collate(self, examples: Sequence[Example], ctx: BatchContext = BatchContext()
+                ) -> Tuple[Batch, TruncationCounts]:
+        """Truncate, corrupt and pad ``examples`` into a :class:`Batch` (shapes in ``types.Batch``)."""
+        if len(examples) == 0:
+            raise BatchError("cannot collate an empty batch (0 examples)")
+        epochs = ctx.sample_epochs or (ctx.epoch,) * len(examples)
+        if len(epochs) != len(examples):
+            raise BatchError(f"BatchContext.sample_epochs has {len(epochs)} entries for {len(examples)} examples")
+        counts = TruncationCounts()
+        feat_dim = self._feature_dim(examples[0])
+        rows = [self._sample(ex, ctx.seed, ep, feat_dim, counts) for ex, ep in zip(examples, epochs)]
+        v = self.vocab
+        B = len(rows)
+        Lt = max(len(r["text"]) for r in rows)
+        Lg = max(len(r["tags"]) for r in rows)
+        Lr = max(r["regions"].shape[0] for r in rows)
+        text_ids = torch.full((B, Lt), v.pad_id, dtype=torch.long)
+        mlm_labels = torch.full((B, Lt), corruption.IGNORE, dtype=torch.long)
+        phrase_mask = torch.zeros((B, Lt), dtype=torch.bool)
+        phrase_regions = torch.full((B, Lt), -1, dtype=torch.long)
+        tag_ids = torch.full((B, Lg), v.pad_id, dtype=torch.long)
+        mcr_labels = torch.full((B, Lg), corruption.IGNORE, dtype=torch.long)
+        feats = np.zeros((B, Lr, feat_dim), dtype=np.float32)
+        text_len, tag_len, reg_len = (torch.tensor([len(r[k]) for r in rows]) for k in ("text", "tags", "regions"))
+        for i, r in enumerate(rows):
+            n = len(r["text"])
+            text_ids[i, :n] = r["text"]
+            mlm_labels[i, :n] = r["mlm"]
+            lo, hi = r["phrase_span"]
+            phrase_mask[i, lo:hi] = True
+            phrase_regions[i, lo:hi] = r["phrase_regions"]
+            tag_ids[i, :len(r["tags"])] = r["tags"]
+            mcr_labels[i, :len(r["tags"])] = r["mcr"]
+            feats[i, :r["regions"].shape[0]] = r["regions"]
+        gen = corruption.batch_generator(ctx.seed, ctx.epoch, ctx.position, ctx.rank)
+        image_ids = torch.tensor([ex.image_id for ex in examples], dtype=torch.long)
+        wpg_negative = corruption.wpg_negatives(image_ids, gen)
+        has_regions = any(ex.concept_regions is not None for ex in examples)
+        batch = Batch(
+            text_ids=text_ids,
+            text_mask=torch.arange(Lt)[None, :] < text_len[:, None],      # [B, Lt]
+            phrase_mask=phrase_mask,
+            tag_ids=tag_ids,
+            tag_mask=torch.arange(Lg)[None, :] < tag_len[:, None],        # [B, Lg]
+            region_feats=torch.from_numpy(feats),
+            region_mask=torch.arange(Lr)[None, :] < reg_len[:, None],     # [B, Lr]
+            image_ids=image_ids,
+            sample_ids=torch.tensor([ex.sample_id for ex in examples], dtype=torch.long),
+            mlm_labels=mlm_labels,
+            mcr_labels=mcr_labels,
+            wpg_negative=wpg_negative,
+            wpg_pick=corruption.wpg_picks(B, Lt, gen),
+            phrase_regions=phrase_regions if has_regions else None,
+        )
+        return batch, counts
+
+    def _feature_dim(self, ex: Example) -> int:
+        if getattr(ex.regions, "ndim", 0) != 2:
+            raise BatchError(f"sample {ex.sample_id}: field 'regions' must be a 2-d array [num_regions, dim], "
+                             f"got shape {getattr(ex.regions, 'shape', None)}")
+        return ex.regions.shape[1]
+
+    def _check(self, ex: Example, feat_dim: int) -> None:
+        sid = ex.sample_id
+        if self._feature_dim(ex) != feat_dim:
+            raise BatchError(f"sample {sid}: field 'regions' has width {ex.regions.shape[1]}, but the batch's "
+                             f"first example has {feat_dim}")
+        for name, ids in (("caption_ids", ex.caption_ids), ("tag_ids", ex.tag_ids), ("concept_ids", ex.concept_ids)):
+            bad = [i for i in ids if not 0 <= i < self.vocab.vocab_size]
+            if bad:
+                raise BatchError(f"sample {sid}: field '{name}' holds id {bad[0]} outside the vocabulary "
+                                 f"(0..{self.vocab.vocab_size - 1})")
+        if len(ex.concept_word_links) != len(ex.concept_ids):
+            raise BatchError(f"sample {sid}: field 'concept_word_links' has {len(ex.concept_word_links)} entries "
+                             f"for {len(ex.concept_ids)} concepts")
+        if ex.concept_regions is not None and len(ex.concept_regions) != len(ex.concept_ids):
+            raise BatchError(f"sample {sid}: field 'concept_regions' has {len(ex.concept_regions)} entries "
+                             f"for {len(ex.concept_ids)} concepts")
+
+    def _sample(self, ex: Example, seed: int, epoch: int, feat_dim: int, counts: TruncationCounts) -> dict:
+        """One example, truncated and corrupted, as unpadded rows."""
+        self._check(ex, feat_dim)
+        words = ex.caption_ids[:self.max_words]
+        concepts = ex.concept_ids[:self.max_phrases]
+        links = ex.concept_word_links[:self.max_phrases]
+        tags = ex.tag_ids[:self.max_tags]
+        regions = ex.regions[:self.max_regions]
+        targets = list(ex.concept_regions[:self.max_phrases]) if ex.concept_regions is not None else [-1] * len(concepts)
+        lost = sum(1 for t in targets if t >= regions.shape[0])
+        targets = [t if t < regions.shape[0] else -1 for t in targets]
+        cut = TruncationCounts(samples=1, caption_words=len(ex.caption_ids) - len(words),
+                               concepts=len(ex.concept_ids) - len(concepts), tag_words=len(ex.tag_ids) - len(tags),
+                               regions=ex.regions.shape[0] - regions.shape[0], concept_regions=lost)
+        cut.samples_truncated = int(any((cut.caption_words, cut.concepts, cut.tag_words, cut.regions)))
+        counts.add(cut)
+
+        out = corruption.corrupt_sample(
+            torch.tensor(words, dtype=torch.long), torch.tensor(concepts, dtype=torch.long), links,
+            torch.tensor(tags, dtype=torch.long), corruption.sample_generator(seed, epoch, ex.sample_id),
+            self.vocab, self.mask_prob, self.mlm, self.mcr)
+        v = self.vocab
+        cls, sep, ign = torch.tensor([v.cls_id]), torch.tensor([v.sep_id]), torch.tensor([corruption.IGNORE])
+        start = 1 + len(words)
+        return {
+            "text": torch.cat([cls, out.caption_ids, out.concept_ids, sep]),
+            "mlm": torch.cat([ign, out.mlm_labels, ign.expand(len(concepts)), ign]),
+            "phrase_span": (start, start + len(concepts)),
+            "phrase_regions": torch.tensor(targets, dtype=torch.long),
+            "tags": torch.cat([cls, out.tag_ids, sep]),
+            "mcr": torch.cat([ign, out.mcr_labels, ign]),
+            "regions": np.asarray(regions, dtype=np.float32),
+        }
+
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The global order of epoch ``epoch``: a permutation of ``range(num_samples)`` (int64)."""
+    gen = torch.Generator()
+    gen.manual_seed(corruption.mix_seed(3, seed, epoch))
+    return torch.randperm(num_samples, generator=gen).numpy()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one rank does at one step: which dataset indices, in which epochs, and the state after it."""
+
+    indices: Tuple[int, ...]
+    context: BatchContext
+    next_epoch: int
+    next_position: int
+
+
+class _Orders:
+    """Permutations of the epochs a step touches (keeps the most recent few)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) >= 3:
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = epoch_permutation(self.num_samples, self.seed, epoch)
+        return self._cache[epoch]
+
+
+def step_plan(num_samples: int, epoch: int, position: int, micro_batch: int, rank: int, world_size: int,
+              seed: int, orders: Optional[_Orders] = None) -> StepPlan:
+    """Rank ``rank``'s share of the step that starts at global ``position`` of ``epoch`` (see module doc)."""
+    orders = orders or _Orders(num_samples, seed)
+    e, p = epoch, position + rank * micro_batch
+    indices: List[int] = []
+    epochs: List[int] = []
+    while len(indices) < micro_batch:
+        while p >= num_samples:
+            e, p = e + 1, p - num_samples
+        take = min(micro_batch - len(indices), num_samples - p)
+        indices += orders(e)[p:p + take].tolist()
+        epochs += [e] * take
+        p += take
+    e, p = epoch, position + micro_batch * world_size
+    while p >= num_samples:
+        e, p = e + 1, p - num_samples
+    return StepPlan(tuple(indices), BatchContext(seed, epoch, position, rank, tuple(epochs)), e, p)
+
+
+class _PlannedDataset(torch.utils.data.Dataset):
+    """Dataset over plan keys ``(index, plan_id)`` for the multi-worker path; ``[key] -> (Example, key)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        return self.dataset[key[0]], key
+
+
+class _PlanSampler:
+    """Infinite batch sampler: one list of keys per step, each key carrying its step's plan."""
+
+    def __init__(self, loader: "ResumableLoader"):
+        self.loader = loader
+        self.start = (loader.epoch, loader.position)
+
+    def __iter__(self):
+        ld = self.loader
+        epoch, position = self.start
+        orders = _Orders(len(ld.dataset), ld.seed)
+        while True:
+            plan = step_plan(len(ld.dataset), epoch, position, ld.micro_batch, ld.rank, ld.world_size, ld.seed,
+                             orders)
+            yield [(i, plan) for i in plan.indices]
+            epoch, position = plan.next_epoch, plan.next_position
+
+
+class _PlanCollate:
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, items):
+        plan = items[0][1][1]
+        batch, counts = self.collator.collate([ex for ex, _ in items], plan.context)
+        return batch, counts, plan
+
+
+class ResumableLoader:
+    """Infinite, rank-aware, exactly resumable stream of this rank's micro batches (order in module doc).
+
+    ``state_dict()`` is ``{"epoch", "position"}`` after the last batch *yielded* (prefetched batches do not
+    count), in global samples, so it is valid for any world size. ``truncation_counts`` accumulates the
+    collator's truncation counters of the yielded batches. With ``num_workers > 0`` a torch DataLoader over
+    a batch sampler produces the same batches in the same order.
+    """
+
+    def __init__(self, dataset, collator: Collator, micro_batch: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 0, prefetch_factor: int = 2):
+        if micro_batch < 1:
+            raise ValueError(f"ResumableLoader: micro_batch={micro_batch} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ResumableLoader: rank={rank} is not in [0, world_size={world_size})")
+        if len(dataset) == 0:
+            raise ValueError("ResumableLoader: the dataset is empty (0 samples)")
+        if num_workers < 0 or prefetch_factor < 1:
+            raise ValueError(f"ResumableLoader: num_workers={num_workers} must be >= 0 and "
+                             f"prefetch_factor={prefetch_factor} >= 1")
+        self.dataset, self.collator = dataset, collator
+        self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.epoch, self.position = 0, 0
+        self.truncation_counts = TruncationCounts()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the samples counted by ``state`` (from any world size / micro batch)."""
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"loader state {state!r}: expected integers 'epoch' and 'position'") from None
+        if epoch < 0 or not 0 <= position < len(self.dataset):
+            raise ValueError(f"loader state {state!r}: position must be in [0, {len(self.dataset)}) (the dataset "
+                             f"size) and epoch >= 0; was the checkpoint made on different data?")
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.num_workers == 0:
+            return self._iter_inline()
+        return self._iter_workers()
+
+    def _yielded(self, plan: StepPlan, counts: TruncationCounts) -> None:
+        self.epoch, self.position = plan.next_epoch, plan.next_position
+        self.truncation_counts.add(counts)
+
+    def _iter_inline(self) -> Iterator[Batch]:
+        orders = _Orders(len(self.dataset), self.seed)
+        while True:
+            plan = step_plan(len(self.dataset), self.epoch, self.position, self.micro_batch, self.rank,
+                             self.world_size, self.seed, orders)
+            batch, counts = self.collator.collate([self.dataset[i] for i in plan.indices], plan.context)
+            self._yielded(plan, counts)
+            yield batch
+
+    def _iter_workers(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            _PlannedDataset(self.dataset), batch_sampler=_PlanSampler(self), collate_fn=_PlanCollate(self.collator),
+            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        for batch, counts, plan in loader:
+            self._yielded(plan, counts)
+            yield batch
