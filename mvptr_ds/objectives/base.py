@@ -1,0 +1,82 @@
+"""What every objective shares: the ``LossOutput`` record, the exact-zero loss, the masked-token loss.
+
+Objectives are deterministic functions of (backbone outputs, batch): the randomness MVPTR needs (token
+corruption, WPG negatives and top-k picks) is drawn by the data pipeline with a seeded generator.
+
+Every objective keeps one code path whatever the batch holds. A batch with nothing to score (no masked
+token, no phrase, no valid negative) gives an exact 0 that is still connected to the tensors the loss
+would have used, so every parameter receives a (zero) gradient on every rank: ZeRO's gradient hooks fire
+identically everywhere and no rank waits on a collective the others skip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LossOutput:
+    """One objective's result. ``loss`` is a scalar with a graph; ``metrics`` are detached scalar tensors
+    (kept on the device: reading them is the logger's business, not the step's)."""
+
+    name: str
+    loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Gather(Protocol):
+    """Cross-rank all-gather with gradient, injected by ``mvptr_ds.training.gather``.
+
+    ``gather(t)`` concatenates ``t`` (``[B, ...]``, the same shape on every rank) over ranks along dim 0:
+    ``[world_size * B, ...]``, rank r's rows at ``[r * B, (r + 1) * B)``. Its backward sums the incoming
+    gradient over ranks and returns this rank's slice.
+    """
+
+    rank: int
+    world_size: int
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """An exact scalar 0 whose graph reaches every given tensor (their gradients are exact zeros).
+
+    Built from empty slices (``t.flatten()[:0].sum()``), not ``0 * t.sum()``, so a NaN or inf inside a
+    tensor can never turn the zero into NaN. Tensors without a graph are skipped; with none left the
+    result is a plain 0 on the first tensor's device.
+    """
+    if not tensors:
+        raise ValueError("zero_loss needs at least one tensor to take its device and dtype from")
+    out = torch.zeros((), device=tensors[0].device, dtype=torch.float32)
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            out = out + t.flatten()[:0].sum().float()
+    return out
+
+
+def masked_token_loss(name: str, states: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> LossOutput:
+    """Cross-entropy of ``head`` over the scored positions (label >= 0) of ``states``.
+
+    states ``[B, L, H]``, labels ``[B, L]`` long (-1 = not scored), head ``[N, H] -> [N, V]``.
+    Only the scored positions are gathered and sent through the head (the decoder over the word vocabulary
+    dominates the cost). The loss is the mean over scored positions; with none it is an exact 0 that still
+    passes through the head, so the head's parameters get (zero) gradients.
+    Metrics: ``acc`` (top-1 accuracy on scored positions) and ``count`` (their number).
+    """
+    if states.shape[:2] != labels.shape:
+        raise ValueError(f"{name}: states {tuple(states.shape)} and labels {tuple(labels.shape)} disagree on [B, L]")
+    scored = labels >= 0  # (B, L)
+    picked = states[scored]  # (N, H); N may be 0
+    target = labels[scored]  # (N,)
+    logits = head(picked).float()  # (N, V)
+    count = scored.sum()
+    denom = count.clamp(min=1).to(logits.dtype)
+    # Summed then divided: an empty selection gives exactly 0 instead of CE's NaN mean over nothing.
+    loss = F.cross_entropy(logits, target, reduction="sum") / denom
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == target).sum().to(logits.dtype)
+    return LossOutput(name, loss, {"acc": correct / denom, "count": count.to(logits.dtype)})

@@ -1,0 +1,128 @@
+"""ITM, image-text matching with hardest in-batch negatives (MVPTR.md section 3; stage 2).
+
+Mining follows the release: from the contrastive similarity ``S`` (no gradient through the choice) each
+text's hardest image and each image's hardest text are taken (the release masks the diagonal with
+``S - 2I``; here every pair sharing the row's image is masked, so another caption of the same image is
+never called a mismatch). Rows ``i < ceil(B/2)`` pair text i with its hardest image, the other rows pair
+image i with its hardest text: B negatives. The uni-modal outputs of the forward pass are reused; only the
+cross-modal encoder and the pooler run again, on the negatives. Positives use ``outputs.pooled``. The
+2-way head scores 2B examples, label 1 = matched.
+
+A row without any valid negative (every pair of the batch shows its image, or a batch of one) still runs
+through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
+depend on the data, so every rank does the same work. The loss is the mean over weighted examples.
+
+Global mining (``gather`` given, off by default): the similarity is taken against the contrastive
+embeddings of all ranks and negatives may come from any rank. Their uni-modal states (text states and
+masks, region states and masks) are all-gathered with gradient, padded first to the longest text and
+region length over the ranks (one small all-gather plus a host sync); this costs ``world_size`` times
+the local states' memory. Gradients reaching another rank's states return to it through the gather's
+backward. With one rank this is exactly the local computation.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mvptr_ds.data.types import Batch
+from mvptr_ds.objectives.base import Gather, LossOutput
+from mvptr_ds.objectives.vsc import gathered
+
+if TYPE_CHECKING:
+    from mvptr_ds.model.mvptr import EncoderOutputs, MVPTRModel
+
+
+@torch.no_grad()
+def hardest_negatives(sim: torch.Tensor, image_ids: torch.Tensor,
+                      candidate_image_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index of the most similar candidate that shows another image, per row.
+
+    sim ``[B, N]`` (row i's query vs N candidates), image_ids ``[B]``, candidate_image_ids ``[N]``.
+    Returns (index ``[B]`` long, valid ``[B]`` bool); where no candidate shows another image, valid is
+    False and the index is meaningless.
+    """
+    same = image_ids[:, None] == candidate_image_ids[None, :]  # (B, N), includes the row's own pair
+    masked = sim.float().masked_fill(same, float("-inf"))
+    return masked.argmax(dim=1), ~same.all(dim=1)
+
+
+def negative_pairs(t2v: torch.Tensor, v2t: torch.Tensor, image_ids: torch.Tensor, all_image_ids: torch.Tensor,
+                   offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which (text, image) forms each row's negative, as indices into the (gathered) batch.
+
+    t2v ``[B, N]`` = this rank's texts vs all images, v2t ``[B, N]`` = its images vs all texts; this rank's
+    pairs are rows ``offset .. offset+B-1`` of the gathered batch. Returns text index ``[B]``, image
+    index ``[B]`` and valid ``[B]`` bool. An invalid row is paired with its own image (weight 0 later).
+    """
+    b = t2v.shape[0]
+    own = offset + torch.arange(b, device=t2v.device)  # (B,)
+    hard_image, valid_t = hardest_negatives(t2v, image_ids, all_image_ids)
+    hard_text, valid_v = hardest_negatives(v2t, image_ids, all_image_ids)
+    text_side = torch.arange(b, device=t2v.device) < (b + 1) // 2  # rows whose text gets a hard image
+    valid = torch.where(text_side, valid_t, valid_v)
+    text_idx = torch.where(text_side | ~valid, own, hard_text)
+    image_idx = torch.where(~text_side | ~valid, own, hard_image)
+    return text_idx, image_idx, valid
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim 1 of ``x`` (``[B, L, ...]``) with zeros/False up to ``length``."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, extra]
+    return F.pad(x, pad)
+
+
+def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Gather]):
+    """Uni-modal states of every pair of the (gathered) batch, padded to common lengths across ranks."""
+    if gather is None:
+        return text_h, text_mask, region_h, region_mask
+    lengths = gather(torch.tensor([[text_h.shape[1], region_h.shape[1]]], device=text_h.device))  # (W, 2)
+    lt, lr = (int(v) for v in lengths.max(dim=0).values.tolist())  # host sync: lengths are shapes
+    # Masks travel as uint8: not every backend all-gathers bool tensors.
+    return (gather(_pad_to(text_h, lt)), gather(_pad_to(text_mask, lt).to(torch.uint8)).bool(),
+            gather(_pad_to(region_h, lr)), gather(_pad_to(region_mask, lr).to(torch.uint8)).bool())
+
+
+def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head: nn.Module,
+             gather: Optional[Gather] = None) -> LossOutput:
+    """Cross-entropy of the ITM head over B positives and B hardest negatives (label 1 = matched).
+
+    Reads ``outputs.text`` ``[B, Lt, H]``, the regions ``outputs.visual[:, num_tags:]`` ``[B, Lr, H]``,
+    ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining) and ``outputs.pooled`` ``[B, H]``;
+    runs ``model.encode_cross`` and ``model.pool`` on the B negatives; ``head`` maps ``[2B, H] -> [2B, 2]``.
+    Metrics: ``acc`` (over weighted examples) and ``neg_valid`` (fraction of rows with a negative).
+    """
+    if outputs.pooled is None:
+        raise ValueError("itm: the cross-modal encoder did not run (outputs.pooled is None)")
+    b = outputs.text.shape[0]
+    regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)
+    if regions.shape[1] != batch.region_mask.shape[1] or outputs.text.shape[1] != batch.text_mask.shape[1]:
+        raise ValueError(f"itm: encoder outputs (text {outputs.text.shape[1]}, regions {regions.shape[1]} positions) "
+                         f"do not match the batch masks (text {batch.text_mask.shape[1]}, regions "
+                         f"{batch.region_mask.shape[1]})")
+    with torch.no_grad():
+        (all_text_e, all_visual_e, all_ids), offset = gathered(
+            (outputs.text_embed.detach(), outputs.visual_embed.detach(), batch.image_ids), gather)
+        t2v = outputs.text_embed.detach().float() @ all_visual_e.float().t()  # (B, N)
+        v2t = outputs.visual_embed.detach().float() @ all_text_e.float().t()  # (B, N)
+        text_idx, image_idx, valid = negative_pairs(t2v, v2t, batch.image_ids, all_ids, offset)
+    text_h, text_mask, region_h, region_mask = _gather_states(
+        outputs.text, batch.text_mask.bool(), regions, batch.region_mask.bool(), gather)
+    neg_cross = model.encode_cross(text_h[text_idx], text_mask[text_idx],
+                                   region_h[image_idx], region_mask[image_idx])  # (B, Lt+Lr, H)
+    pooled = torch.cat([outputs.pooled, model.pool(neg_cross)], dim=0)  # (2B, H)
+    logits = head(pooled).float()  # (2B, 2)
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
+                        torch.zeros(b, dtype=torch.long, device=logits.device)])  # (2B,)
+    weight = torch.cat([torch.ones(b, device=logits.device), valid.float()])  # (2B,)
+    denom = weight.sum().clamp(min=1)
+    loss = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / denom
+    with torch.no_grad():
+        acc = ((logits.argmax(1) == labels).float() * weight).sum() / denom
+        neg_valid = valid.float().mean() if b else logits.new_zeros(())
+    return LossOutput("itm", loss, {"acc": acc, "neg_valid": neg_valid})

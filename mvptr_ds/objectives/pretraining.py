@@ -1,0 +1,108 @@
+"""The pre-training module: the backbone, the heads its objectives need, and the weighted sum of losses.
+
+This is the ``nn.Module`` handed to DeepSpeed. Its state dict is ``backbone.*`` plus
+``heads.{mcr,mlm,itm}.*`` (only the heads of the chosen objectives); the checkpoint converter relies on
+these names. The cross-modal encoder runs only when an objective reads it (ITM, MLM, WPG); stage 1 (MCR
+alone) builds a backbone without it. Objectives are plain functions of (outputs, batch) dispatched through a
+dict, in a fixed order, so every rank runs the same code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mvptr_ds.config import OBJECTIVES, ConfigError, ModelConfig, ObjectiveConfig
+from mvptr_ds.data.types import Batch
+from mvptr_ds.model.heads import ITMHead, MaskedTokenHead
+from mvptr_ds.model.mvptr import MVPTRModel
+from mvptr_ds.objectives.base import Gather, LossOutput
+from mvptr_ds.objectives.itm import itm_loss
+from mvptr_ds.objectives.mcr import mcr_loss
+from mvptr_ds.objectives.mlm import mlm_loss
+from mvptr_ds.objectives.vsc import vsc_loss
+from mvptr_ds.objectives.wpg import wpg_loss
+
+NEEDS_CROSS = frozenset({"itm", "mlm", "wpg"})
+HEADS = {"mcr": MaskedTokenHead, "mlm": MaskedTokenHead, "itm": ITMHead}
+
+
+@dataclass
+class PretrainingOutput:
+    """``loss`` = sum of weight * loss over objectives (scalar, with graph); ``losses`` per objective
+    (unweighted, with graph); ``metrics`` as ``"<objective>/<name>"`` detached scalars."""
+
+    loss: torch.Tensor
+    losses: Dict[str, torch.Tensor]
+    metrics: Dict[str, torch.Tensor]
+
+
+def needs_cross(objectives: Sequence[str]) -> bool:
+    """True if any of ``objectives`` reads the cross-modal encoder."""
+    return any(name in NEEDS_CROSS for name in objectives)
+
+
+def check_objectives(objectives: Sequence[str]) -> tuple:
+    """Validate and de-duplicate objective names, keeping the canonical order of ``config.OBJECTIVES``."""
+    unknown = [n for n in objectives if n not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"objective {unknown[0]!r} is unknown: expected some of {', '.join(OBJECTIVES)}")
+    if not objectives:
+        raise ConfigError("no objective selected")
+    return tuple(n for n in OBJECTIVES if n in objectives)
+
+
+class PretrainingModule(nn.Module):
+    """Backbone + heads; ``forward(batch)`` returns the weighted sum of the chosen objectives."""
+
+    def __init__(self, backbone: MVPTRModel, objectives: Sequence[str], objective_cfg: ObjectiveConfig,
+                 gather: Optional[Gather] = None):
+        super().__init__()
+        self.objectives = check_objectives(objectives)
+        self.run_cross = needs_cross(self.objectives)
+        if self.run_cross and not backbone.with_cross:
+            raise ConfigError(f"objectives {', '.join(n for n in self.objectives if n in NEEDS_CROSS)} need the "
+                              "cross-modal encoder, but the backbone was built without one (stage 1)")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({n: HEADS[n](backbone.cfg) for n in self.objectives if n in HEADS})
+        self.objective_cfg = objective_cfg
+        self.gather = gather  # a plain callable, not a module: it holds no state
+
+    def compute(self, name: str, outputs, batch: Batch) -> LossOutput:
+        """One objective's ``LossOutput`` on the backbone outputs of ``batch``."""
+        if name == "mcr":
+            return mcr_loss(outputs, batch, self.heads["mcr"])
+        if name == "mlm":
+            return mlm_loss(outputs, batch, self.heads["mlm"])
+        if name == "vsc":
+            return vsc_loss(outputs.text_embed, outputs.visual_embed, batch.image_ids, self.backbone.logit_scale,
+                            gather=self.gather)
+        if name == "itm":
+            return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather)
+        if name == "wpg":
+            return wpg_loss(outputs, batch, margin=self.objective_cfg.wpg_margin, topk=self.objective_cfg.wpg_topk)
+        raise ConfigError(f"objective {name!r} is unknown")
+
+    def forward(self, batch: Batch) -> PretrainingOutput:
+        """Backbone forward (cross-modal encoder only if needed), every objective, weighted sum."""
+        outputs = self.backbone(batch, run_cross=self.run_cross)
+        losses: Dict[str, torch.Tensor] = {}
+        metrics: Dict[str, torch.Tensor] = {}
+        total = None
+        for name in self.objectives:
+            out = self.compute(name, outputs, batch)
+            losses[name] = out.loss
+            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+            term = self.objective_cfg.weight(name) * out.loss
+            total = term if total is None else total + term
+        return PretrainingOutput(loss=total, losses=losses, metrics=metrics)
+
+
+def build_pretraining_module(model_cfg: ModelConfig, objective_names: Sequence[str], objective_cfg: ObjectiveConfig,
+                             gather: Optional[Gather] = None) -> PretrainingModule:
+    """A fresh backbone (with the cross-modal encoder only if an objective needs it) and its heads."""
+    names = check_objectives(objective_names)
+    backbone = MVPTRModel(model_cfg, with_cross=needs_cross(names))
+    return PretrainingModule(backbone, names, objective_cfg, gather=gather)

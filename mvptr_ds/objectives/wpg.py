@@ -1,0 +1,86 @@
+"""WPG, weakly-supervised phrase grounding (MVPTR.md section 3; stage 2, fine alignment).
+
+For pair i and another pair j, ``s(i, j)`` is the mean over the phrases (concepts) of caption i of one of
+each phrase's top-k cosine similarities to the regions of image j, the one picked by ``batch.wpg_pick``
+(uniform in [0, 1): index ``floor(pick * k_j)``, ``k_j = min(k, regions of j)``). The loss is the hinge
+``max(0, margin + s(i, j) - s(i, i))`` with ``j = batch.wpg_negative[i]``, averaged over the pairs that
+have a phrase, a negative showing another image, and regions on both sides. Phrase states are the
+cross-modal outputs at the concept positions of pair i; region states are the cross-modal outputs at
+the region positions of pair i (positive) and of pair j (negative), so no extra encoder pass runs.
+The same pick number serves a phrase's positive and negative choice.
+
+Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
+means. No Python loop over samples and no device-to-host synchronisation. Padded regions get similarity
+-2 (below any cosine) before the top-k, so every value stays finite and masked terms are exact zeros.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from mvptr_ds.data.types import Batch
+from mvptr_ds.objectives.base import LossOutput, zero_loss
+
+if TYPE_CHECKING:
+    from mvptr_ds.model.mvptr import EncoderOutputs
+
+_BELOW_COSINE = -2.0  # fill for padded regions: sorts below every cosine, yet finite
+
+
+def phrase_region_scores(phrases: torch.Tensor, phrase_mask: torch.Tensor, regions: torch.Tensor,
+                         region_mask: torch.Tensor, pick: torch.Tensor, topk: int) -> torch.Tensor:
+    """``s`` per row: mean over row i's phrases of a picked top-k cosine to the regions in row i of ``regions``.
+
+    phrases ``[B, Lt, H]`` with phrase_mask ``[B, Lt]`` bool; regions ``[B, Lr, H]`` with region_mask
+    ``[B, Lr]`` bool; pick ``[B, Lt]`` in [0, 1); topk >= 1. Returns ``[B]`` float; 0 where a row has no
+    phrase or no region (the caller masks those rows out).
+    """
+    k = min(topk, regions.shape[1])
+    if k == 0:
+        return phrases.new_zeros(phrases.shape[0], dtype=torch.float32)
+    p = F.normalize(phrases.float(), dim=-1)  # (B, Lt, H)
+    r = F.normalize(regions.float(), dim=-1)  # (B, Lr, H)
+    cos = torch.bmm(p, r.transpose(1, 2))  # (B, Lt, Lr)
+    cos = cos.masked_fill(~region_mask[:, None, :], _BELOW_COSINE)
+    top = cos.topk(k, dim=-1).values  # (B, Lt, k), descending; padded regions last
+    k_row = region_mask.sum(dim=1).clamp(max=k)  # (B,) regions available to choose from
+    choice = (pick.float() * k_row[:, None]).long()  # (B, Lt) in [0, k_row)
+    choice = torch.minimum(choice, (k_row[:, None] - 1).clamp(min=0))  # guards pick == 1.0 and k_row == 0
+    picked = top.gather(-1, choice.unsqueeze(-1)).squeeze(-1)  # (B, Lt)
+    scored = phrase_mask & (k_row[:, None] > 0)  # (B, Lt)
+    picked = torch.where(scored, picked, torch.zeros_like(picked))
+    return picked.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+
+
+def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk: int = 3) -> LossOutput:
+    """Hinge ``max(0, margin + s(i, j) - s(i, i))`` averaged over pairs that can be scored.
+
+    Reads ``outputs.cross`` ``[B, Lt+Lr, H]`` (text positions first; Lt = ``batch.text_mask.shape[1]``),
+    ``batch.phrase_mask`` ``[B, Lt]``, ``batch.region_mask`` ``[B, Lr]``, ``batch.wpg_negative`` ``[B]``
+    (-1: none), ``batch.wpg_pick`` ``[B, Lt]`` and ``batch.image_ids`` ``[B]``. Exact 0 (with graph) when no
+    pair can be scored. Metrics: ``pos``/``neg`` (mean s(i,i)/s(i,j) over scored pairs), ``pairs``.
+    """
+    if outputs.cross is None:
+        raise ValueError("wpg: the cross-modal encoder did not run (outputs.cross is None)")
+    lt, lr = batch.text_mask.shape[1], batch.region_mask.shape[1]
+    if outputs.cross.shape[1] != lt + lr:
+        raise ValueError(f"wpg: cross output has {outputs.cross.shape[1]} positions, the batch has {lt} text + "
+                         f"{lr} region positions")
+    phrases, regions = outputs.cross[:, :lt], outputs.cross[:, lt:]  # (B, Lt, H), (B, Lr, H)
+    phrase_mask, region_mask = batch.phrase_mask.bool(), batch.region_mask.bool()
+    neg = batch.wpg_negative.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
+    s_pos = phrase_region_scores(phrases, phrase_mask, regions, region_mask, batch.wpg_pick, topk)  # (B,)
+    s_neg = phrase_region_scores(phrases, phrase_mask, regions[neg], region_mask[neg], batch.wpg_pick, topk)  # (B,)
+    valid = (phrase_mask.any(dim=1) & (batch.wpg_negative >= 0) & (batch.image_ids[neg] != batch.image_ids)
+             & region_mask.any(dim=1) & region_mask[neg].any(dim=1))  # (B,)
+    hinge = (margin + s_neg - s_pos).clamp(min=0)  # (B,)
+    count = valid.sum()
+    denom = count.clamp(min=1).float()
+    loss = torch.where(valid, hinge, torch.zeros_like(hinge)).sum() / denom + zero_loss(outputs.cross)
+    with torch.no_grad():
+        metrics = {"pos": torch.where(valid, s_pos, 0.0).sum() / denom,
+                   "neg": torch.where(valid, s_neg, 0.0).sum() / denom,
+                   "pairs": count.float()}
+    return LossOutput("wpg", loss, metrics)
