@@ -1,0 +1,111 @@
+"""Initialisation from a local Hugging Face BERT directory (a tiny BertModel saved in tmp_path)."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mvptr_ds.config import MODEL_PRESETS
+from mvptr_ds.model import MVPTRModel, init_from_bert
+from mvptr_ds.model.bert_init import BertInitError
+
+transformers = pytest.importorskip("transformers")
+
+BERT_VOCAB, BERT_LAYERS = 90, 12
+CFG = replace(MODEL_PRESETS["tiny"], hidden_size=32, num_attention_heads=4, intermediate_size=64,
+              vocab_size=120, only_word_size=BERT_VOCAB, max_position_embeddings=24, text_layers=2,
+              visual_layers=2, cross_layers=2, kernels="torch")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=BERT_LAYERS,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=24,
+                                     hidden_act="gelu", layer_norm_eps=1e-12)
+    bert = transformers.BertModel(config).eval()
+    path = tmp_path_factory.mktemp("bert")
+    bert.save_pretrained(str(path))
+    return path, bert
+
+
+def text_inputs():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, BERT_VOCAB, (3, 9), generator=g)  # word pieces only: no concepts
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 5, 7])[:, None]
+    return ids * mask, mask
+
+
+def test_text_encoder_reproduces_bert(bert_dir):
+    path, bert = bert_dir
+    torch.manual_seed(1)
+    model = MVPTRModel(CFG).eval()
+    report = init_from_bert(model, str(path), text_layers=range(0, 2), cross_layers=range(2, 4),
+                            visual_layers=range(0, 2))
+    ids, mask = text_inputs()
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask)
+        ref = bert(input_ids=ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(ids),
+                   output_hidden_states=True).hidden_states[2]  # after BERT layers 0-1
+    assert (ours[mask] - ref[mask]).abs().max() < 1e-5
+    assert report.sources["text_encoder.layer.1.output.dense.weight"] == "encoder.layer.1.output.dense.weight"
+    assert report.sources["cross_encoder.layer.0.attention.self.query.weight"] == \
+        "encoder.layer.2.attention.self.query.weight"
+    assert torch.equal(model.cross_encoder.layer[1].intermediate.dense.weight,
+                       bert.encoder.layer[3].intermediate.dense.weight)
+    assert torch.equal(model.pooler.dense.weight, bert.pooler.dense.weight)
+
+
+def test_report_and_concept_rows(bert_dir):
+    path, bert = bert_dir
+    torch.manual_seed(1)
+    model = MVPTRModel(CFG)
+    concept_rows = model.embeddings.word_embeddings.weight[BERT_VOCAB:].clone()
+    report = init_from_bert(model, str(path))  # default ranges 0-5 / 6-11 / 0-5 on 2-layer encoders
+    words = model.embeddings.word_embeddings.weight
+    assert torch.equal(words[:BERT_VOCAB], bert.embeddings.word_embeddings.weight)
+    assert torch.equal(words[BERT_VOCAB:], concept_rows)  # concept rows keep their init
+    assert report.sources["embeddings.word_embeddings.weight"] == f"embeddings.word_embeddings.weight[0:{BERT_VOCAB}]"
+    assert torch.equal(model.cross_encoder.layer[0].output.dense.weight, bert.encoder.layer[6].output.dense.weight)
+    assert set(report.new) == {"img_embedding.weight", "img_embedding.bias", "img_layernorm.weight",
+                               "img_layernorm.bias", "txt_proj", "vis_proj", "logit_scale"}
+    assert any("takes the first 2" in n and "cross_encoder" in n for n in report.notes)
+    assert any("rows 90..119 keep their initialisation" in n for n in report.notes)
+    assert "encoder.layer.11.output.dense.weight" in report.unused
+    assert "text_encoder.layer.0.attention.self.key.bias <- encoder.layer.0.attention.self.key.bias" \
+        in report.summary()
+
+
+def test_legacy_bin_checkpoint(bert_dir, tmp_path):
+    """``pytorch_model.bin`` with ``bert.`` prefixes and LayerNorm gamma/beta (the original BERT release)."""
+    path, bert = bert_dir
+    legacy = {}
+    for k, v in bert.state_dict().items():
+        k = "bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        legacy[k] = v.clone()
+    legacy["cls.predictions.bias"] = torch.zeros(BERT_VOCAB)
+    torch.save(legacy, tmp_path / "pytorch_model.bin")
+    model = MVPTRModel(CFG).eval()
+    report = init_from_bert(model, str(tmp_path), text_layers=range(0, 2), cross_layers=range(2, 4),
+                            visual_layers=range(0, 2))
+    assert torch.equal(model.embeddings.LayerNorm.weight, bert.embeddings.LayerNorm.weight)
+    assert torch.equal(model.text_encoder.layer[1].output.LayerNorm.bias, bert.encoder.layer[1].output.LayerNorm.bias)
+    assert "cls.predictions.bias" in report.unused
+
+
+def test_errors_name_the_problem(bert_dir, tmp_path):
+    path, _ = bert_dir
+    with pytest.raises(BertInitError, match="no model.safetensors or pytorch_model.bin"):
+        init_from_bert(MVPTRModel(CFG), str(tmp_path))
+    with pytest.raises(BertInitError, match="BERT layers \\[12, 13\\]"):
+        init_from_bert(MVPTRModel(CFG), str(path), cross_layers=range(12, 14))
+    wide = replace(CFG, hidden_size=48, intermediate_size=96)
+    with pytest.raises(BertInitError, match="word_embeddings"):
+        init_from_bert(MVPTRModel(wide), str(path))
+
+
+def test_stage1_model(bert_dir):
+    path, _ = bert_dir
+    model = MVPTRModel(CFG, with_cross=False)
+    report = init_from_bert(model, str(path))
+    assert any("cross_encoder: not built" in n for n in report.notes)
+    assert not any(k.startswith("pooler") for k in report.sources)
