@@ -2,6 +2,11 @@
 
 ``impl`` is one of ``"auto"`` (fused Triton kernels on CUDA, the PyTorch reference elsewhere),
 ``"triton"`` or ``"torch"``. Triton is imported lazily, only when a Triton path is chosen.
+
+On CUDA the fused attention path is ``CUDA_ATTENTION``: "triton" (own kernel, ``triton_attention``), "flex"
+(``flex_attention`` with a padding block mask) or "sdpa" (the reference). Switching is this one line; the
+choice follows ``benchmarks/kernels.py`` on the GPU. Fused paths write 0 for padded query rows (the reference
+computes them; they are meaningless either way).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from mvptr_ds.kernels import reference
 
 IMPLS = ("auto", "triton", "torch")
+CUDA_ATTENTION = "triton"  # "triton" | "flex" | "sdpa": fused attention on CUDA, per the GPU benchmark
 
 
 def resolve(impl: str, device: torch.device) -> str:
@@ -32,8 +38,13 @@ def _triton_available() -> bool:
 def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "auto"):
     """Masked attention over ``[B, heads, L, head_dim]`` with a ``[B, L]`` bool key mask (True = real)."""
     if resolve(impl, q.device) == "triton":
-        from mvptr_ds.kernels import triton_attention
-        return triton_attention.attention(q, k, v, key_padding_mask, dropout_p)
+        backend = CUDA_ATTENTION if q.device.type == "cuda" else "triton"
+        if backend == "triton":
+            from mvptr_ds.kernels import triton_attention
+            return triton_attention.attention(q, k, v, key_padding_mask, dropout_p)
+        if backend == "flex":
+            from mvptr_ds.kernels import flex
+            return flex.attention(q, k, v, key_padding_mask, dropout_p)
     return reference.attention(q, k, v, key_padding_mask, dropout_p)
 
 

@@ -28,6 +28,11 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of every kernel-written buffer; tests swap in a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, qk_scale, seq_len, n_heads, p_drop, seed,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
@@ -190,8 +195,8 @@ class AttentionFn(torch.autograd.Function):
         sm_scale = 1.0 / math.sqrt(head_dim)
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if p_drop > 0 else 0
-        o = torch.empty_like(q)
-        lse = torch.empty(bsz, heads, seq_len, dtype=torch.float32, device=q.device)
+        o = _empty(q.shape, q.dtype, q.device)
+        lse = _empty((bsz, heads, seq_len), torch.float32, q.device)
         grid = (triton.cdiv(seq_len, block_m), bsz * heads)
         _fwd_kernel[grid](q, k, v, mask_u8, o, lse, sm_scale * _LOG2E, seq_len, heads, p_drop, seed,
                           BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, DROPOUT=p_drop > 0)
@@ -206,9 +211,9 @@ class AttentionFn(torch.autograd.Function):
         bsz, heads, seq_len, head_dim = q.shape
         do = do.contiguous()
         n_rows = bsz * heads * seq_len
-        delta = torch.empty(bsz, heads, seq_len, dtype=torch.float32, device=q.device)
+        delta = _empty((bsz, heads, seq_len), torch.float32, q.device)
         _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, BLOCK=64, HEAD_DIM=head_dim)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, DROPOUT=p_drop > 0)
         scalars = (sm_scale * _LOG2E, sm_scale, seq_len, heads, p_drop, seed)
         _bwd_dkdv_kernel[(triton.cdiv(seq_len, block_n), bsz * heads)](

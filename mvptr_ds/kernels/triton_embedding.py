@@ -32,6 +32,11 @@ import triton.language as tl
 TABLE_GRADS = ("segment", "atomic")
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of every kernel-written buffer; tests swap in a NaN-filled one to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @triton.jit
 def _fwd_kernel(ids_ptr, pos_ids_ptr, type_ids_ptr, word_ptr, pos_ptr, type_ptr, gamma_ptr, beta_ptr,
                 out_ptr, mean_ptr, rstd_ptr, n_rows, hidden, eps, p_drop, seed,
@@ -174,9 +179,9 @@ class ConceptEmbeddingFn(torch.autograd.Function):
         n, hidden = ids.numel(), word_w.shape[1]
         if n * hidden >= 2 ** 31:
             raise ValueError(f"concept_embedding: {n} tokens x {hidden} exceeds the kernel's int32 indexing")
-        out = torch.empty(n, hidden, dtype=word_w.dtype, device=word_w.device)
-        mean = torch.empty(n, dtype=torch.float32, device=word_w.device)
-        rstd = torch.empty_like(mean)
+        out = _empty((n, hidden), word_w.dtype, word_w.device)
+        mean = _empty((n,), torch.float32, word_w.device)
+        rstd = _empty((n,), torch.float32, word_w.device)
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if p_drop > 0 else 0
         rows = _rows_per_program(word_w.device)
         if n:
@@ -195,14 +200,15 @@ class ConceptEmbeddingFn(torch.autograd.Function):
         rows = _rows_per_program(dev)
         tiles = 8 if dev.type == "cuda" else 1
         n_prog = max(1, triton.cdiv(n, rows * tiles))
-        dg_part = torch.zeros(n_prog, hidden, dtype=torch.float32, device=dev)
-        db_part = torch.zeros_like(dg_part)
+        alloc = _empty if n else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+        dg_part = alloc((n_prog, hidden), torch.float32, dev)  # one row per program
+        db_part = alloc((n_prog, hidden), torch.float32, dev)
         atomic = ctx.table_grad == "atomic"
         if atomic:
             dx = torch.empty(0, dtype=torch.float32, device=dev)
             tables = [torch.zeros(w.shape, dtype=torch.float32, device=dev) for w in (word_w, pos_w, type_w)]
         else:
-            dx = torch.empty(n, hidden, dtype=torch.float32, device=dev)
+            dx = _empty((n, hidden), torch.float32, dev)
             tables = [dx, dx, dx]  # unused pointers in this mode
         if n:
             _bwd_kernel[(n_prog,)](dy.contiguous(), ids, pos_ids, type_ids, word_w, pos_w, type_w, gamma, mean,
