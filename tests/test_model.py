@@ -164,7 +164,7 @@ def test_activation_checkpointing_gives_same_gradients():
 def test_bert_style_init():
     torch.manual_seed(0)
     m = MVPTRModel(replace(TINY, hidden_size=64, intermediate_size=128))
-    assert m.logit_scale.shape == () and math.isclose(m.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    assert m.logit_scale.shape == (1,) and math.isclose(m.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
     for name, p in m.named_parameters():
         if "LayerNorm" in name or "layernorm" in name:
             assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name

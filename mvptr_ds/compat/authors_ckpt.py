@@ -8,6 +8,7 @@ directions. This project's canonical keys are ``backbone.<MVPTRModel key>`` and 
   so its two rows are swapped on the way in and out.
 - ``bert.LayerNorm`` is their region LayerNorm; it is used (and kept) only when ``use_img_layernorm`` is set.
 - ``qa_head`` is not part of this project and is dropped (named in the report).
+- ``logit_scale`` is 0-dim in their checkpoints and shape ``(1,)`` in ours.
 
 ``authors_to_project`` returns a ``ConversionReport`` listing missing, unexpected and dropped keys and shape
 mismatches by name, checked against the model that the converted config builds.
@@ -48,6 +49,8 @@ EXACT_KEYS: Dict[str, str] = {
 DROPPED: Dict[str, str] = {"qa_head.": "the authors' QA head is not part of this project"}
 # Our keys whose rows are swapped between the two label conventions of ITM (theirs: 0 = match).
 ROW_SWAPPED = ("heads.itm.classifier.weight", "heads.itm.classifier.bias")
+# Our keys stored 0-dim by the authors and with shape (1,) here (DeepSpeed cannot broadcast 0-dim tensors).
+SCALARS = ("backbone.logit_scale",)
 IMG_LAYERNORM_PREFIX = "backbone.img_layernorm."
 HEAD_NAMES = ("mlm", "mcr", "itm")
 
@@ -132,7 +135,8 @@ def model_config_from_authors(authors_config: Mapping[str, Any], notes: Optional
                      f"layer_norm_eps for the region LayerNorm too")
     only_word = cfg.get("only_word_size")
     if only_word is None:
-        raise ConfigError("authors' config lacks only_word_size (the number of word-piece rows; 30522 for BERT)")
+        raise ConfigError("authors' config lacks only_word_size (the number of word-piece rows; 30522 for BERT) "
+                          "and the checkpoint has no MLM decoder to read it from")
     defaults = ModelConfig()
     out = ModelConfig(
         hidden_size=int(cfg["hidden_size"]), num_attention_heads=int(cfg["num_attention_heads"]),
@@ -193,9 +197,18 @@ def authors_to_project(state_dict: Mapping[str, torch.Tensor], authors_config: M
     not copied except the ITM rows, which are swapped to this project's label convention (1 = match).
     """
     report = ConversionReport()
+    authors_config = dict(authors_config)
+    if authors_config.get("only_word_size") is None:
+        decoder = next((state_dict[k] for k in ("cls.predictions.decoder.weight", "half_mlm.decoder.weight")
+                        if k in state_dict), None)
+        if decoder is not None:
+            authors_config["only_word_size"] = int(decoder.shape[0])
+            report.notes.append(f"only_word_size={decoder.shape[0]} taken from the MLM decoder's rows "
+                                f"(absent from the authors' config)")
     cfg = model_config_from_authors(authors_config, report.notes)
     expected = expected_shapes(cfg)
     out: Dict[str, torch.Tensor] = {}
+    mismatched = set()
     for key, tensor in state_dict.items():
         dropped = next((why for prefix, why in DROPPED.items() if key.startswith(prefix)), None)
         ours = authors_key_to_ours(key)
@@ -208,18 +221,17 @@ def authors_to_project(state_dict: Mapping[str, torch.Tensor], authors_config: M
         if ours is None or ours not in expected:
             report.unexpected.append(key)
             continue
+        if ours in SCALARS and tensor.numel() == 1:
+            tensor = tensor.reshape(expected[ours])  # their 0-dim scalar, our (1,)
         if tuple(tensor.shape) != expected[ours]:
             report.shape_mismatches.append(
                 f"{key} -> {ours}: checkpoint {tuple(tensor.shape)} vs model {expected[ours]}")
+            mismatched.add(ours)
             continue
         out[ours] = _swap_rows(tensor) if ours in ROW_SWAPPED else tensor
         report.mapped[key] = ours
-    report.missing = sorted(k for k in expected if k not in out and not _shape_reported(k, report))
+    report.missing = sorted(k for k in expected if k not in out and k not in mismatched)
     return out, cfg, report
-
-
-def _shape_reported(ours: str, report: ConversionReport) -> bool:
-    return any(f" -> {ours}:" in m for m in report.shape_mismatches)
 
 
 def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
@@ -238,6 +250,8 @@ def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelC
         if theirs is None:
             unmapped.append(key)
             continue
+        if key in SCALARS:
+            tensor = tensor.reshape(())
         out[theirs] = _swap_rows(tensor) if key in ROW_SWAPPED else tensor
     if unmapped and strict:
         raise ValueError(f"no place in the authors' format for: {', '.join(sorted(unmapped))}")

@@ -75,7 +75,9 @@ class MVPTRModel(nn.Module):
         self.pooler = BertPooler(cfg) if with_cross else None
         self.txt_proj = nn.Parameter(torch.empty(h, h))
         self.vis_proj = nn.Parameter(torch.empty(h, h))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Shape (1,), not (): DeepSpeed's parameter broadcast cannot handle 0-dim tensors. The authors'
+        # checkpoint holds a 0-dim scalar; the converter reshapes it.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.apply(self._init_module)
         nn.init.normal_(self.txt_proj, std=cfg.initializer_range)
         nn.init.normal_(self.vis_proj, std=cfg.initializer_range)
