@@ -203,3 +203,13 @@ def test_convert_original_strict_on_incomplete_checkpoint(fixture, tmp_path):
         convert_original(str(src), str(tmp_path / "out"))
     report = convert_original(str(src), str(tmp_path / "out"), strict=False)
     assert "heads.mcr.bias" in report.missing
+
+
+def test_only_word_size_read_from_decoder_when_config_lacks_it(fixture):
+    config = {k: v for k, v in fixture["config"].items() if k != "only_word_size"}
+    _, cfg, report = authors_to_project(fixture["state_dict"], config)
+    assert cfg.only_word_size == 1100 and report.ok
+    assert any("only_word_size=1100" in n for n in report.notes)
+    no_heads = {k: v for k, v in fixture["state_dict"].items() if not k.startswith(("cls.", "half_mlm."))}
+    with pytest.raises(ConfigError, match="only_word_size"):
+        authors_to_project(no_heads, config)
