@@ -46,12 +46,13 @@ def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """An exact scalar 0 whose graph reaches every given tensor (their gradients are exact zeros).
 
     Built from empty slices (``t.flatten()[:0].sum()``), not ``0 * t.sum()``, so a NaN or inf inside a
-    tensor can never turn the zero into NaN. Tensors without a graph are skipped; with none left the
-    result is a plain 0 on the first tensor's device.
+    tensor can never turn the zero into NaN. ``None`` and tensors without a graph are skipped; with none
+    left the result is a plain 0 on the first tensor's device.
     """
-    if not tensors:
-        raise ValueError("zero_loss needs at least one tensor to take its device and dtype from")
-    out = torch.zeros((), device=tensors[0].device, dtype=torch.float32)
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        raise ValueError("zero_loss needs at least one tensor to take its device from")
+    out = torch.zeros((), device=first.device, dtype=torch.float32)
     for t in tensors:
         if t is not None and t.requires_grad:
             out = out + t.flatten()[:0].sum().float()

@@ -5,6 +5,12 @@ This is the ``nn.Module`` handed to DeepSpeed. Its state dict is ``backbone.*`` 
 these names. The cross-modal encoder runs only when an objective reads it (ITM, MLM, WPG); stage 1 (MCR
 alone) builds a backbone without it. Objectives are plain functions of (outputs, batch) dispatched through a
 dict, in a fixed order, so every rank runs the same code path.
+
+Every output the backbone computed is tied into the loss with an exact zero (``zero_loss``), so every
+parameter of the module receives a gradient on every step whatever the objectives read: exact zeros for
+the parts no objective uses (stage 1: the textual encoder, the contrastive projections and the logit
+scale; MLM/WPG without ITM: the pooler). ZeRO then sees the same set of gradients on every rank and every
+step. The cost is a backward pass of zeros through those parts.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from mvptr_ds.config import OBJECTIVES, ConfigError, ModelConfig, ObjectiveConfi
 from mvptr_ds.data.types import Batch
 from mvptr_ds.model.heads import ITMHead, MaskedTokenHead
 from mvptr_ds.model.mvptr import MVPTRModel
-from mvptr_ds.objectives.base import Gather, LossOutput
+from mvptr_ds.objectives.base import Gather, LossOutput, zero_loss
 from mvptr_ds.objectives.itm import itm_loss
 from mvptr_ds.objectives.mcr import mcr_loss
 from mvptr_ds.objectives.mlm import mlm_loss
@@ -31,7 +37,8 @@ HEADS = {"mcr": MaskedTokenHead, "mlm": MaskedTokenHead, "itm": ITMHead}
 
 @dataclass
 class PretrainingOutput:
-    """``loss`` = sum of weight * loss over objectives (scalar, with graph); ``losses`` per objective
+    """``loss`` = sum of weight * loss over objectives (scalar, with graph; plus an exact 0 tying in unused
+    outputs); ``losses`` per objective
     (unweighted, with graph); ``metrics`` as ``"<objective>/<name>"`` detached scalars."""
 
     loss: torch.Tensor
@@ -97,7 +104,9 @@ class PretrainingModule(nn.Module):
             metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
             term = self.objective_cfg.weight(name) * out.loss
             total = term if total is None else total + term
-        return PretrainingOutput(loss=total, losses=losses, metrics=metrics)
+        unused = zero_loss(outputs.text, outputs.visual, outputs.text_embed, outputs.visual_embed, outputs.pooled,
+                           self.backbone.logit_scale)
+        return PretrainingOutput(loss=total + unused, losses=losses, metrics=metrics)
 
 
 def build_pretraining_module(model_cfg: ModelConfig, objective_names: Sequence[str], objective_cfg: ObjectiveConfig,

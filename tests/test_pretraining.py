@@ -1,0 +1,88 @@
+"""PretrainingModule on a tiny real MVPTRModel: which parts run, which get gradients, the weighted sum."""
+import pytest
+import torch
+
+from mvptr_ds.config import OBJECTIVES, ConfigError, ObjectiveConfig
+from mvptr_ds.model.mvptr import MVPTRModel
+from mvptr_ds.objectives import PretrainingModule, build_pretraining_module
+from objective_fixtures import TINY, make_batch
+
+
+def normal_batch():
+    return make_batch([0, 1, 1, 2], [8, 7, 5, 6], [2, 1, 0, 2], [3, 1, 2, 4], seed=4)
+
+
+def degenerate_batch():
+    # One image for the whole batch, no phrase, no masked token, one region each.
+    return make_batch([5, 5, 5], [6, 5, 6], [0, 0, 0], [1, 1, 1], mask_every=0, seed=5)
+
+
+def test_stage1_has_no_cross_encoder_and_never_calls_it(monkeypatch):
+    torch.manual_seed(0)
+    module = build_pretraining_module(TINY, ["mcr"], ObjectiveConfig())
+    assert module.backbone.cross_encoder is None and module.backbone.pooler is None
+    assert set(module.heads) == {"mcr"}
+    assert {k.split(".")[0] for k in module.state_dict()} == {"backbone", "heads"}
+    assert all(k.startswith("heads.mcr.") for k in module.state_dict() if k.startswith("heads."))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("stage 1 ran the cross-modal encoder")
+
+    monkeypatch.setattr(module.backbone, "encode_cross", forbidden)
+    out = module(normal_batch())
+    assert set(out.losses) == {"mcr"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    # Every parameter gets a gradient (ZeRO sees the same set each step); the text side's are exact zeros.
+    assert all(p.grad is not None for p in module.parameters())
+    text_side = list(module.backbone.text_encoder.parameters()) + [module.backbone.txt_proj,
+                                                                   module.backbone.vis_proj,
+                                                                   module.backbone.logit_scale]
+    assert all(p.grad.abs().max() == 0 for p in text_side)
+    assert module.heads["mcr"].decoder.weight.grad.abs().max() > 0
+
+
+def test_mcr_leaves_cross_encoder_untouched():
+    torch.manual_seed(0)
+    module = PretrainingModule(MVPTRModel(TINY, with_cross=True), ["mcr"], ObjectiveConfig())
+    module(normal_batch()).loss.backward()
+    assert all(p.grad is None for p in module.backbone.cross_encoder.parameters())
+    assert all(p.grad is None for p in module.backbone.pooler.parameters())
+    assert all(p.grad.abs().max() == 0 for p in module.backbone.text_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.backbone.visual_encoder.parameters())
+
+
+@pytest.mark.parametrize("make", [normal_batch, degenerate_batch, lambda: make_batch([3], [6], [1], [1], seed=6)],
+                         ids=["normal", "one_image_no_phrase_no_mask", "batch_of_one"])
+def test_stage2_all_objectives_every_parameter_gets_a_gradient(make):
+    torch.manual_seed(0)
+    module = build_pretraining_module(TINY, OBJECTIVES, ObjectiveConfig())
+    assert set(module.heads) == {"mcr", "mlm", "itm"}
+    out = module(make())
+    assert set(out.losses) == set(OBJECTIVES)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_loss_is_the_weighted_sum():
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(weights=(("vsc", 2.0), ("wpg", 0.5)))
+    module = build_pretraining_module(TINY, ["vsc", "wpg", "mlm"], cfg).eval()
+    out = module(normal_batch())
+    expected = 2.0 * out.losses["vsc"] + 0.5 * out.losses["wpg"] + out.losses["mlm"]
+    assert torch.allclose(out.loss, expected)
+    assert "vsc/t2v_acc" in out.metrics and "wpg/pairs" in out.metrics
+
+
+def test_vsc_alone_builds_no_cross_encoder():
+    module = build_pretraining_module(TINY, ["vsc"], ObjectiveConfig())
+    assert module.backbone.cross_encoder is None and len(module.heads) == 0
+
+
+def test_bad_objective_choices_raise():
+    with pytest.raises(ConfigError, match="unknown"):
+        build_pretraining_module(TINY, ["mcr", "itc"], ObjectiveConfig())
+    with pytest.raises(ConfigError, match="cross-modal"):
+        PretrainingModule(MVPTRModel(TINY, with_cross=False), ["mlm"], ObjectiveConfig())
