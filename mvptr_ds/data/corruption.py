@@ -90,8 +90,11 @@ def corrupt_concepts(concept_ids: torch.Tensor, links: Sequence[Sequence[int]], 
     """
     k = concept_ids.shape[0]
     n = word_selected.shape[0]
-    linked = torch.tensor([bool(any(0 <= w < n and bool(word_selected[w]) for w in ws)) for ws in links],
-                          dtype=torch.bool) if k else torch.zeros(0, dtype=torch.bool)
+    flat = torch.tensor([w for ws in links for w in ws], dtype=torch.long)                # [sum of link counts]
+    owner = torch.tensor([j for j, ws in enumerate(links) for _ in ws], dtype=torch.long)  # concept of each link
+    valid = (flat >= 0) & (flat < n)
+    linked = torch.zeros(k, dtype=torch.bool)
+    linked[owner[valid][word_selected[flat[valid]]]] = True
     selected = torch.rand(k, generator=gen) < mask_prob
     kind = torch.rand(k, generator=gen)
     lo, hi = concept_range
