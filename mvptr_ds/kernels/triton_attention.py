@@ -34,9 +34,17 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST works around the CPU interpreter, which multiplies bf16 bit patterns."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, qk_scale, seq_len, n_heads, p_drop, seed,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-                DROPOUT: tl.constexpr):
+                UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // n_heads
     base = bh.to(tl.int64) * seq_len * HEAD_DIM
@@ -59,7 +67,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, qk_scale, seq_len
                          other=0.0)  # [HEAD_DIM, BLOCK_N]
             v = tl.load(v_ptr + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=in_n[:, None],
                         other=0.0)  # [BLOCK_N, HEAD_DIM]
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = _mm(q, kt, PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
             s = tl.where(k_real[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: this block has a real key
             alpha = tl.exp2(m_i - m_new)
@@ -68,7 +76,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, qk_scale, seq_len
             if DROPOUT:
                 cnt = (bh * seq_len + offs_m[:, None]) * seq_len + offs_n[None, :]
                 p = tl.where(tl.rand(seed, cnt) >= p_drop, p / (1.0 - p_drop), 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
             m_i = m_new
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -93,7 +101,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, BLOCK: tl.constexpr, HEAD_DI
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                      qk_scale, sm_scale, seq_len, n_heads, p_drop, seed,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-                     DROPOUT: tl.constexpr):
+                     UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // n_heads
     base = bh.to(tl.int64) * seq_len * HEAD_DIM
@@ -118,19 +126,19 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, 
                            other=0.0)  # dO^T [HEAD_DIM, BLOCK_M]
             lse = tl.load(lse_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=in_m, other=0.0)
             delta = tl.load(delta_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=in_m, other=0.0)
-            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # S^T [BLOCK_N, BLOCK_M], log2 units
+            st = _mm(k, qt, PREC, UPCAST) * qk_scale  # S^T [BLOCK_N, BLOCK_M], log2 units
             pt = tl.exp2(st - lse[None, :])
             pt = tl.where(k_real[:, None] & q_real[None, :], pt, 0.0)
-            dpt = tl.dot(v, dot_, input_precision=PREC)  # (dO V^T)^T [BLOCK_N, BLOCK_M]
+            dpt = _mm(v, dot_, PREC, UPCAST)  # (dO V^T)^T [BLOCK_N, BLOCK_M]
             if DROPOUT:
                 cnt = (bh * seq_len + offs_m[None, :]) * seq_len + offs_n[:, None]
                 zt = tl.where(tl.rand(seed, cnt) >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
-                dv += tl.dot((pt * zt).to(dot_.dtype), tl.trans(dot_), input_precision=PREC)
+                dv += _mm((pt * zt).to(dot_.dtype), tl.trans(dot_), PREC, UPCAST)
                 dpt = dpt * zt
             else:
-                dv += tl.dot(pt.to(dot_.dtype), tl.trans(dot_), input_precision=PREC)
+                dv += _mm(pt.to(dot_.dtype), tl.trans(dot_), PREC, UPCAST)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+            dk += _mm(dst.to(qt.dtype), tl.trans(qt), PREC, UPCAST)
     dk = dk * sm_scale
     offs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=in_n[:, None])
@@ -141,7 +149,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, 
 def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                    qk_scale, sm_scale, seq_len, n_heads, p_drop, seed,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
-                   DROPOUT: tl.constexpr):
+                   UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // n_heads
     base = bh.to(tl.int64) * seq_len * HEAD_DIM
@@ -165,15 +173,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq
                          other=0.0)  # [HEAD_DIM, BLOCK_N]
             vt = tl.load(v_ptr + base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=in_n[None, :],
                          other=0.0)  # [HEAD_DIM, BLOCK_N]
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            s = _mm(q, kt, PREC, UPCAST) * qk_scale
             p = tl.exp2(s - lse[:, None])
             p = tl.where(q_real[:, None] & k_real[None, :], p, 0.0)
-            dp = tl.dot(do, vt, input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+            dp = _mm(do, vt, PREC, UPCAST)  # [BLOCK_M, BLOCK_N]
             if DROPOUT:
                 cnt = (bh * seq_len + offs_m[:, None]) * seq_len + offs_n[None, :]
                 dp = tl.where(tl.rand(seed, cnt) >= p_drop, dp / (1.0 - p_drop), 0.0)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            dq += _mm(ds.to(kt.dtype), tl.trans(kt), PREC, UPCAST)
     dq = dq * sm_scale
     tl.store(dq_ptr + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=in_m[:, None])
@@ -184,6 +192,11 @@ def default_blocks(seq_len: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return 16, 16
     return 64, 64
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    # bf16 products are exact in fp32, so upcasting before an fp32-accumulating dot computes the same sums.
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 class AttentionFn(torch.autograd.Function):
@@ -199,7 +212,8 @@ class AttentionFn(torch.autograd.Function):
         lse = _empty((bsz, heads, seq_len), torch.float32, q.device)
         grid = (triton.cdiv(seq_len, block_m), bsz * heads)
         _fwd_kernel[grid](q, k, v, mask_u8, o, lse, sm_scale * _LOG2E, seq_len, heads, p_drop, seed,
-                          BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, DROPOUT=p_drop > 0)
+                          BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, UPCAST=_upcast(q),
+                          DROPOUT=p_drop > 0)
         ctx.save_for_backward(q, k, v, mask_u8, o, lse)
         ctx.args = (sm_scale, p_drop, seed, block_m, block_n, prec)
         return o
@@ -214,7 +228,8 @@ class AttentionFn(torch.autograd.Function):
         delta = _empty((bsz, heads, seq_len), torch.float32, q.device)
         _delta_kernel[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, BLOCK=64, HEAD_DIM=head_dim)
         dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
-        common = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, DROPOUT=p_drop > 0)
+        common = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PREC=prec, UPCAST=_upcast(q),
+                      DROPOUT=p_drop > 0)
         scalars = (sm_scale * _LOG2E, sm_scale, seq_len, heads, p_drop, seed)
         _bwd_dkdv_kernel[(triton.cdiv(seq_len, block_n), bsz * heads)](
             q, k, v, mask_u8, do, lse, delta, dk, dv, *scalars, **common)
