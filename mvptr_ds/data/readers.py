@@ -20,7 +20,7 @@ import binascii
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -345,10 +345,11 @@ class CaptionIndex:
     JSONL (one record per line) is read lazily: ``index[i]`` seeks to the line and parses it. A JSON list
     file is parsed once and kept in memory (convert it to JSONL for large corpora). Every record is
     validated when the index is built (malformed JSON, missing fields, empty captions raise
-    :class:`DataError` with file and line).
+    :class:`DataError` with file and line); ``check(line, image_id, caption, phrases)``, when given, is
+    called on each record then (e.g. to count tuples missing from a vocabulary).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check: Optional[Callable] = None):
         self.path = str(path)
         self._records: Optional[list] = None
         self._fh, self._pid = None, None
@@ -357,6 +358,8 @@ class CaptionIndex:
         if first.startswith(b"["):
             data = read_json_no_dup(self.path)
             self._records = [validate_caption(r, self.path, i + 1) for i, r in enumerate(data)]
+            for i, r in enumerate(self._records if check else []):
+                check(i + 1, *r)
             self.offsets = np.arange(len(data), dtype=np.int64)
             self.lines = np.arange(1, len(data) + 1, dtype=np.int64)
             ids = [r[0] for r in self._records]
@@ -366,8 +369,10 @@ class CaptionIndex:
             with open(self.path, "rb") as f:
                 for n, raw in enumerate(f, 1):
                     if raw.strip():
-                        rec = self._parse(raw, n)
-                        ids.append(validate_caption(rec, self.path, n)[0])
+                        rec = validate_caption(self._parse(raw, n), self.path, n)
+                        if check:
+                            check(n, *rec)
+                        ids.append(rec[0])
                         offsets.append(pos)
                         lines.append(n)
                     pos += len(raw)
