@@ -88,3 +88,18 @@ def fake_outputs(batch: Batch, hidden: int = 8, seed: int = 1, with_cross: bool 
     return Outputs(text=leaf(b, lt, hidden), visual=leaf(b, lg + lr, hidden), text_embed=te, visual_embed=ve,
                    num_tags=lg, cross=leaf(b, lt + lr, hidden) if with_cross else None,
                    pooled=leaf(b, hidden) if with_cross else None)
+
+
+class FakeCrossModel:
+    """Records what the cross-modal encoder was given; pooled = text [CLS] state + first region state."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_cross(self, text_h, text_mask, region_h, region_mask):
+        self.calls.append((text_h, text_mask, region_h, region_mask))
+        first = text_h[:, :1] + region_h[:, :1]  # (B, 1, H)
+        return torch.cat([first, text_h[:, 1:], region_h], dim=1)  # (B, Lt+Lr, H)
+
+    def pool(self, h):
+        return h[:, 0]

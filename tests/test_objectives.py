@@ -8,7 +8,7 @@ from torch import nn
 
 from mvptr_ds.objectives import itm_loss, masked_token_loss, mcr_loss, mlm_loss, vsc_loss, zero_loss
 from mvptr_ds.objectives.itm import negative_pairs
-from objective_fixtures import fake_outputs, make_batch
+from objective_fixtures import FakeCrossModel, fake_outputs, make_batch
 
 
 def np_ce(logits, target):
@@ -198,21 +198,6 @@ def test_world_size_one_gather_is_exactly_the_local_loss():
 
 
 # ---- ITM --------------------------------------------------------------------------------------------
-
-class FakeCrossModel:
-    """Records what the cross-modal encoder was given; pooled = text [CLS] state + first region state."""
-
-    def __init__(self):
-        self.calls = []
-
-    def encode_cross(self, text_h, text_mask, region_h, region_mask):
-        self.calls.append((text_h, text_mask, region_h, region_mask))
-        first = text_h[:, :1] + region_h[:, :1]  # (B, 1, H)
-        return torch.cat([first, text_h[:, 1:], region_h], dim=1)  # (B, Lt+Lr, H)
-
-    def pool(self, h):
-        return h[:, 0]
-
 
 def test_itm_hardest_negatives_by_direction_and_same_image_excluded():
     # 4 pairs; pairs 0 and 1 show the same image. Rows 0,1 pair their text with the hardest image,
