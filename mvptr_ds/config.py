@@ -23,7 +23,7 @@ OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
 STAGE_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch", "eager")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -52,7 +52,8 @@ class ModelConfig:
     img_feature_dim: int = 2054
     use_img_layernorm: bool = True
     initializer_range: float = 0.02
-    # "auto": fused Triton kernels on CUDA, the PyTorch reference elsewhere.
+    # "auto": fused Triton kernels on CUDA, the PyTorch reference elsewhere; "eager": the authors' way
+    # (additive -10000 mask, explicit softmax), kept for the baseline benchmark.
     kernels: str = "auto"
     # Recompute each encoder layer in backward (non-reentrant torch.utils.checkpoint).
     activation_checkpointing: bool = False
