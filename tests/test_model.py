@@ -131,6 +131,20 @@ def test_packed_cross_trims_the_sequence(model, monkeypatch):
     assert (packed[valid] - naive[valid]).abs().max() < 1e-5
 
 
+def test_dense_layers_run_on_real_tokens_only(model):
+    """Position-wise work sees N = real tokens rows; padded outputs are zeros."""
+    rows = []
+    hook = model.text_encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    batch = make_batch(text_lens=(6, 4, 3))
+    try:
+        out = model.encode_text(batch.text_ids, batch.text_mask)
+    finally:
+        hook.remove()
+    assert rows == [13]  # 6 + 4 + 3, not 3 * 6
+    assert torch.all(out[~batch.text_mask] == 0) and torch.all(out[batch.text_mask].abs().sum(-1) > 0)
+
+
 def test_kernel_seams_are_used(model, monkeypatch):
     calls = {"attention": 0, "concept_embedding": 0}
     for name in calls:

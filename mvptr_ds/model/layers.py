@@ -3,6 +3,13 @@
 Parameter names follow Hugging Face BERT (``layer.{i}.attention.self.query`` ... ``output.LayerNorm``) so
 BERT weights and the authors' checkpoints map onto them by name. Attention goes through the kernel seam
 ``mvptr_ds.kernels.attention``; which implementation runs is chosen by ``ModelConfig.kernels``.
+
+Unpadded compute: ``BertEncoder`` gathers the real tokens of a padded ``[B, L, H]`` batch into one
+``[N, H]`` matrix (N = number of real tokens) and every position-wise part of a layer (Q/K/V and output
+projections, residuals, LayerNorms, the feed-forward block) runs on those N rows only. Only attention
+sees the ``[B, heads, L, head_dim]`` layout, scattered just for the kernel call and gathered back after.
+Padded positions of the encoder's output are zeros. Real positions are computed exactly as in a padded
+layer (everything but attention is position-wise, and attention masks padded keys).
 Reference: Devlin et al., BERT (2019); MVPTR (Li et al., ACM MM 2022) section 3.1.
 """
 from __future__ import annotations
@@ -29,17 +36,18 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         self.impl = cfg.kernels
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, _ = x.shape
-        return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real key). Returns ``[B, L, H]``."""
-        q, k, v = self._split(self.query(h)), self._split(self.key(h)), self._split(self.value(h))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, H]`` real tokens; mask: ``[B, L]`` bool (True = real); index: ``[N]`` flat positions
+        of the real tokens in ``B*L``. Returns ``[N, H]``.
+        """
+        b, l = mask.shape
+        qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)  # (N, 3H)
+        padded = qkv.new_zeros(b * l, qkv.shape[-1]).index_copy(0, index, qkv)  # (B*L, 3H)
+        qkv = padded.view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
         p = self.dropout_p if self.training else 0.0
-        ctx = kernels.attention(q, k, v, mask, p, impl=self.impl)  # (B, nh, L, hd)
-        b, _, l, _ = ctx.shape
-        return ctx.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)  # (B, L, H)
+        ctx = kernels.attention(qkv[0], qkv[1], qkv[2], mask, p, impl=self.impl)  # (B, nh, L, hd)
+        ctx = ctx.transpose(1, 2).reshape(b * l, self.num_heads * self.head_dim)  # (B*L, H)
+        return ctx.index_select(0, index)  # (N, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -61,8 +69,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(h, mask), h)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, mask, index), x)
 
 
 class BertIntermediate(nn.Module):
@@ -98,9 +106,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h: ``[B, L, H]``; mask: ``[B, L]`` bool. Returns ``[B, L, H]``."""
-        a = self.attention(h, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, H]`` real tokens of a ``[B, L]`` batch (see ``BertSelfAttention``). Returns ``[N, H]``."""
+        a = self.attention(x, mask, index)
         return self.output(self.intermediate(a), a)
 
 
@@ -113,14 +121,18 @@ class BertEncoder(nn.Module):
         self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``."""
+        """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding."""
+        b, l, hidden = h.shape
+        mask = mask.bool()
+        index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
+        x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if recompute:
-                h = checkpoint(layer, h, mask, use_reentrant=False)
+                x = checkpoint(layer, x, mask, index, use_reentrant=False)
             else:
-                h = layer(h, mask)
-        return h
+                x = layer(x, mask, index)
+        return x.new_zeros(b * l, hidden).index_copy(0, index, x).view(b, l, hidden)  # (B, L, H)
 
 
 class BertPooler(nn.Module):

@@ -19,8 +19,11 @@ tokens and real regions are gathered to the left (keeping their order), the join
 ``[B, Lt+Lr, H]`` layout (text positions first, then regions) with zeros at padded positions. The
 cross-modal encoder has no position embedding and masks padded keys, so each real position's output is
 exactly what the naive padded computation gives; only padding work is removed. The packed length is a
-shape, so it costs one host sync per call. (Varlen attention without any padding is left to a kernel
-behind the attention seam.)
+shape, so it costs one host sync per call. Inside every encoder (``layers.BertEncoder``) the position-wise
+work (projections, feed-forward, LayerNorms: most of the FLOPs) runs on the real tokens only; only the
+attention kernel sees the padded ``[B, L]`` layout. Encoder outputs are zeros at padded positions.
+(Attention without any padding, i.e. varlen/segment masks, would need a kernel behind the attention seam
+that takes segment ids instead of a key-padding mask.)
 """
 from __future__ import annotations
 
@@ -143,8 +146,7 @@ class MVPTRModel(nn.Module):
         order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices[:, :packed_len]  # (B, Lp)
         index = order.unsqueeze(-1).expand(-1, -1, joint.shape[-1])  # (B, Lp, H)
         packed_mask = torch.arange(packed_len, device=mask.device)[None, :] < lengths[:, None]  # (B, Lp)
-        out = self.cross_encoder(joint.gather(1, index), packed_mask)  # (B, Lp, H)
-        out = out.masked_fill(~packed_mask.unsqueeze(-1), 0.0)
+        out = self.cross_encoder(joint.gather(1, index), packed_mask)  # (B, Lp, H), zeros at padding
         return torch.zeros_like(joint).scatter(1, index, out)  # (B, Lt+Lr, H)
 
     def pool(self, cross_h: torch.Tensor) -> torch.Tensor:
