@@ -117,14 +117,14 @@ class Collator:
         Lt = max(len(r["text"]) for r in rows)
         Lg = max(len(r["tags"]) for r in rows)
         Lr = max(r["regions"].shape[0] for r in rows)
-        text_ids = torch.full((B, Lt), v.pad_id, dtype=torch.long)
-        mlm_labels = torch.full((B, Lt), corruption.IGNORE, dtype=torch.long)
-        phrase_mask = torch.zeros((B, Lt), dtype=torch.bool)
-        phrase_regions = torch.full((B, Lt), -1, dtype=torch.long)
-        tag_ids = torch.full((B, Lg), v.pad_id, dtype=torch.long)
-        mcr_labels = torch.full((B, Lg), corruption.IGNORE, dtype=torch.long)
+        text_ids = np.full((B, Lt), v.pad_id, dtype=np.int64)
+        mlm_labels = np.full((B, Lt), corruption.IGNORE, dtype=np.int64)
+        phrase_mask = np.zeros((B, Lt), dtype=bool)
+        phrase_regions = np.full((B, Lt), -1, dtype=np.int64)
+        tag_ids = np.full((B, Lg), v.pad_id, dtype=np.int64)
+        mcr_labels = np.full((B, Lg), corruption.IGNORE, dtype=np.int64)
         feats = np.zeros((B, Lr, feat_dim), dtype=np.float32)
-        text_len, tag_len, reg_len = (torch.tensor([len(r[k]) for r in rows]) for k in ("text", "tags", "regions"))
+        text_len, tag_len, reg_len = (np.array([len(r[k]) for r in rows]) for k in ("text", "tags", "regions"))
         for i, r in enumerate(rows):
             n = len(r["text"])
             text_ids[i, :n] = r["text"]
@@ -136,24 +136,25 @@ class Collator:
             mcr_labels[i, :len(r["tags"])] = r["mcr"]
             feats[i, :r["regions"].shape[0]] = r["regions"]
         gen = corruption.batch_generator(ctx.seed, ctx.epoch, ctx.position, ctx.rank)
-        image_ids = torch.tensor([ex.image_id for ex in examples], dtype=torch.long)
+        image_ids = np.array([ex.image_id for ex in examples], dtype=np.int64)
         wpg_negative = corruption.wpg_negatives(image_ids, gen)
         has_regions = any(ex.concept_regions is not None for ex in examples)
+        t = torch.from_numpy
         batch = Batch(
-            text_ids=text_ids,
-            text_mask=torch.arange(Lt)[None, :] < text_len[:, None],      # [B, Lt]
-            phrase_mask=phrase_mask,
-            tag_ids=tag_ids,
-            tag_mask=torch.arange(Lg)[None, :] < tag_len[:, None],        # [B, Lg]
-            region_feats=torch.from_numpy(feats),
-            region_mask=torch.arange(Lr)[None, :] < reg_len[:, None],     # [B, Lr]
-            image_ids=image_ids,
+            text_ids=t(text_ids),
+            text_mask=t(np.arange(Lt)[None, :] < text_len[:, None]),      # [B, Lt]
+            phrase_mask=t(phrase_mask),
+            tag_ids=t(tag_ids),
+            tag_mask=t(np.arange(Lg)[None, :] < tag_len[:, None]),        # [B, Lg]
+            region_feats=t(feats),
+            region_mask=t(np.arange(Lr)[None, :] < reg_len[:, None]),     # [B, Lr]
+            image_ids=t(image_ids),
             sample_ids=torch.tensor([ex.sample_id for ex in examples], dtype=torch.long),
-            mlm_labels=mlm_labels,
-            mcr_labels=mcr_labels,
-            wpg_negative=wpg_negative,
-            wpg_pick=corruption.wpg_picks(B, Lt, gen),
-            phrase_regions=phrase_regions if has_regions else None,
+            mlm_labels=t(mlm_labels),
+            mcr_labels=t(mcr_labels),
+            wpg_negative=t(wpg_negative),
+            wpg_pick=t(corruption.wpg_picks(B, Lt, gen)),
+            phrase_regions=t(phrase_regions) if has_regions else None,
         )
         return batch, counts
 
@@ -169,8 +170,9 @@ class Collator:
             raise BatchError(f"sample {sid}: field 'regions' has width {ex.regions.shape[1]}, but the batch's "
                              f"first example has {feat_dim}")
         for name, ids in (("caption_ids", ex.caption_ids), ("tag_ids", ex.tag_ids), ("concept_ids", ex.concept_ids)):
-            bad = [i for i in ids if not 0 <= i < self.vocab.vocab_size]
-            if bad:
+            ids = np.asarray(ids, dtype=np.int64)
+            bad = ids[(ids < 0) | (ids >= self.vocab.vocab_size)]
+            if bad.size:
                 raise BatchError(f"sample {sid}: field '{name}' holds id {bad[0]} outside the vocabulary "
                                  f"(0..{self.vocab.vocab_size - 1})")
         if len(ex.concept_word_links) != len(ex.concept_ids):
@@ -198,29 +200,26 @@ class Collator:
         counts.add(cut)
 
         out = corruption.corrupt_sample(
-            torch.tensor(words, dtype=torch.long), torch.tensor(concepts, dtype=torch.long), links,
-            torch.tensor(tags, dtype=torch.long), corruption.sample_generator(seed, epoch, ex.sample_id),
+            np.asarray(words, dtype=np.int64), np.asarray(concepts, dtype=np.int64), links,
+            np.asarray(tags, dtype=np.int64), corruption.sample_generator(seed, epoch, ex.sample_id),
             self.vocab, self.mask_prob, self.mlm, self.mcr)
         v = self.vocab
-        cls, sep, ign = torch.tensor([v.cls_id]), torch.tensor([v.sep_id]), torch.tensor([corruption.IGNORE])
+        ign = [corruption.IGNORE]
         start = 1 + len(words)
         return {
-            "text": torch.cat([cls, out.caption_ids, out.concept_ids, sep]),
-            "mlm": torch.cat([ign, out.mlm_labels, ign.expand(len(concepts)), ign]),
+            "text": np.concatenate([[v.cls_id], out.caption_ids, out.concept_ids, [v.sep_id]]),
+            "mlm": np.concatenate([ign, out.mlm_labels, ign * len(concepts), ign]),
             "phrase_span": (start, start + len(concepts)),
-            "phrase_regions": torch.tensor(targets, dtype=torch.long),
-            "tags": torch.cat([cls, out.tag_ids, sep]),
-            "mcr": torch.cat([ign, out.mcr_labels, ign]),
-            "regions": np.asarray(regions, dtype=np.float32),
+            "phrase_regions": targets,
+            "tags": np.concatenate([[v.cls_id], out.tag_ids, [v.sep_id]]),
+            "mcr": np.concatenate([ign, out.mcr_labels, ign]),
+            "regions": regions,
         }
-
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The global order of epoch ``epoch``: a permutation of ``range(num_samples)`` (int64)."""
-    gen = torch.Generator()
-    gen.manual_seed(corruption.mix_seed(3, seed, epoch))
-    return torch.randperm(num_samples, generator=gen).numpy()
+    return corruption.generator(3, seed, epoch).permutation(num_samples)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Input corruption for MLM, MCR and concepts, and the per-batch draws of ITM/WPG (MVPTR.md section 3).
 
-Pure functions of their inputs and an explicit ``torch.Generator``; nothing here touches the global RNG.
-The loader seeds one generator per sample from ``(seed, epoch, sample_id)`` (:func:`sample_generator`), so a
-sample's corruption does not depend on the batch it lands in or the world size, and one generator per batch
-from ``(seed, epoch, position, rank)`` (:func:`batch_generator`) for the WPG negatives and picks.
+Pure functions of their inputs and an explicit ``numpy.random.Generator``; nothing here touches a global
+RNG. (numpy, not torch: a sample's draws are a handful of tiny arrays, and numpy's per-call cost is about ten
+times lower, which is what decides loader throughput.) The loader seeds one generator per sample from
+``(seed, epoch, sample_id)`` (:func:`sample_generator`), so a sample's corruption does not depend on the
+batch it lands in or the world size, and one generator per batch from ``(seed, epoch, position, rank)``
+(:func:`batch_generator`) for the WPG negatives and picks.
 
 * Word pieces (caption words for MLM, tag words for MCR): each selected with probability ``mask_prob``;
   a selected piece becomes ``[MASK]`` (80%), a random word id from ``VocabInfo.random_word_range`` (10%), or
@@ -16,13 +18,14 @@ from ``(seed, epoch, position, rank)`` (:func:`batch_generator`) for the WPG neg
 
 The draws are made for every position whether or not it is selected, in a fixed order (selection, kind,
 replacement id), so the result is a function of the generator's seed and the input lengths only.
+Id arrays are 1-d int64 numpy arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-import torch
+import numpy as np
 
 from mvptr_ds.data.vocab import VocabInfo
 
@@ -43,79 +46,73 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
-def _generator(*values: int) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(mix_seed(*values))
-    return gen
+def generator(*values: int) -> np.random.Generator:
+    """A fresh generator seeded by the integers ``values`` (see :func:`mix_seed`)."""
+    return np.random.Generator(np.random.PCG64(mix_seed(*values)))
 
 
-def sample_generator(seed: int, epoch: int, sample_id: int) -> torch.Generator:
+def sample_generator(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
     """Generator for one sample's corruption in one epoch."""
-    return _generator(1, seed, epoch, sample_id)
+    return generator(1, seed, epoch, sample_id)
 
 
-def batch_generator(seed: int, epoch: int, position: int, rank: int) -> torch.Generator:
+def batch_generator(seed: int, epoch: int, position: int, rank: int) -> np.random.Generator:
     """Generator for one rank's per-batch draws at global position ``position`` of ``epoch``."""
-    return _generator(2, seed, epoch, position, rank)
+    return generator(2, seed, epoch, position, rank)
 
 
 @dataclass
 class MaskedTokens:
-    ids: torch.Tensor        # [n] long, after corruption
-    labels: torch.Tensor     # [n] long, original id where selected, else -1
-    selected: torch.Tensor   # [n] bool
+    ids: np.ndarray          # [n] int64, after corruption
+    labels: np.ndarray       # [n] int64, original id where selected, else -1
+    selected: np.ndarray     # [n] bool
 
 
-def mask_tokens(ids: torch.Tensor, gen: torch.Generator, mask_prob: float, mask_id: int,
+def _corrupt(ids: np.ndarray, gen: np.random.Generator, mask_prob: float, mask_id: int,
+             random_range: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Select at ``mask_prob``, then 80% ``mask_id`` / 10% uniform in ``random_range`` / 10% kept."""
+    n = ids.shape[0]
+    selected = gen.random(n) < mask_prob
+    kind = gen.random(n)
+    lo, hi = random_range
+    random_ids = gen.integers(lo, hi, n) if hi > lo else ids
+    out = np.where(selected & (kind < MASK_FRACTION), mask_id, ids)
+    is_random = selected & (kind >= MASK_FRACTION) & (kind < MASK_FRACTION + RANDOM_FRACTION)
+    return np.where(is_random, random_ids, out).astype(np.int64), selected
+
+
+def mask_tokens(ids: np.ndarray, gen: np.random.Generator, mask_prob: float, mask_id: int,
                 random_range: Tuple[int, int]) -> MaskedTokens:
     """BERT-style 15% / 80-10-10 corruption of a 1-d sequence of word ids ``[n]``."""
-    n = ids.shape[0]
-    selected = torch.rand(n, generator=gen) < mask_prob
-    kind = torch.rand(n, generator=gen)
-    random_ids = torch.randint(random_range[0], random_range[1], (n,), generator=gen)
-    out = torch.where(selected & (kind < MASK_FRACTION), torch.full_like(ids, mask_id), ids)
-    is_random = selected & (kind >= MASK_FRACTION) & (kind < MASK_FRACTION + RANDOM_FRACTION)
-    out = torch.where(is_random, random_ids, out)
-    labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
-    return MaskedTokens(out, labels, selected)
+    out, selected = _corrupt(ids, gen, mask_prob, mask_id, random_range)
+    return MaskedTokens(out, np.where(selected, ids, IGNORE).astype(np.int64), selected)
 
 
-def corrupt_concepts(concept_ids: torch.Tensor, links: Sequence[Sequence[int]], word_selected: torch.Tensor,
-                     gen: torch.Generator, mask_prob: float, mask_id: int,
-                     concept_range: Tuple[int, int]) -> torch.Tensor:
+def corrupt_concepts(concept_ids: np.ndarray, links: Sequence[Sequence[int]], word_selected: np.ndarray,
+                     gen: np.random.Generator, mask_prob: float, mask_id: int,
+                     concept_range: Tuple[int, int]) -> np.ndarray:
     """Corrupt concept ids ``[k]``; ``links[j]`` are indices into ``word_selected`` ``[n]`` of concept j's words.
 
     Returns the corrupted ids ``[k]``. Link indices outside ``word_selected`` (words cut by truncation) are
     ignored.
     """
-    k = concept_ids.shape[0]
     n = word_selected.shape[0]
-    flat = torch.tensor([w for ws in links for w in ws], dtype=torch.long)                # [sum of link counts]
-    owner = torch.tensor([j for j, ws in enumerate(links) for _ in ws], dtype=torch.long)  # concept of each link
-    valid = (flat >= 0) & (flat < n)
-    linked = torch.zeros(k, dtype=torch.bool)
-    linked[owner[valid][word_selected[flat[valid]]]] = True
-    selected = torch.rand(k, generator=gen) < mask_prob
-    kind = torch.rand(k, generator=gen)
-    lo, hi = concept_range
-    random_ids = torch.randint(lo, hi, (k,), generator=gen) if hi > lo else concept_ids.clone()
-    out = torch.where(selected & (kind < MASK_FRACTION), torch.full_like(concept_ids, mask_id), concept_ids)
-    is_random = selected & (kind >= MASK_FRACTION) & (kind < MASK_FRACTION + RANDOM_FRACTION)
-    out = torch.where(is_random, random_ids, out)
-    return torch.where(linked, torch.full_like(concept_ids, mask_id), out)
+    linked = np.array([any(0 <= w < n and word_selected[w] for w in ws) for ws in links], dtype=bool)
+    out, _ = _corrupt(concept_ids, gen, mask_prob, mask_id, concept_range)
+    return np.where(linked, mask_id, out).astype(np.int64) if len(links) else out
 
 
 @dataclass
 class CorruptedSample:
-    caption_ids: torch.Tensor   # [n] long
-    mlm_labels: torch.Tensor    # [n] long (-1: not scored)
-    concept_ids: torch.Tensor   # [k] long
-    tag_ids: torch.Tensor       # [m] long
-    mcr_labels: torch.Tensor    # [m] long (-1: not scored)
+    caption_ids: np.ndarray     # [n] int64
+    mlm_labels: np.ndarray      # [n] int64 (-1: not scored)
+    concept_ids: np.ndarray     # [k] int64
+    tag_ids: np.ndarray         # [m] int64
+    mcr_labels: np.ndarray      # [m] int64 (-1: not scored)
 
 
-def corrupt_sample(caption_ids: torch.Tensor, concept_ids: torch.Tensor, links: Sequence[Sequence[int]],
-                   tag_ids: torch.Tensor, gen: torch.Generator, vocab: VocabInfo, mask_prob: float,
+def corrupt_sample(caption_ids: np.ndarray, concept_ids: np.ndarray, links: Sequence[Sequence[int]],
+                   tag_ids: np.ndarray, gen: np.random.Generator, vocab: VocabInfo, mask_prob: float,
                    mlm: bool, mcr: bool) -> CorruptedSample:
     """Corrupt one (already truncated) sample: caption words + concepts when ``mlm``, tag words when ``mcr``.
 
@@ -128,28 +125,28 @@ def corrupt_sample(caption_ids: torch.Tensor, concept_ids: torch.Tensor, links: 
         concepts_out = corrupt_concepts(concept_ids, links, words.selected, gen, mask_prob, vocab.mask_id,
                                         vocab.concept_range)
     else:
-        caption_out, mlm_labels = caption_ids, torch.full_like(caption_ids, IGNORE)
+        caption_out, mlm_labels = caption_ids, np.full_like(caption_ids, IGNORE)
         concepts_out = concept_ids
     if mcr:
         tags = mask_tokens(tag_ids, gen, mask_prob, vocab.mask_id, vocab.random_word_range)
         tags_out, mcr_labels = tags.ids, tags.labels
     else:
-        tags_out, mcr_labels = tag_ids, torch.full_like(tag_ids, IGNORE)
+        tags_out, mcr_labels = tag_ids, np.full_like(tag_ids, IGNORE)
     return CorruptedSample(caption_out, mlm_labels, concepts_out, tags_out, mcr_labels)
 
 
-def wpg_negatives(image_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def wpg_negatives(image_ids: np.ndarray, gen: np.random.Generator) -> np.ndarray:
     """For each pair ``i`` of ``image_ids`` ``[B]``, a uniformly random in-batch index ``j`` whose image differs.
 
-    Returns ``[B]`` long, -1 where every pair of the batch shows the same image as ``i``.
+    Returns ``[B]`` int64, -1 where every pair of the batch shows the same image as ``i``.
     """
     b = image_ids.shape[0]
     other = image_ids[:, None] != image_ids[None, :]            # [B, B]
-    score = torch.where(other, torch.rand((b, b), generator=gen), torch.full((b, b), -1.0))
-    best = score.argmax(dim=1) if b else torch.zeros(0, dtype=torch.long)
-    return torch.where(other.any(dim=1), best, torch.full_like(best, -1))
+    score = np.where(other, gen.random((b, b)), -1.0)
+    best = score.argmax(axis=1) if b else np.zeros(0, dtype=np.int64)
+    return np.where(other.any(axis=1), best, -1).astype(np.int64)
 
 
-def wpg_picks(batch_size: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """Uniform ``[0, 1)`` draws ``[B, L]``: which of a phrase's top-k regions WPG takes."""
-    return torch.rand((batch_size, length), generator=gen)
+def wpg_picks(batch_size: int, length: int, gen: np.random.Generator) -> np.ndarray:
+    """Uniform ``[0, 1)`` draws ``[B, L]`` float32: which of a phrase's top-k regions WPG takes."""
+    return gen.random((batch_size, length), dtype=np.float32)
