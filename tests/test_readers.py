@@ -112,12 +112,25 @@ def test_lineidx_past_end_and_non_increasing(tmp_path):
     _err(e, "features.lineidx", "line 2", "field 'offset'")
 
 
-def test_lineidx_not_at_line_start(tmp_path):
+def test_stale_lineidx_missing_rows(tmp_path):
     write_tsv(tmp_path / "features.tsv", [("a", _feats(1, 0)), ("b", _feats(1, 1))])
-    (tmp_path / "features.lineidx").write_text("0\n7\n")
+    (tmp_path / "features.lineidx").write_text("0\n")
     with pytest.raises(DataError) as e:
-        TsvFeatureStore(str(tmp_path / "features.tsv"))["b"]
-    _err(e, "features.tsv", "row 2")
+        TsvFeatureStore(str(tmp_path / "features.tsv"))
+    _err(e, "features.lineidx", "line 1", "field 'offset'", "stale")
+
+
+def test_lineidx_not_at_line_start(tmp_path):
+    offsets = write_tsv(tmp_path / "features.tsv", [("a", _feats(1, 0)), ("b", _feats(1, 1)), ("c", _feats(1, 2))])
+    (tmp_path / "features.lineidx").write_text(f"0\n7\n{offsets[2]}\n")
+    with pytest.raises(DataError) as e:
+        TsvFeatureStore(str(tmp_path / "features.tsv"))
+    _err(e, "features.tsv", "row 2", "field 'offset'")
+    (tmp_path / "imageid2idx.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2}))
+    store = TsvFeatureStore(str(tmp_path / "features.tsv"))          # ids from imageid2idx: caught at access
+    with pytest.raises(DataError) as e:
+        store["b"]
+    _err(e, "features.tsv", "row 2", "field 'offset'")
 
 
 def test_duplicate_image_id_in_features(tmp_path):

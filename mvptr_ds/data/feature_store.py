@@ -218,12 +218,17 @@ class FeatureStore:
             raise MissingImageError(self.path, f"image id {image_id!r} is not in the store", field="image_id")
         return int(self._index()[1][pos, 2])
 
-    def __getitem__(self, image_id: str) -> np.ndarray:
+    def raw(self, image_id: str) -> np.ndarray:
+        """``[num_boxes, 2054]`` in the stored dtype (fp16 by default): a copy, no conversion, for loaders
+        that convert on the device."""
         pos = self._find(image_id)
         if pos < 0:
             raise MissingImageError(self.path, f"image id {image_id!r} is not in the store", field="image_id")
         shard, start, count, _ = (int(x) for x in self._index()[1][pos])
-        return np.array(self._shard(shard)[start:start + count], dtype=np.float32)  # [count, 2054]
+        return np.array(self._shard(shard)[start:start + count])                   # [count, 2054]
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        return self.raw(image_id).astype(np.float32, copy=False)                     # [count, 2054]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -248,6 +253,12 @@ class TsvFeatureStore:
         lineidx = lineidx or base + ".lineidx"
         if os.path.exists(lineidx):
             self.offsets = read_lineidx(lineidx, self.path)
+            with open(self.path, "rb") as f:                 # a stale index would drop the rows after it
+                f.seek(int(self.offsets[-1]) if len(self.offsets) else 0)
+                f.readline() if len(self.offsets) else None
+                if f.read().strip():
+                    raise DataError(lineidx, f"lists {len(self.offsets)} rows but {self.path} has more (stale "
+                                    "lineidx? delete it to rebuild)", len(self.offsets), "offset", "line")
         else:
             self.offsets = scan_line_offsets(self.path, progress=progress)
             try:

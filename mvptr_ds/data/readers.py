@@ -225,8 +225,12 @@ def read_feature_ids(path: str, offsets: np.ndarray) -> List[str]:
     ids = []
     with open(path, "rb") as f:
         for r, off in enumerate(offsets):
-            f.seek(int(off))
-            head = f.read(256)
+            f.seek(max(int(off) - 1, 0))
+            head = f.read(257)
+            if off > 0:
+                if head[:1] != b"\n":
+                    raise DataError(path, f"lineidx offset {int(off)} is not the start of a line", r + 1, "offset")
+                head = head[1:]
             tab = head.find(b"\t")
             if tab <= 0:
                 raise DataError(path, f"no image id before a tab at byte {int(off)} (lineidx out of step "
