@@ -130,7 +130,26 @@ def resolve_path(path: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
-COMMANDS = {"train": train}
+def convert_original(src: str, dst: str, config: Optional[str] = None, strict: bool = True):
+    """Convert a checkpoint in the authors' format into this project's (model.safetensors + config.json).
+
+    Args:
+        src: the authors' checkpoint: a .pt/.bin file (a state dict, or a dict with state_dict and config),
+            or a directory holding pytorch_model.bin.
+        dst: output directory of the converted checkpoint.
+        config: the authors' model config JSON, when the checkpoint does not carry one and no config.json
+            lies next to it.
+        strict: stop (and name them) on missing, unexpected or mis-shaped keys; --nostrict converts anyway
+            and reports them.
+    """
+    from mvptr_ds.compat import convert_original as convert
+
+    report = convert(src, dst, config=config, strict=strict)
+    print(report.summary())
+    return None
+
+
+COMMANDS = {"train": train, "convert_original": convert_original}
 
 
 def main(argv=None) -> int:

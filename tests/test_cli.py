@@ -62,3 +62,21 @@ def test_unknown_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mvptr_ds.run", "pretrian"], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown command 'pretrian'" in proc.stderr
+
+
+def test_convert_original_command(tmp_path, shared_data):
+    import torch
+    from safetensors.torch import load_file
+
+    fixture = torch.load(shared_data / "fixtures" / "mvptr_original_tiny.pt", weights_only=False)
+    src = tmp_path / "authors.pt"
+    torch.save({"state_dict": fixture["state_dict"], "config": fixture["config"]}, src)
+    proc = run_cli(["convert_original", "--src", str(src), "--dst", str(tmp_path / "conv")])
+    assert "124 tensors mapped" in proc.stdout and "qa_head.weight" in proc.stdout
+    weights = load_file(str(tmp_path / "conv" / "model.safetensors"))
+    assert "backbone.cross_encoder.layer.0.attention.self.query.weight" in weights
+    cfg = json.loads((tmp_path / "conv" / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 1300 and cfg["model"]["only_word_size"] == 1100
+    missing = run_cli(["convert_original", "--src", str(tmp_path / "nope.pt"), "--dst", str(tmp_path / "x")],
+                      check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope.pt" in missing.stderr
