@@ -149,12 +149,84 @@ def convert_original(src: str, dst: str, config: Optional[str] = None, strict: b
     return None
 
 
-COMMANDS = {"train": train, "convert_original": convert_original}
+def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int = 4096):
+    """Convert VinVL region features (features.tsv + features.lineidx) into a memory-mapped store.
+
+    Streams with bounded memory and can be re-run after an interruption: it resumes from the last
+    complete shard. Read the result with ``mvptr_ds.data.FeatureStore(out)`` or pass the data directory.
+
+    Args:
+        tsv: path of features.tsv (rows: image_id, num_boxes, base64 float32[num_boxes x 2054]).
+        out: output directory of the store.
+        dtype: float16 (default) or float32.
+        shard_size: images per shard file.
+    """
+    from mvptr_ds.data.feature_store import convert_features as convert
+
+    return _summary(convert(tsv, out, dtype=dtype, shard_size=shard_size))
+
+
+def build_vocab(captions: str, out: str, min_sentences: int = 50, labels: Optional[str] = None,
+                tokenizer: Optional[str] = None):
+    """Build a concept vocabulary (id2phrase.json) from caption tuples occurring in >= min_sentences captions.
+
+    Args:
+        captions: captions JSON/JSONL ({"image_id", "caption", "phrases"?}); tuples are extracted when absent.
+        out: output id2phrase.json.
+        min_sentences: keep tuples found in at least this many captions (the authors used 50).
+        labels: detector label map JSON (VG-SGG-dicts) to widen the extractor's lexicon.
+        tokenizer: local Hugging Face tokenizer directory: single-word concepts then reuse its word ids.
+    """
+    from mvptr_ds.data.concepts import build_vocab as build
+
+    return _summary(build(captions, out, min_sentences=min_sentences, labels=labels, tokenizer=tokenizer))
+
+
+def extract_concepts(captions: str, vocab: str, out: str, labels: Optional[str] = None):
+    """Extract (object), (object, attribute), (subject, relation, object) tuples in the vocabulary, offline.
+
+    Args:
+        captions: captions JSON/JSONL.
+        vocab: id2phrase.json (e.g. the authors' id2phrase_new.json).
+        out: output JSONL with a "phrases" field per caption.
+        labels: detector label map JSON (VG-SGG-dicts) to widen the lexicon.
+    """
+    from mvptr_ds.data.concepts import extract_concepts as extract
+
+    return _summary(extract(captions, vocab, out, labels=labels))
+
+
+def synth(out: str, data: str = "synthetic", phrases: bool = True):
+    """Write the built-in scene world in the real formats (VinVL TSV + lineidx, predictions.tsv,
+    captions.jsonl, id2phrase.json, tokenizer/), e.g. to try the real-data path: ``--data OUT``.
+
+    Args:
+        out: output directory.
+        data: which world: synthetic[:seed=..,images=..,captions_per_image=..].
+        phrases: include the concept tuples in captions.jsonl (otherwise they are extracted when read).
+    """
+    from mvptr_ds.data.export import synth as write
+
+    return _summary(write(out, data=data, phrases=phrases))
+
+
+def _summary(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=1, sort_keys=True, default=str))
+
+
+COMMANDS = {"train": train, "convert_original": convert_original, "convert_features": convert_features,
+            "build_vocab": build_vocab, "extract_concepts": extract_concepts, "synth": synth}
 
 
 def main(argv=None) -> int:
     import fire
 
+    from mvptr_ds.data.batching import BatchError
+    from mvptr_ds.data.readers import DataError
+
+    user_errors = (ConfigError, DataError, BatchError)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         argv = ["train"] + argv  # pre-training is the default command
@@ -163,7 +235,7 @@ def main(argv=None) -> int:
         return 2
     try:
         fire.Fire(COMMANDS, command=argv, name="mvptr_ds.run")
-    except ConfigError as e:
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
