@@ -96,7 +96,7 @@ def test_seeds_mix_all_inputs():
     assert len(seeds) == 450
     assert corruption.mix_seed(1, 2) != corruption.mix_seed(2, 1)
     assert all(0 <= s < 2 ** 63 for s in seeds)
-    g1, g2 = corruption.sample_generator(0, 1, 2), corruption.batch_generator(0, 1, 2, 0)
+    g1, g2 = corruption.sample_generator(0, 1, 2), corruption.batch_generator(0, 1, 2)
     assert not np.array_equal(g1.random(4), g2.random(4))
     assert np.array_equal(corruption.sample_generator(0, 1, 2).random(4), corruption.sample_generator(0, 1, 2).random(4))
 

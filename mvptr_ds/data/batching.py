@@ -9,7 +9,8 @@ Collate (:class:`Collator`), per sample, in this order:
    dropped silently.
 2. corrupt with a generator seeded by ``(seed, epoch, sample_id)`` (``corruption.corrupt_sample``).
 3. lay out ``[CLS] words concepts [SEP]`` and ``[CLS] tags [SEP]``, pad every stream to the batch's
-   longest, and draw the WPG negatives and picks from a generator seeded by ``(seed, epoch, position, rank)``.
+   longest, and draw the WPG negatives and picks from a generator seeded by ``(seed, epoch, global
+   position of the micro batch)`` (not the rank: the draws follow the batch whichever rank processes it).
 
 Order (:func:`step_plan`): epoch ``e`` has one global permutation of the dataset, seeded by ``(seed, e)``.
 Step ``t`` consumes the global slice ``[position, position + micro_batch * world_size)`` of the stream
@@ -41,7 +42,7 @@ class BatchContext:
 
     seed: int = 0
     epoch: int = 0                            # epoch of the step's first global sample
-    position: int = 0                         # global position of the step's first sample in that epoch
+    position: int = 0                         # global position of this micro batch's first sample
     rank: int = 0
     sample_epochs: Optional[Tuple[int, ...]] = None  # epoch each example was drawn in (None: all ``epoch``)
 
@@ -135,7 +136,7 @@ class Collator:
             tag_ids[i, :len(r["tags"])] = r["tags"]
             mcr_labels[i, :len(r["tags"])] = r["mcr"]
             feats[i, :r["regions"].shape[0]] = r["regions"]
-        gen = corruption.batch_generator(ctx.seed, ctx.epoch, ctx.position, ctx.rank)
+        gen = corruption.batch_generator(ctx.seed, ctx.epoch, ctx.position)
         image_ids = np.array([ex.image_id for ex in examples], dtype=np.int64)
         wpg_negative = corruption.wpg_negatives(image_ids, gen)
         has_regions = any(ex.concept_regions is not None for ex in examples)
@@ -264,7 +265,8 @@ def step_plan(num_samples: int, epoch: int, position: int, micro_batch: int, ran
     e, p = epoch, position + micro_batch * world_size
     while p >= num_samples:
         e, p = e + 1, p - num_samples
-    return StepPlan(tuple(indices), BatchContext(seed, epoch, position, rank, tuple(epochs)), e, p)
+    return StepPlan(tuple(indices), BatchContext(seed, epoch, position + rank * micro_batch, rank, tuple(epochs)),
+                    e, p)
 
 
 class _PlannedDataset(torch.utils.data.Dataset):

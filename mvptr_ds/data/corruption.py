@@ -56,9 +56,14 @@ def sample_generator(seed: int, epoch: int, sample_id: int) -> np.random.Generat
     return generator(1, seed, epoch, sample_id)
 
 
-def batch_generator(seed: int, epoch: int, position: int, rank: int) -> np.random.Generator:
-    """Generator for one rank's per-batch draws at global position ``position`` of ``epoch``."""
-    return generator(2, seed, epoch, position, rank)
+def batch_generator(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """Generator for the per-batch draws of the micro batch whose first sample sits at global ``position``.
+
+    Seeded by the global position alone (not the rank), so a micro batch gets the same draws whichever
+    rank or accumulation step processes it: 2 ranks x micro batch m and 1 rank x m x 2 accumulation steps
+    see identical batches.
+    """
+    return generator(2, seed, epoch, position)
 
 
 @dataclass
