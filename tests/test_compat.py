@@ -70,8 +70,8 @@ def test_fixture_discriminates_conventions(fixture):
     model.load_state_dict(backbone)
     ours = original_outputs(fixture, fixture["inputs"])
     with torch.no_grad():
-        t = F.normalize(ours["text_encoder"][:, 0] @ model.txt_proj.T, dim=-1)
-        v = F.normalize(ours["visual_encoder"][:, 0] @ model.vis_proj.T, dim=-1)
+        t = F.normalize(ours["text_encoder"][:, 0] @ model.txt_proj.weight, dim=-1)   # the wrong orientation
+        v = F.normalize(ours["visual_encoder"][:, 0] @ model.vis_proj.weight, dim=-1)
     assert (t @ v.T - fixture["outputs"]["similarity"]).abs().max() > 1e-3
     assert (ours["itm_logits"].flip(-1) - fixture["outputs"]["itm_logits"]).abs().max() > 1e-3
 

@@ -56,7 +56,7 @@ def test_forward_shapes_and_normalised_embeddings(model):
     assert out.num_tags == lg
     assert torch.allclose(out.text_embed.norm(dim=-1), torch.ones(b), atol=1e-6)
     assert torch.allclose(out.visual_embed.norm(dim=-1), torch.ones(b), atol=1e-6)
-    assert torch.allclose(out.text_embed, F.normalize(out.text[:, 0] @ model.txt_proj, dim=-1))
+    assert torch.allclose(out.text_embed, F.normalize(out.text[:, 0] @ model.txt_proj.weight.T, dim=-1))
     assert torch.allclose(out.pooled, torch.tanh(model.pooler.dense(out.cross[:, 0])))
     assert model(batch, run_cross=False).cross is None
 

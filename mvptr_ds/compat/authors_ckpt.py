@@ -41,14 +41,17 @@ KEY_MAP: Tuple[Tuple[str, str], ...] = (
     ("cls.seq_relationship.", "heads.itm.classifier."),
 )
 EXACT_KEYS: Dict[str, str] = {
-    "bert.txt_proj": "backbone.txt_proj",
-    "bert.vis_proj": "backbone.vis_proj",
+    "bert.txt_proj": "backbone.txt_proj.weight",
+    "bert.vis_proj": "backbone.vis_proj.weight",
     "logit_scale": "backbone.logit_scale",
 }
 # Authors' prefixes this project does not use, with the reason given in the report.
 DROPPED: Dict[str, str] = {"qa_head.": "the authors' QA head is not part of this project"}
 # Our keys whose rows are swapped between the two label conventions of ITM (theirs: 0 = match).
 ROW_SWAPPED = ("heads.itm.classifier.weight", "heads.itm.classifier.bias")
+# Our keys that hold the transpose of the authors' tensor (their raw projection P applied as x @ P is our
+# bias-free Linear with weight P^T).
+TRANSPOSED = ("backbone.txt_proj.weight", "backbone.vis_proj.weight")
 # Our keys stored 0-dim by the authors and with shape (1,) here (DeepSpeed cannot broadcast 0-dim tensors).
 SCALARS = ("backbone.logit_scale",)
 IMG_LAYERNORM_PREFIX = "backbone.img_layernorm."
@@ -221,6 +224,8 @@ def authors_to_project(state_dict: Mapping[str, torch.Tensor], authors_config: M
         if ours is None or ours not in expected:
             report.unexpected.append(key)
             continue
+        if ours in TRANSPOSED and tensor.ndim == 2:
+            tensor = tensor.t().contiguous()
         if ours in SCALARS and tensor.numel() == 1:
             tensor = tensor.reshape(expected[ours])  # their 0-dim scalar, our (1,)
         if tuple(tensor.shape) != expected[ours]:
@@ -252,6 +257,8 @@ def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelC
             continue
         if key in SCALARS:
             tensor = tensor.reshape(())
+        if key in TRANSPOSED:
+            tensor = tensor.t().contiguous()
         out[theirs] = _swap_rows(tensor) if key in ROW_SWAPPED else tensor
     if unmapped and strict:
         raise ValueError(f"no place in the authors' format for: {', '.join(sorted(unmapped))}")

@@ -76,14 +76,14 @@ class MVPTRModel(nn.Module):
         self.visual_encoder = BertEncoder(cfg, cfg.visual_layers)
         self.cross_encoder = BertEncoder(cfg, cfg.cross_layers) if with_cross else None
         self.pooler = BertPooler(cfg) if with_cross else None
-        self.txt_proj = nn.Parameter(torch.empty(h, h))
-        self.vis_proj = nn.Parameter(torch.empty(h, h))
+        # Bias-free linear maps (weight = the authors' raw matrix transposed: they compute x @ P). Modules,
+        # not raw parameters, so that ZeRO-3 gathers them through its module hooks in forward and backward.
+        self.txt_proj = nn.Linear(h, h, bias=False)
+        self.vis_proj = nn.Linear(h, h, bias=False)
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot handle 0-dim tensors. The authors'
         # checkpoint holds a 0-dim scalar; the converter reshapes it.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.apply(self._init_module)
-        nn.init.normal_(self.txt_proj, std=cfg.initializer_range)
-        nn.init.normal_(self.vis_proj, std=cfg.initializer_range)
 
     def _init_module(self, m: nn.Module) -> None:
         """BERT initialisation: weights ~ N(0, initializer_range), zero biases, LayerNorm 1/0."""
@@ -121,12 +121,12 @@ class MVPTRModel(nn.Module):
     def embed_text(self, text_h: torch.Tensor) -> torch.Tensor:
         """Contrastive text embedding: ``[B, Lt, H]`` (or its ``[B, H]`` [CLS] rows) -> ``[B, H]``, unit norm."""
         cls = text_h[:, 0] if text_h.dim() == 3 else text_h
-        return F.normalize(cls @ self.txt_proj, dim=-1)
+        return F.normalize(self.txt_proj(cls), dim=-1)
 
     def embed_visual(self, visual_h: torch.Tensor) -> torch.Tensor:
         """Contrastive image embedding: ``[B, Lg+Lr, H]`` (or its ``[B, H]`` [CLS] rows) -> ``[B, H]``, unit norm."""
         cls = visual_h[:, 0] if visual_h.dim() == 3 else visual_h
-        return F.normalize(cls @ self.vis_proj, dim=-1)
+        return F.normalize(self.vis_proj(cls), dim=-1)
 
     def encode_cross(self, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
                      region_mask: torch.Tensor) -> torch.Tensor:
