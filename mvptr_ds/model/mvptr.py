@@ -55,6 +55,9 @@ class EncoderOutputs:
     num_tags: int                         # Lg: regions of ``visual`` are visual[:, num_tags:]
     cross: Optional[torch.Tensor] = None  # [B, Lt+Lr, H] cross-modal output, text positions then regions
     pooled: Optional[torch.Tensor] = None  # [B, H] tanh(pooler(cross[:, 0]))
+    # [1] the contrastive temperature parameter, read inside forward: ZeRO-3 tracks a parameter's gradient
+    # only when it is used within its module's forward, so objectives take it from here.
+    logit_scale: Optional[torch.Tensor] = None
 
 
 class MVPTRModel(nn.Module):
@@ -161,7 +164,8 @@ class MVPTRModel(nn.Module):
         visual = self.encode_visual(batch.tag_ids, batch.tag_mask, batch.region_feats, batch.region_mask)
         num_tags = batch.tag_ids.shape[1]
         out = EncoderOutputs(text=text, visual=visual, text_embed=self.embed_text(text),
-                             visual_embed=self.embed_visual(visual), num_tags=num_tags)
+                             visual_embed=self.embed_visual(visual), num_tags=num_tags,
+                             logit_scale=self.logit_scale * 1.0)
         if run_cross and self.with_cross:
             out.cross = self.encode_cross(text, batch.text_mask, visual[:, num_tags:], batch.region_mask)
             out.pooled = self.pool(out.cross)

@@ -84,7 +84,7 @@ class PretrainingModule(nn.Module):
         if name == "mlm":
             return mlm_loss(outputs, batch, self.heads["mlm"])
         if name == "vsc":
-            return vsc_loss(outputs.text_embed, outputs.visual_embed, batch.image_ids, self.backbone.logit_scale,
+            return vsc_loss(outputs.text_embed, outputs.visual_embed, batch.image_ids, outputs.logit_scale,
                             gather=self.gather)
         if name == "itm":
             return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather)
@@ -105,7 +105,7 @@ class PretrainingModule(nn.Module):
             term = self.objective_cfg.weight(name) * out.loss
             total = term if total is None else total + term
         unused = zero_loss(outputs.text, outputs.visual, outputs.text_embed, outputs.visual_embed, outputs.pooled,
-                           self.backbone.logit_scale)
+                           outputs.logit_scale)
         return PretrainingOutput(loss=total + unused, losses=losses, metrics=metrics)
 
 
