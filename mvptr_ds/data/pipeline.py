@@ -4,8 +4,8 @@
 
 * ``"synthetic"`` / ``"synthetic:key=value,..."``: the built-in scene world (:mod:`mvptr_ds.data.synthetic`),
   generated in memory at start-up; ``held_out`` holds its held-out images' captions.
-* anything else names a data directory; it goes to :func:`build_directory_data`, the one place a reader of
-  the real formats plugs in.
+* anything else names a data directory in the real formats, read by
+  :class:`~mvptr_ds.data.real_dataset.RealDataset` (:func:`build_directory_data`).
 """
 from __future__ import annotations
 
@@ -51,8 +51,24 @@ def build_data(data_cfg: DataConfig, objectives: Sequence[str]) -> DataBundle:
 def build_directory_data(data_cfg: DataConfig, objectives: Sequence[str]) -> DataBundle:
     """Real data from a directory of VinVL features, tags, captions and concepts (MVPTR.md section 5).
 
-    No directory reader is connected to the training pipeline in this version, so any non-synthetic source
-    is a configuration error that names it.
+    The layout is documented in :mod:`mvptr_ds.data.real_dataset`. The tokenizer is ``data_cfg.tokenizer``
+    or, when that is unset, ``DIR/tokenizer`` (as ``synth`` writes it). Real data has no held-out split here.
     """
-    raise ConfigError(f"--data {data_cfg.source!r}: reading a data directory is not supported by this "
-                      f"version's training pipeline; use --data synthetic[:key=value,...]")
+    import os
+
+    from mvptr_ds.data.real_dataset import RealDataset
+
+    source = data_cfg.source
+    if not os.path.isdir(source):
+        raise ConfigError(f"--data {source!r}: neither 'synthetic[:key=value,...]' nor a data directory")
+    tokenizer = data_cfg.tokenizer
+    if tokenizer is None and os.path.isdir(os.path.join(source, "tokenizer")):
+        tokenizer = os.path.join(source, "tokenizer")
+    if tokenizer is None:
+        raise ConfigError(f"--data {source}: give --tokenizer, a local Hugging Face tokenizer directory "
+                          f"(BERT uncased for the released vocabulary), or put one in {source}/tokenizer")
+    dataset = RealDataset(source, tokenizer, max_seq_length=data_cfg.max_seq_length,
+                          max_phrases=data_cfg.max_phrases, max_tag_length=data_cfg.max_tag_length,
+                          max_img_seq_length=data_cfg.max_img_seq_length)
+    return DataBundle(train=dataset, held_out=[], vocab=dataset.vocab_info,
+                      collator=Collator.from_config(data_cfg, dataset.vocab_info, objectives))
