@@ -313,7 +313,8 @@ class ResumableLoader:
     ``state_dict()`` is ``{"epoch", "position"}`` after the last batch *yielded* (prefetched batches do not
     count), in global samples, so it is valid for any world size. ``truncation_counts`` accumulates the
     collator's truncation counters of the yielded batches. With ``num_workers > 0`` a torch DataLoader over
-    a batch sampler produces the same batches in the same order.
+    a batch sampler produces the same batches in the same order. Use one live iterator at a time: each
+    ``iter(loader)`` starts from the current state, and every yielded batch advances it.
     """
 
     def __init__(self, dataset, collator: Collator, micro_batch: int, rank: int, world_size: int, seed: int,
