@@ -112,6 +112,8 @@ def train(stage: int = 2,
             stop_after=stop_after),
     ).validate()
     result = run_training(run_cfg)
+    if result is not None and result.stopped_by:
+        return f"stopped by {result.stopped_by} after step {result.steps} (checkpoint saved); resume with --resume auto"
     return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"
 
 
@@ -225,8 +227,9 @@ def main(argv=None) -> int:
 
     from mvptr_ds.data.batching import BatchError
     from mvptr_ds.data.readers import DataError
+    from mvptr_ds.training.guard import TrainingStopped
 
-    user_errors = (ConfigError, DataError, BatchError)
+    user_errors = (ConfigError, DataError, BatchError, TrainingStopped)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         argv = ["train"] + argv  # pre-training is the default command

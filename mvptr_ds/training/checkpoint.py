@@ -1,13 +1,20 @@
-"""Resumable training checkpoints on top of DeepSpeed's engine checkpointing.
+"""Resumable, crash-safe training checkpoints on top of DeepSpeed's engine checkpointing.
 
 Layout: ``<output_dir>/checkpoints/step<N>/`` written by ``engine.save_checkpoint`` on every rank (model,
-optimizer shards, scheduler), plus our ``train_state`` (step, data-loader position, RNG states, the resolved
-config) in the engine's ``client_state``. After every rank has finished writing, rank 0 writes
-``step<N>/COMPLETE`` atomically; only checkpoints with that marker are ever resumed from, so a process
-killed in the middle of a save leaves the previous checkpoint as the newest usable one.
+optimizer shards, scheduler), plus our ``train_state`` (step, data-loader position, every rank's RNG
+states, the resolved config) in the engine's ``client_state``. After every rank has finished writing, rank 0
+writes ``step<N>/config.json`` and then ``step<N>/COMPLETE`` atomically (write, fsync, rename). ``COMPLETE``
+is a JSON manifest: step, world size, ZeRO stage and the size of every file. Only checkpoints with that
+marker are ever resumed from, so a process killed at any moment (in the middle of a save included) leaves
+the previous checkpoint as the newest usable one. Pruning renames a directory out of the ``step<N>`` name
+space before deleting it, so a kill during pruning never leaves a half-deleted "complete" checkpoint.
+
+Loading verifies the manifest and reads every file with ``weights_only=True`` first (``safe_load``), checks
+that the checkpoint's model matches this run's, and only then lets DeepSpeed read it.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -16,12 +23,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mvptr_ds.config import ConfigError, RunConfig
 from mvptr_ds.training import distributed
+from mvptr_ds.training.safe_load import first_line, verify_checkpoint_files
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step(\d+)$")
+# Model settings that do not change the parameters: may differ between a checkpoint and the resumed run.
+_MODEL_KEYS_FREE = ("kernels", "activation_checkpointing", "hidden_dropout", "attention_dropout")
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -29,18 +40,55 @@ def checkpoint_root(output_dir: str) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as plain tensors and numbers (loadable with ``weights_only=True``)."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": torch.tensor(py_state, dtype=torch.int64), "python_version": int(version),
+             "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned (also accepts the older tuple form)."""
+    if isinstance(state["python"], torch.Tensor):
+        random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+        has_gauss, cached = state["numpy_gauss"]
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                             int(has_gauss), float(cached)))
+    else:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective: call on every rank)."""
+    mine = rng_state()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def read_marker(path: str) -> Dict[str, Any]:
+    """The ``COMPLETE`` manifest of a checkpoint directory ({} for markers of older versions)."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{os.path.join(path, COMPLETE)}: missing; the checkpoint is incomplete "
+                          f"(its save was interrupted)") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def complete_checkpoints(root: str) -> List[Tuple[int, str]]:
@@ -60,7 +108,8 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     """The checkpoint directory (``.../step<N>``) to resume from, or None to start fresh.
 
     ``auto``: the newest complete checkpoint of this run, if any. ``none``: start fresh. A path: either a
-    ``step<N>`` directory or a ``checkpoints`` root / run directory holding some.
+    ``step<N>`` directory or a ``checkpoints`` root / run directory holding some. DeepSpeed's ``latest``
+    file is not needed: the ``COMPLETE`` markers decide (``latest`` may name a save that was interrupted).
     """
     if resume in (None, "", "none", "None"):
         return None
@@ -77,42 +126,138 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
         if found:
             return found[-1][1]
     if _TAG.match(os.path.basename(path)):
-        raise ConfigError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker: the save was interrupted)")
-    raise ConfigError(f"--resume {resume}: no complete checkpoint found there")
+        raise ConfigError(f"{os.path.join(path, COMPLETE)}: missing; the checkpoint is incomplete "
+                          f"(its save was interrupted); resume from an older step<N> directory")
+    for root in (path, checkpoint_root(path)):
+        if os.path.isdir(root) and not os.path.isfile(os.path.join(root, "latest")):
+            raise ConfigError(f"{os.path.join(root, 'latest')}: missing, and no complete step<N> checkpoint "
+                              f"in {root}: nothing to resume from")
+    raise ConfigError(f"--resume {resume}: no complete checkpoint found there (no step<N>/{COMPLETE})")
 
 
-def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config: RunConfig, keep_last: int) -> str:
-    """Save on every rank (DeepSpeed requires it), mark complete, then prune to the newest ``keep_last``."""
+def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config: RunConfig, keep_last: int,
+         fault_hook=None) -> str:
+    """Save on every rank (DeepSpeed requires it), mark complete, then prune to the newest ``keep_last``.
+
+    ``train_state["rng"]`` should hold :func:`all_rng_states` (every rank's). ``fault_hook(stage)`` is the
+    test hook of ``faults.FaultPlan`` (``"before"``, ``"after"``), None in normal runs.
+    """
     root = checkpoint_root(output_dir)
     tag = f"step{step}"
     path = os.path.join(root, tag)
     if engine.global_rank == 0 and os.path.isdir(path):
-        shutil.rmtree(path)  # an incomplete leftover of a killed save of the same step
+        _remove(root, path)  # an incomplete leftover of a killed save of the same step
     distributed.barrier()
+    if fault_hook is not None:
+        fault_hook("before")
     engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state}, save_latest=True)
     distributed.barrier()
+    if fault_hook is not None:
+        fault_hook("after")
     if engine.global_rank == 0:
         config.dump(os.path.join(path, "config.json"))
-        tmp = os.path.join(path, f".{COMPLETE}.tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, COMPLETE))
-        for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        files = {n: os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, n)) and not n.startswith(".")}
+        meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
+                "files": files}
+        _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        prune(root, keep_last)
     distributed.barrier()
     return path
 
 
-def load(engine, path: str) -> Dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) from ``path`` and return our ``train_state``."""
-    root, tag = os.path.split(path.rstrip("/"))
+def prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than those."""
+    complete = complete_checkpoints(root)
+    drop = {p for _, p in complete[:-keep_last]}
+    oldest_kept = complete[-keep_last:][0][0] if complete else -1
+    for name in os.listdir(root):
+        m = _TAG.match(name)
+        path = os.path.join(root, name)
+        if m and (path in drop or (int(m.group(1)) < oldest_kept and not os.path.isfile(os.path.join(path, COMPLETE)))):
+            _remove(root, path)
+    for name in os.listdir(root):  # leftovers of a removal that was killed
+        if name.startswith(".removing-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _remove(root: str, path: str) -> None:
+    trash = os.path.join(root, f".removing-{os.path.basename(path)}-{os.getpid()}")
+    os.replace(path, trash)  # atomic: the step<N> name disappears first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify(path: str, rank: int, world_size: int, device) -> Dict[str, Any]:
+    """Check a checkpoint before loading it: manifest sizes, safe unpickling of every file. Collective.
+
+    The files are split between ranks; a problem found on any rank is raised on every rank (no rank is
+    left waiting in a collective). Returns the ``COMPLETE`` manifest.
+    """
+    error = None
+    meta: Dict[str, Any] = {}
     try:
-        load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+        meta = read_marker(path)
+        verify_checkpoint_files(path, meta.get("files"), shard=rank, num_shards=world_size)
+    except ConfigError as e:
+        error = str(e)
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    for e in errors:
+        if e is not None:
+            raise ConfigError(e)
+    return meta
+
+
+def check_compatible(path: str, cfg: RunConfig) -> None:
+    """The checkpoint's model (``step<N>/config.json``) has the same parameters as this run's, else ConfigError."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: missing (every mvptr_ds checkpoint has one)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ConfigError(f"{file}: no model section; not an mvptr_ds checkpoint config")
+    now = cfg.to_dict()
+    for key, value in sorted(now["model"].items()):
+        if key not in _MODEL_KEYS_FREE and saved["model"].get(key) != value:
+            raise ConfigError(f"{file}: model.{key}={saved['model'].get(key)!r} in the checkpoint, {value!r} in this "
+                              f"run; resume with the checkpoint's model settings (or start fresh with --init_from)")
+    saved_train = saved.get("train", {})
+    if saved_train.get("stage", now["train"]["stage"]) != now["train"]["stage"]:
+        raise ConfigError(f"{file}: train.stage={saved_train.get('stage')} in the checkpoint, "
+                          f"{now['train']['stage']} in this run; use --init_from to change stage")
+    saved_names = tuple((saved.get("objectives") or {}).get("names") or ())
+    if saved_names and tuple(cfg.objective_names) != saved_names:
+        raise ConfigError(f"{file}: objectives {','.join(saved_names)} in the checkpoint, "
+                          f"{','.join(cfg.objective_names)} in this run (different heads); use --init_from")
+
+
+def load(engine, path: str, tag: Optional[str] = None) -> Dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) from ``path`` and return our ``train_state``.
+
+    ``tag`` loads ``<path>/<tag>`` instead (the universal form of an elastic resume lives in
+    ``step<N>/universal``). Call :func:`verify` first: DeepSpeed itself unpickles without restrictions.
+    """
+    root, name = (path, tag) if tag else os.path.split(path.rstrip("/"))
+    try:
+        load_path, client_state = engine.load_checkpoint(root, tag=name, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
     except Exception as e:  # DeepSpeed raises assorted errors for missing/truncated shards
-        raise ConfigError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {first_line(str(e))})") from None
     if load_path is None or client_state is None or "train_state" not in client_state:
         raise ConfigError(f"checkpoint {path}: no training state found (not written by mvptr_ds?)")
     return client_state["train_state"]

@@ -2,11 +2,14 @@
 
 data -> batch -> model -> objectives (inside the engine's module) -> engine step -> logs/checkpoints.
 Every rank runs the same code path on every step: the loader gives each rank a full micro batch, objectives
-return an exact zero (with a graph) when they have nothing to score, all ranks save checkpoints together, and
-metrics are averaged with a collective that every rank enters.
+return an exact zero (with a graph) when they have nothing to score, all ranks save checkpoints together,
+metrics are averaged with a collective that every rank enters, and every decision that could differ
+between ranks (a non-finite loss or gradient, a stop signal) is all-reduced first (``guard``, ``signals``).
+Resume (``checkpoint``, ``elastic``) restores model, optimizer, schedule, data position and RNG states.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,10 +19,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
-from mvptr_ds.training import checkpoint, distributed
-from mvptr_ds.training.ds_config import build_ds_config, offloads_optimizer
+from mvptr_ds.training import checkpoint, distributed, elastic, faults, guard
+from mvptr_ds.training.ds_config import build_ds_config, offloads_optimizer, zero_stage
+from mvptr_ds.training.guard import TrainingStopped
 from mvptr_ds.training.logging import RunLogger
 from mvptr_ds.training.optim import build_optimizer, linear_schedule
+from mvptr_ds.training.signals import StopRequest
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,10 +35,10 @@ class TrainResult:
     steps: int
     final_dir: Optional[str]
     last_losses: Dict[str, float]
+    stopped_by: Optional[str] = None   # "SIGTERM"/"SIGINT" when a signal ended the run early
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+NonFiniteLossError = TrainingStopped  # the name older callers know
 
 
 def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
@@ -42,49 +47,83 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
     ``build(cfg, dist_info) -> RunParts`` assembles the resolved config, the module (whose
     ``forward(batch)`` returns an object with ``loss`` and a ``losses`` dict) and this rank's resumable
     loader; the default is pre-training (``pipeline.build``). Fine-tuning tasks pass their own.
+    SIGTERM/SIGINT end the run at the next step boundary with a checkpoint (``stopped_by`` says which).
     """
+    stop = StopRequest().install()
+    try:
+        return _train(cfg, build, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> TrainResult:
     import deepspeed
 
     from mvptr_ds import pipeline
 
     build = build or pipeline.build
-
     train_cfg = cfg.train
     # Validate what can be validated before any process group exists, so bad input is one clear line.
     ds_cfg = build_ds_config(train_cfg.ds_config, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     resume_path = checkpoint.resolve_resume(train_cfg.resume, train_cfg.output_dir)
     info = distributed.setup()
     os.makedirs(train_cfg.output_dir, exist_ok=True)
+    fault = faults.from_env(info.rank)
+    events: List[str] = []
+
+    plan = None
+    if resume_path is not None:
+        meta = checkpoint.verify(resume_path, info.rank, info.world_size, info.device)
+        plan = elastic.plan_resume(resume_path, meta, info.world_size, zero_stage(ds_cfg))
+        if plan.universal:
+            elastic.ensure_universal(resume_path, info.rank)
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        note = plan.describe(info.world_size, zero_stage(ds_cfg))
+        if note:
+            events.append(note)
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     parts = build(cfg, info)
     cfg = parts.config  # vocabulary sizes resolved from the data
+    if resume_path is not None:
+        checkpoint.check_compatible(resume_path, cfg)
     if info.is_main:
         cfg.dump(os.path.join(train_cfg.output_dir, "config.json"))
-    logger_events: List[str] = []
     if train_cfg.init_from and resume_path is None:
-        logger_events.extend(pipeline.init_weights(
+        events.extend(pipeline.init_weights(
             parts.module, train_cfg.init_from,
             os.path.join(train_cfg.output_dir, "init_report.json") if info.is_main else None))
 
     optimizer = build_optimizer(parts.module, train_cfg, offloads_optimizer(ds_cfg))
+    if zero_stage(ds_cfg) == 0 and train_cfg.precision == "fp32":
+        guard.guard_client_optimizer(optimizer, info.device)
     scheduler = linear_schedule(optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=parts.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    guard.install(engine)
     dtype = _DTYPES[train_cfg.precision]
 
-    step = 0
+    step, skipped_batches = 0, 0
     torch.manual_seed(train_cfg.seed + 1000 + info.rank)  # dropout differs per rank
     if resume_path is not None:
-        state = checkpoint.load(engine, resume_path)
+        state = checkpoint.load(engine, resume_path, tag=elastic.UNIVERSAL if plan.universal else None)
         step = int(state["step"])
+        skipped_batches = int(state.get("skipped_batches", 0))
         parts.loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        logger_events.append(f"resumed from {resume_path} at step {step}")
+        rng = elastic.rank_rng_state(state["rng"], info.rank)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        else:
+            torch.manual_seed(train_cfg.seed + 1000 + info.rank + 7919 * step)
+            events.append(f"rank {info.rank} is new (the checkpoint had {plan.saved_world_size} ranks): "
+                          f"fresh dropout seed")
+        events.append(f"resumed from {resume_path} at step {step}")
+        if info.is_main:
+            truncate_metrics(os.path.join(train_cfg.output_dir, "metrics.jsonl"), step)
 
     logger = RunLogger(train_cfg.output_dir, info.is_main, train_cfg.max_steps, step, train_cfg.wandb,
                        train_cfg.wandb_project, cfg.to_dict(), resume=resume_path is not None)
-    for line in logger_events:
+    for line in events:
         logger.event(line)
 
     batches = iter(parts.loader)
@@ -92,38 +131,81 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     ckpt_path = resume_path
     bad_steps = 0
+
+    def save_now() -> str:
+        state = {"step": step, "loader": parts.loader.state_dict(), "rng": checkpoint.all_rng_states(),
+                 "skipped_batches": skipped_batches, "config": cfg.to_dict()}
+        if fault is not None:
+            fault.wrap_checkpoint_engine(engine, step)
+        path = checkpoint.save(engine, train_cfg.output_dir, step, state, cfg, train_cfg.keep_last,
+                               fault.save_hook(step) if fault is not None else None)
+        logger.event(f"checkpoint {path}")
+        return path
+
+    def give_up(what: str) -> None:
+        """Stop after ``max_bad_steps`` bad steps in a row, with a checkpoint of the untouched weights."""
+        nonlocal ckpt_path
+        if ckpt_path is None or not ckpt_path.endswith(f"step{step}"):
+            ckpt_path = save_now()
+        raise TrainingStopped(
+            f"{bad_steps} consecutive steps had a non-finite {what} (limit --max_bad_steps="
+            f"{train_cfg.max_bad_steps}); stopping. No bad step changed the weights: checkpoint {ckpt_path} holds "
+            f"the weights of step {step} (before the problem); the skipped samples are named in the log above")
+
     try:
         while step < train_cfg.max_steps:
             losses: Dict[str, torch.Tensor] = {}
+            step_ids: List[int] = []
             micro = 0
+            skipped_before = engine.skipped_steps
             while micro < train_cfg.grad_accum:
-                batch = next(batches).to(info.device, dtype=dtype)
+                batch = next(batches)
+                if fault is not None:
+                    batch = fault.on_batch(batch, step + 1)
+                batch = batch.to(info.device, dtype=dtype)
                 out = engine(batch)
-                finite = bool(torch.isfinite(out.loss).item())
-                if distributed.any_rank(not finite, info.device):
+                loss = out.loss if fault is None else fault.on_loss(out.loss, step + 1)
+                finite = bool(torch.isfinite(loss).item())
+                if guard.agree([not finite], info.device)[0]:
                     bad_steps += 1
+                    skipped_batches += 1
+                    ids = guard.gather_ids(batch.sample_ids.tolist())
                     if not finite:
-                        print(f"[rank {info.rank}] step {step + 1}: non-finite loss {out.loss.item()}; skipped "
-                              f"batch of samples {batch.sample_ids.tolist()}", file=sys.stderr, flush=True)
-                    logger.event(f"step {step + 1}: non-finite loss on some rank, batch skipped "
-                                 f"({bad_steps} in a row)")
+                        print(f"[rank {info.rank}] step {step + 1}: non-finite loss {loss.item()}", file=sys.stderr,
+                              flush=True)
+                    logger.event(f"step {step + 1}: non-finite loss; micro batch skipped on every rank, samples "
+                                 f"by rank {ids} ({bad_steps} bad in a row)")
                     if bad_steps >= train_cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_steps} consecutive batches gave a non-finite loss (limit --max_bad_steps="
-                            f"{train_cfg.max_bad_steps}); stopping. The newest checkpoint predates the problem: "
-                            f"{ckpt_path or 'none written yet'}")
+                        give_up("loss")
                     continue
-                bad_steps = 0
-                engine.backward(out.loss)
+                engine.backward(loss)
                 engine.step()
                 micro += 1
-                losses["loss"] = losses.get("loss", 0) + out.loss.detach() / train_cfg.grad_accum
+                step_ids += batch.sample_ids.tolist()
+                losses["loss"] = losses.get("loss", 0) + loss.detach() / train_cfg.grad_accum
                 for name, value in out.losses.items():
                     losses[f"loss/{name}"] = losses.get(f"loss/{name}", 0) + value.detach() / train_cfg.grad_accum
                 window_samples += batch.size
                 window_tokens += batch.num_real_tokens()
+
+            if engine.skipped_steps > skipped_before:  # DeepSpeed/guard refused this step's gradients
+                ids = guard.gather_ids(step_ids)
+                if train_cfg.precision == "fp16":
+                    logger.event(f"step {step + 1}: fp16 loss-scale overflow, optimizer step skipped (loss scale "
+                                 f"now {engine.optimizer.cur_scale if hasattr(engine.optimizer, 'cur_scale') else '?'}"
+                                 f"; {engine.skipped_steps} skipped so far)")
+                else:
+                    bad_steps += 1
+                    logger.event(f"step {step + 1}: non-finite gradient; optimizer step skipped on every rank "
+                                 f"(weights unchanged), samples by rank {ids} ({bad_steps} bad in a row)")
+                    if bad_steps >= train_cfg.max_bad_steps:
+                        give_up("gradient")
+                    continue
+            bad_steps = 0
             step += 1
             logger.advance()
+            if fault is not None:
+                fault.after_step(step)
 
             if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
                 now = time.perf_counter()
@@ -133,7 +215,8 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
                 elapsed = max(now - window_start, 1e-9)
                 record = {"step": step, "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": reduced.pop("samples") * info.world_size / elapsed,
-                          "tokens_per_s": reduced.pop("tokens") * info.world_size / elapsed}
+                          "tokens_per_s": reduced.pop("tokens") * info.world_size / elapsed,
+                          "skipped_steps": int(engine.skipped_steps), "skipped_batches": skipped_batches}
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -143,11 +226,13 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
 
             stopping = train_cfg.stop_after is not None and step >= train_cfg.stop_after
-            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or stopping:
-                state = {"step": step, "loader": parts.loader.state_dict(), "rng": checkpoint.rng_state(),
-                         "config": cfg.to_dict()}
-                ckpt_path = checkpoint.save(engine, train_cfg.output_dir, step, state, cfg, train_cfg.keep_last)
-                logger.event(f"checkpoint {ckpt_path}")
+            signalled = stop.agreed(info.device)
+            if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or stopping or signalled:
+                ckpt_path = save_now()
+            if signalled and step < train_cfg.max_steps:
+                logger.event(f"received {stop.name}: stopped after step {step} with checkpoint {ckpt_path}; "
+                             f"continue with --resume auto")
+                return TrainResult(train_cfg.output_dir, step, None, last, stopped_by=stop.name)
             if stopping and step < train_cfg.max_steps:
                 logger.event(f"stopped after step {step} (--stop_after); continue with --resume auto")
                 return TrainResult(train_cfg.output_dir, step, None, last)
@@ -158,6 +243,28 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(train_cfg.output_dir, step, final_dir, last)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop ``metrics.jsonl`` records of steps after ``step`` (written after the checkpoint we resume from).
+
+    Rewritten atomically, so a resumed run never shows two different records for one step.
+    """
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(json.dumps(record, sort_keys=True) + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def export_final(engine, cfg: RunConfig, ckpt_path: Optional[str], info) -> Optional[str]:

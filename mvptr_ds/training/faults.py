@@ -1,0 +1,112 @@
+"""Fault injection for the reliability tests, driven by one environment variable (off by default).
+
+``MVPTR_FAULT_INJECT`` holds ``;``-separated ``key=value`` items:
+
+- ``kill=step:N``: this process SIGKILLs itself right after optimizer step N (before any save of it).
+- ``kill=save:N:before|mid|after``: SIGKILL during the save of step N: before DeepSpeed writes anything,
+  after its first file is written (the rest missing), or after all files but before the ``COMPLETE`` marker.
+- ``kill_rank=R``: only rank R kills itself (default: every rank).
+- ``nan_loss=N,M``: the micro batches of optimizer steps N, M get NaN region features (a NaN loss through the
+  real forward pass); ``nan_grad=N``: their loss is finite but its gradient is NaN;
+  ``nan_rank=R``: only on rank R (default: every rank).
+- ``empty=R``: rank R's batches lose every MLM/MCR label and phrase (objectives with nothing to score).
+- ``trace=DIR``: every rank appends ``{"step", "rank", "ids"}`` per micro batch to ``DIR/trace<rank>.jsonl``.
+
+The trainer asks :func:`from_env` once; with the variable unset it gets None and pays nothing per step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Optional, Set
+
+import torch
+
+ENV = "MVPTR_FAULT_INJECT"
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _steps(value: str) -> Set[int]:
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+class FaultPlan:
+    def __init__(self, spec: str, rank: int):
+        items = dict(kv.split("=", 1) for kv in spec.split(";") if "=" in kv)
+        self.rank = rank
+        kill_rank = items.get("kill_rank")
+        self.kill = items.get("kill", "") if kill_rank is None or int(kill_rank) == rank else ""
+        nan_rank = items.get("nan_rank")
+        nan_here = nan_rank is None or int(nan_rank) == rank
+        self.nan_loss = _steps(items.get("nan_loss", "")) if nan_here else set()
+        self.nan_grad = _steps(items.get("nan_grad", "")) if nan_here else set()
+        self.empty = "empty" in items and int(items["empty"]) == rank
+        self.trace = items.get("trace")
+        self.save_step: Optional[int] = None
+        self._saves_seen = 0
+
+    def _die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_step(self, step: int) -> None:
+        if self.kill == f"step:{step}":
+            self._die()
+
+    def on_batch(self, batch, step: int):
+        """The micro batch of optimizer step ``step`` (1-based) as the data path hands it over."""
+        if self.trace:
+            os.makedirs(self.trace, exist_ok=True)
+            with open(os.path.join(self.trace, f"trace{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "rank": self.rank, "ids": batch.sample_ids.tolist()}) + "\n")
+        if step in self.nan_loss:
+            batch.region_feats = torch.full_like(batch.region_feats, float("nan"))
+        if self.empty:
+            batch.mlm_labels = torch.full_like(batch.mlm_labels, -1)
+            batch.mcr_labels = torch.full_like(batch.mcr_labels, -1)
+            batch.phrase_mask = torch.zeros_like(batch.phrase_mask)
+            if batch.phrase_regions is not None:
+                batch.phrase_regions = torch.full_like(batch.phrase_regions, -1)
+        return batch
+
+    def on_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return _NanGrad.apply(loss) if step in self.nan_grad else loss
+
+    def save_hook(self, step: int):
+        """The hook ``checkpoint.save`` calls with "before"/"after" for the save of ``step`` (or None)."""
+        if not self.kill.startswith(f"save:{step}:"):
+            return None
+        where = self.kill.rsplit(":", 1)[1]
+
+        def hook(stage: str) -> None:
+            if stage == where:
+                self._die()
+        return hook
+
+    def wrap_checkpoint_engine(self, engine, step: int) -> None:
+        """For ``kill=save:N:mid``: die right after the first file of the save of step N is written."""
+        if self.kill != f"save:{step}:mid":
+            return
+        ce = engine.checkpoint_engine
+        inner = ce.save
+
+        def save(state_dict, path):
+            inner(state_dict, path)
+            self._die()
+        ce.save = save
+
+
+def from_env(rank: int) -> Optional[FaultPlan]:
+    spec = os.environ.get(ENV, "").strip()
+    return FaultPlan(spec, rank) if spec else None

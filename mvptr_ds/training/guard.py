@@ -1,0 +1,77 @@
+"""Non-finite guard: no NaN/inf loss or gradient ever reaches the weights, and every rank agrees.
+
+Loss: checked after the forward pass; the flag is all-reduced (MAX), so when any rank's loss is not finite
+every rank drops that micro batch before backward. Gradients: checked inside ``engine.step()`` before the
+optimizer applies anything, on the reduced (and, with ZeRO, partitioned) gradients, with the verdict
+all-reduced across ranks:
+
+- ZeRO-1/2: DeepSpeed's own overflow check (``has_overflow`` over the partitioned gradients) is switched on
+  for every precision (``check_grad_overflow``; by default fp32/bf16 runs skip it);
+- ZeRO-3: DeepSpeed computes the global gradient norm before each step and skips the step when it is
+  not finite, in every precision;
+- stage 0 (fp32): the client optimizer's ``step`` is wrapped by :func:`guard_client_optimizer`.
+
+A skipped step leaves the weights, the Adam moments and the schedule unchanged and increments the engine's
+``skipped_steps`` (fp16 loss-scale overflows are counted there too); the trainer reports both kinds.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why and what to do."""
+
+
+def agree(flags: List[bool], device: torch.device) -> List[bool]:
+    """Element-wise OR of ``flags`` over all ranks (one all-reduce; every rank must call it)."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def grads_finite(params) -> bool:
+    """True when every existing ``.grad`` of ``params`` is finite (local check)."""
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return False
+    return True
+
+
+def guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
+    """Make ``optimizer.step`` a no-op when any rank has a non-finite gradient, flagging ``overflow``.
+
+    For ZeRO stage 0 in fp32, where DeepSpeed calls the client optimizer directly: the engine reads
+    ``optimizer.overflow`` after the step and then counts a skipped step and holds the schedule.
+    """
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        bad = not grads_finite(p for g in optimizer.param_groups for p in g["params"])
+        optimizer.overflow = agree([bad], device)[0]
+        if optimizer.overflow:
+            return None
+        return inner(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step
+    return optimizer
+
+
+def install(engine) -> None:
+    """Switch on DeepSpeed's pre-step gradient check where it is off by default (ZeRO-1/2)."""
+    if engine.zero_optimization_stage() in (1, 2) and hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True
+
+
+def gather_ids(ids: List[int]) -> List[List[int]]:
+    """Every rank's sample ids (for the log line of a skipped step). Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [ids]
+    out: List = [None] * dist.get_world_size()
+    dist.all_gather_object(out, ids)
+    return out
