@@ -112,6 +112,10 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     file is not needed: the ``COMPLETE`` markers decide (``latest`` may name a save that was interrupted).
     """
     if resume in (None, "", "none", "None"):
+        found = complete_checkpoints(checkpoint_root(output_dir))
+        if found:
+            raise ConfigError(f"--resume none, but {checkpoint_root(output_dir)} holds checkpoints of an earlier run "
+                              f"(newest step{found[-1][0]}): continue it with --resume auto, or use a new --output_dir")
         return None
     if resume == "auto":
         found = complete_checkpoints(checkpoint_root(output_dir))
@@ -161,14 +165,15 @@ def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config
         meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
                 "files": files}
         _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        prune(root, keep_last)
+        prune(root, keep_last, step)
     distributed.barrier()
     return path
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than those."""
-    complete = complete_checkpoints(root)
+def prune(root: str, keep_last: int, upto: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints up to step ``upto``, and incomplete ones
+    older than those (newer ones are never touched)."""
+    complete = [(s, p) for s, p in complete_checkpoints(root) if s <= upto]
     drop = {p for _, p in complete[:-keep_last]}
     oldest_kept = complete[-keep_last:][0][0] if complete else -1
     for name in os.listdir(root):

@@ -2,7 +2,7 @@
 
 ``MVPTR_FAULT_INJECT`` holds ``;``-separated ``key=value`` items:
 
-- ``kill=step:N``: this process SIGKILLs itself right after optimizer step N (before any save of it).
+- ``kill=step:N``: this process SIGKILLs itself right after optimizer step N is logged (before its save).
 - ``kill=save:N:before|mid|after``: SIGKILL during the save of step N: before DeepSpeed writes anything,
   after its first file is written (the rest missing), or after all files but before the ``COMPLETE`` marker.
 - ``kill_rank=R``: only rank R kills itself (default: every rank).

@@ -204,8 +204,6 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
             bad_steps = 0
             step += 1
             logger.advance()
-            if fault is not None:
-                fault.after_step(step)
 
             if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
                 now = time.perf_counter()
@@ -225,6 +223,8 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
                 last = {k: v for k, v in record.items() if k.startswith("loss")}
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
 
+            if fault is not None:
+                fault.after_step(step)
             stopping = train_cfg.stop_after is not None and step >= train_cfg.stop_after
             signalled = stop.agreed(info.device)
             if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or stopping or signalled:

@@ -1,0 +1,164 @@
+"""Cheap training processes for the fault suite: forked from a pre-imported server, run under a deadline.
+
+Starting ``python -m mvptr_ds.run`` costs about 9 s of imports (torch, deepspeed, dynamo pulled in by the
+optimizer checks) before the first step; a tiny run itself takes 1-3 s. :func:`launch` forks rank processes
+from a multiprocessing *forkserver* that has imported all of that once, sets the launcher environment
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what torchrun/deepspeed set) and runs the real CLI
+entry point ``mvptr_ds.run.main`` in each. They are real processes: SIGKILL and SIGTERM work on them.
+Every launch has a deadline: on expiry all its ranks are killed and the test fails (never hangs).
+
+The tests in this file check the harness itself (deadline, exit codes).
+"""
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+           "deepspeed.checkpoint.ds_to_universal", "deepspeed.utils.zero_to_fp32", "torch._dynamo",
+           "deepspeed.runtime.zero.muon.original_muon", "mvptr_ds.run", "mvptr_ds.pipeline", "mvptr_ds.objectives",
+           "mvptr_ds.data.pipeline", "mvptr_ds.data.batching", "mvptr_ds.training.trainer", "safetensors.torch"]
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
+        _CTX = multiprocessing.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(argv: List[str], env: Dict[str, str], log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MVPTR_FAULT_INJECT"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import torch
+
+    torch.set_num_threads(1)
+    from mvptr_ds.run import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        rc = 1
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+@dataclass
+class Launch:
+    codes: List[Optional[int]]   # exit code per rank (-9: SIGKILL)
+    logs: List[str]
+    seconds: float
+
+    def log(self) -> str:
+        return "\n".join(f"--- rank {r} (exit {c}) ---\n{text[-3000:]}" for r, (c, text) in
+                         enumerate(zip(self.codes, self.logs)))
+
+    def ok(self) -> "Launch":
+        assert all(c == 0 for c in self.codes), self.log()
+        return self
+
+
+def launch(args: List[str], world_size: int = 1, env: Optional[Dict[str, str]] = None, timeout: float = 90,
+           log_dir: Optional[str] = None, on_start=None) -> Launch:
+    """Run the CLI (``args`` as after ``python -m mvptr_ds.run``) on ``world_size`` forked ranks.
+
+    ``on_start(processes)`` runs after the start (e.g. to send a signal). Raises AssertionError (after
+    killing every rank) when the deadline passes.
+    """
+    ctx = _context()
+    port = str(_free_port())
+    log_dir = log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mvptr_fault_{os.getpid()}")
+    os.makedirs(log_dir, exist_ok=True)
+    stamp = f"{time.time_ns()}"
+    procs, paths = [], []
+    start = time.perf_counter()
+    for rank in range(world_size):
+        rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu",
+                    "OMP_NUM_THREADS": "1", **(env or {})}
+        path = os.path.join(log_dir, f"{stamp}_rank{rank}.log")
+        p = ctx.Process(target=_rank_main, args=(list(map(str, args)), rank_env, path), daemon=False)
+        p.start()
+        procs.append(p)
+        paths.append(path)
+    if on_start is not None:
+        on_start(procs)
+    deadline = start + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.perf_counter()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    logs = [open(path, errors="replace").read() if os.path.exists(path) else "" for path in paths]
+    result = Launch([p.exitcode for p in procs], logs, time.perf_counter() - start)
+    if hung:
+        raise AssertionError(f"ranks {hung} still running after {timeout} s: killed (a hang)\n{result.log()}")
+    return result
+
+
+def metrics(run_dir) -> Dict[int, dict]:
+    out = {}
+    with open(os.path.join(str(run_dir), "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            assert r["step"] not in out, f"step {r['step']} logged twice in {run_dir}/metrics.jsonl"
+            out[r["step"]] = r
+    return out
+
+
+@pytest.mark.fault
+def test_deadline_kills_a_hung_launch(tmp_path):
+    """A rank waiting forever for a peer that never comes is killed at the deadline and the launch fails."""
+    start = time.perf_counter()
+    with pytest.raises(AssertionError, match="still running"):
+        # world size 2, only rank 0 started: rank 0 waits for rank 1 at rendezvous
+        ctx = _context()
+        assert ctx is not None
+        launch(["--model", "tiny", "--data", "synthetic:images=8", "--output_dir", str(tmp_path / "r"),
+                "--max_steps", "1", "--wandb", "disabled"], world_size=1, timeout=3,
+               env={"WORLD_SIZE": "2"}, log_dir=str(tmp_path))
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.fault
+def test_exit_codes(tmp_path):
+    bad = launch(["--model", "tiny", "--max_steps", "0", "--output_dir", str(tmp_path / "r")], timeout=60,
+                 log_dir=str(tmp_path))
+    assert bad.codes == [2] and "error: train.max_steps must be >= 1" in bad.logs[0]
+
+    def kill(procs):
+        time.sleep(0.5)
+        os.kill(procs[0].pid, signal.SIGKILL)
+    killed = launch(["--model", "tiny", "--data", "synthetic:images=8", "--output_dir", str(tmp_path / "k"),
+                     "--max_steps", "1000", "--wandb", "disabled"], timeout=60, log_dir=str(tmp_path), on_start=kill)
+    assert killed.codes == [-signal.SIGKILL]
