@@ -29,11 +29,13 @@ def args(out, *extra):
 
 
 def kill_points(seed: int):
-    """One random kill point: after some step, or before / in the middle of / after a save's files."""
+    """A kill point drawn with ``seed``: after a random step, or before / in the middle of / after the
+    files of a random save (the kinds take turns so that ten seeds cover all four)."""
     rng = random.Random(seed)
-    if rng.random() < 0.4:
+    kind = ("step", "before", "mid", "after")[seed % 4]
+    if kind == "step":
         return f"step:{rng.randrange(1, STEPS)}"
-    return f"save:{rng.choice([2, 4, 6])}:{rng.choice(['before', 'mid', 'after'])}"
+    return f"save:{rng.choice([2, 4, 6])}:{kind}"
 
 
 def weights(run_dir):

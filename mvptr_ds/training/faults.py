@@ -6,9 +6,10 @@
 - ``kill=save:N:before|mid|after``: SIGKILL during the save of step N: before DeepSpeed writes anything,
   after its first file is written (the rest missing), or after all files but before the ``COMPLETE`` marker.
 - ``kill_rank=R``: only rank R kills itself (default: every rank).
-- ``nan_loss=N,M``: the micro batches of optimizer steps N, M get NaN region features (a NaN loss through the
-  real forward pass); ``nan_grad=N``: their loss is finite but its gradient is NaN;
-  ``nan_rank=R``: only on rank R (default: every rank).
+- ``nan_loss=N,M``: the first micro batch drawn for optimizer step N (and M) gets NaN region features (a
+  NaN loss through the real forward pass); ``N*K``: the first K micro batches drawn for step N (a skipped
+  batch is replaced by the next one, still for step N). ``nan_grad=...``: the same, but the loss stays
+  finite and its gradient is NaN. ``nan_rank=R``: only on rank R (default: every rank).
 - ``empty=R``: rank R's batches lose every MLM/MCR label and phrase (objectives with nothing to score).
 - ``trace=DIR``: every rank appends ``{"step", "rank", "ids"}`` per micro batch to ``DIR/trace<rank>.jsonl``.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Optional, Set
+from typing import Dict, Optional
 
 import torch
 
@@ -38,8 +39,14 @@ class _NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-def _steps(value: str) -> Set[int]:
-    return {int(v) for v in value.split(",") if v.strip()}
+def _counts(value: str) -> Dict[int, int]:
+    """``"3,5*2"`` -> {3: 1, 5: 2}: how many micro batches of each step to poison."""
+    out: Dict[int, int] = {}
+    for item in value.split(","):
+        if item.strip():
+            step, _, times = item.partition("*")
+            out[int(step)] = int(times or 1)
+    return out
 
 
 class FaultPlan:
@@ -50,12 +57,10 @@ class FaultPlan:
         self.kill = items.get("kill", "") if kill_rank is None or int(kill_rank) == rank else ""
         nan_rank = items.get("nan_rank")
         nan_here = nan_rank is None or int(nan_rank) == rank
-        self.nan_loss = _steps(items.get("nan_loss", "")) if nan_here else set()
-        self.nan_grad = _steps(items.get("nan_grad", "")) if nan_here else set()
+        self.nan_loss = _counts(items.get("nan_loss", "")) if nan_here else {}
+        self.nan_grad = _counts(items.get("nan_grad", "")) if nan_here else {}
         self.empty = "empty" in items and int(items["empty"]) == rank
         self.trace = items.get("trace")
-        self.save_step: Optional[int] = None
-        self._saves_seen = 0
 
     def _die(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -70,7 +75,8 @@ class FaultPlan:
             os.makedirs(self.trace, exist_ok=True)
             with open(os.path.join(self.trace, f"trace{self.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "rank": self.rank, "ids": batch.sample_ids.tolist()}) + "\n")
-        if step in self.nan_loss:
+        if self.nan_loss.get(step, 0) > 0:
+            self.nan_loss[step] -= 1
             batch.region_feats = torch.full_like(batch.region_feats, float("nan"))
         if self.empty:
             batch.mlm_labels = torch.full_like(batch.mlm_labels, -1)
@@ -81,7 +87,10 @@ class FaultPlan:
         return batch
 
     def on_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        return _NanGrad.apply(loss) if step in self.nan_grad else loss
+        if self.nan_grad.get(step, 0) > 0:
+            self.nan_grad[step] -= 1
+            return _NanGrad.apply(loss)
+        return loss
 
     def save_hook(self, step: int):
         """The hook ``checkpoint.save`` calls with "before"/"after" for the save of ``step`` (or None)."""

@@ -16,6 +16,7 @@ A skipped step leaves the weights, the Adam moments and the schedule unchanged a
 """
 from __future__ import annotations
 
+import types
 from typing import List
 
 import torch
@@ -50,15 +51,15 @@ def guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.devic
     """
     inner = optimizer.step
 
-    def step(*args, **kwargs):
-        bad = not grads_finite(p for g in optimizer.param_groups for p in g["params"])
-        optimizer.overflow = agree([bad], device)[0]
-        if optimizer.overflow:
+    def step(self, *args, **kwargs):
+        bad = not grads_finite(p for g in self.param_groups for p in g["params"])
+        self.overflow = agree([bad], device)[0]
+        if self.overflow:
             return None
         return inner(*args, **kwargs)
 
     optimizer.overflow = False
-    optimizer.step = step
+    optimizer.step = types.MethodType(step, optimizer)  # bound, as LR schedulers expect
     return optimizer
 
 
