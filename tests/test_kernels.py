@@ -22,27 +22,31 @@ import torch  # noqa: E402
 from mvptr_ds import kernels  # noqa: E402
 from mvptr_ds.kernels import flex, reference, triton_attention, triton_embedding  # noqa: E402
 
+from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, nan_empty, rel,  # noqa: E402
+                           run_attention, run_embedding)
+
 REPO = Path(__file__).resolve().parents[1]
-LOWP = {torch.bfloat16: 5e-3, torch.float16: 1e-3}  # slack over 2x the reference's own low-precision error
-
-for _mod in (triton_attention, triton_embedding):
-    if type(_mod._fwd_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(_mod)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a - b‖ / ‖b‖ in float64; NaN anywhere in ``a`` gives inf."""
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+def set_interpreted(flag: bool) -> None:
+    """Make the kernel modules interpreted (or compiled): the mode is fixed when their kernels are defined."""
+    if flag:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    for mod in (triton_attention, triton_embedding):
+        if (type(mod._fwd_kernel).__name__ == "InterpretedFunction") != flag:
+            importlib.reload(mod)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted():
+    """Another test module (the GPU one) may have reloaded the kernels compiled; take them back."""
+    set_interpreted(True)
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(triton_attention, "_empty", nan_empty)
     monkeypatch.setattr(triton_embedding, "_empty", nan_empty)
 
@@ -54,31 +58,7 @@ def seed():
     return s
 
 
-def check(name, got, want, tol, seed):
-    err = rel(got, want)
-    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} (seed {seed})"
-
-
 # ---- concept embedding ------------------------------------------------------------------------------------
-
-def embedding_inputs(bsz, seq_len, vocab=40, n_pos=12, hidden=48):
-    ids = torch.randint(1, vocab, (bsz, seq_len))
-    ids[0, : seq_len // 2] = 7                        # a repeated id
-    if bsz > 1:
-        ids[-1] = 0                                   # a row of padding: id 0 everywhere
-    pos = torch.arange(seq_len).expand(bsz, seq_len)
-    types = torch.randint(0, 2, (bsz, seq_len))
-    tables = [torch.randn(vocab, hidden), torch.randn(n_pos, hidden), torch.randn(2, hidden),
-              1 + 0.1 * torch.randn(hidden), 0.1 * torch.randn(hidden)]
-    return ids, pos, types, [t.double() for t in tables]
-
-
-def run_embedding(fn, ids, pos, types, tables, dtype, grad_out, **kw):
-    params = [t.detach().to(dtype).clone().requires_grad_() for t in tables]
-    out = fn(ids, pos, types, *params, 1e-12, **kw)
-    out.backward(grad_out.to(out.dtype))
-    return out, [p.grad for p in params]
-
 
 @pytest.mark.parametrize("shape", [(3, 9), (1, 5)])
 @pytest.mark.parametrize("table_grad", ["segment", "atomic"])
@@ -157,25 +137,6 @@ def attention_masks(bsz, seq_len):
     for b in range(1, bsz):
         mask[b] = torch.arange(seq_len) < (0 if b == 1 else random.randint(1, seq_len))
     return mask
-
-
-def run_attention(fn, qkv, mask, dtype, grad_out, **kw):
-    q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in qkv)
-    out = fn(q, k, v, mask, **kw)
-    out.backward(grad_out.to(out.dtype))
-    return out, [q.grad, k.grad, v.grad]
-
-
-def masked_reference(q, k, v, mask, keep=None, p=0.0):
-    """float64 oracle of the fused function: padded query rows are 0, dropout mask ``keep`` if given."""
-    if keep is None:
-        out = reference.attention(q, k, v, mask)
-    else:
-        s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, heads, L, L]
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(s, -1).nan_to_num(0.0)
-        out = (probs * keep / (1 - p)) @ v
-    return out * mask[:, None, :, None]
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 37, 32), (1, 1, 20, 64)])

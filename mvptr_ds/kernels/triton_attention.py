@@ -37,8 +37,10 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation; UPCAST works around the CPU interpreter, which multiplies bf16 bit patterns."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
