@@ -25,68 +25,87 @@ from mvptr_ds.config import (ConfigError, DataConfig, ModelConfig, ObjectiveConf
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(stage: int = 2,
+def train(stage: Optional[int] = None,
           objectives: Optional[Union[str, Sequence[str]]] = None,
           model: Optional[str] = None,
-          data: str = "synthetic",
-          ds_config: str = "ds_configs/zero2.json",
-          output_dir: str = "runs/mvptr",
-          max_steps: int = TrainConfig.max_steps,
-          micro_batch: int = TrainConfig.micro_batch,
-          grad_accum: int = TrainConfig.grad_accum,
-          lr: float = TrainConfig.lr,
-          warmup_steps: int = TrainConfig.warmup_steps,
-          save_every: int = TrainConfig.save_every,
-          log_every: int = TrainConfig.log_every,
-          keep_last: int = TrainConfig.keep_last,
-          resume: str = "auto",
+          data: Optional[str] = None,
+          ds_config: Optional[str] = None,
+          output_dir: Optional[str] = None,
+          max_steps: Optional[int] = None,
+          micro_batch: Optional[int] = None,
+          grad_accum: Optional[int] = None,
+          lr: Optional[float] = None,
+          warmup_steps: Optional[int] = None,
+          save_every: Optional[int] = None,
+          log_every: Optional[int] = None,
+          keep_last: Optional[int] = None,
+          resume: Optional[str] = None,
           init_from: Optional[str] = None,
-          seed: int = TrainConfig.seed,
-          wandb: str = "offline",
+          seed: Optional[int] = None,
+          wandb: Optional[str] = None,
           precision: Optional[str] = None,
           kernels: Optional[str] = None,
           tokenizer: Optional[str] = None,
-          global_negatives: bool = False,
-          max_bad_steps: int = TrainConfig.max_bad_steps,
+          global_negatives: Optional[bool] = None,
+          max_bad_steps: Optional[int] = None,
           stop_after: Optional[int] = None,
           config: Optional[str] = None,
           local_rank: Optional[int] = None):
     """Pre-train MVPTR (the default command).
 
     Args:
-        stage: 1 = uni-modal encoders only, masked concept recovering (the cross-modal encoder is not run);
+        stage: (default {stage}) 1 = uni-modal encoders only, masked concept recovering (the cross-modal encoder is not run);
             2 = the whole model with VSC, ITM, MLM, WPG and MCR (the released recipe).
         objectives: comma list out of mcr,vsc,itm,mlm,wpg; default: the stage's (1: mcr; 2: all five).
         model: preset name (tiny, base) or the path of a JSON file of model settings; default: tiny
             (the model of --config when one is given). Use base for the paper's model.
         data: "synthetic" (built-in scene world; "synthetic:seed=3,images=200,captions_per_image=2"),
             or a data directory in the real formats (see README).
-        ds_config: DeepSpeed template (ZeRO stage, precision, offload); batch sizes and lr come from the options.
-        output_dir: run folder: config.json, metrics.jsonl, checkpoints/, final/, wandb/.
-        max_steps: optimizer steps to train for.
-        micro_batch: examples per rank per forward pass.
-        grad_accum: micro batches per optimizer step.
-        lr: peak learning rate of AdamW.
-        warmup_steps: linear warm-up steps, then linear decay to 0 at max_steps.
-        save_every: checkpoint every N steps (and at the end).
-        log_every: log metrics every N steps.
-        keep_last: keep the newest K checkpoints.
+        ds_config: DeepSpeed template (ZeRO stage, precision, offload; default {ds_config}); batch sizes and lr
+            come from the options.
+        output_dir: run folder: config.json, metrics.jsonl, checkpoints/, final/, wandb/ (default {output_dir}).
+        max_steps: optimizer steps to train for (default {max_steps}).
+        micro_batch: examples per rank per forward pass (default {micro_batch}).
+        grad_accum: micro batches per optimizer step (default {grad_accum}).
+        lr: peak learning rate of AdamW (default {lr}).
+        warmup_steps: linear warm-up steps, then linear decay to 0 at max_steps (default {warmup_steps}).
+        save_every: checkpoint every N steps (and at the end; default {save_every}).
+        log_every: log metrics every N steps (default {log_every}).
+        keep_last: keep the newest K checkpoints (default {keep_last}).
         resume: "auto" (newest complete checkpoint in output_dir, if any), "none", or a checkpoint path.
         init_from: initial weights (e.g. a stage-1 run or its final/ folder); new weights are reported by name.
-        seed: seed of weights, data order, corruption and dropout.
+        seed: seed of weights, data order, corruption and dropout (default {seed}).
         wandb: offline (default; no network), online or disabled.
         precision: fp32, bf16 or fp16; default: what the ds_config enables, else fp32.
         kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), triton or torch.
         tokenizer: local Hugging Face tokenizer directory for real data (BERT uncased).
         global_negatives: contrastive and ITM negatives from all ranks (beyond the release; off by default).
-        max_bad_steps: consecutive non-finite batches tolerated before the run stops.
+        max_bad_steps: consecutive non-finite batches tolerated before the run stops (default {max_bad_steps}).
         stop_after: leave cleanly after this step with a checkpoint (e.g. a job's time limit); the schedule
             still runs to max_steps when the run is continued with --resume auto.
-        config: a run config.json (e.g. from an earlier run) whose values the other options override.
+        config: a run config.json (e.g. from an earlier run): options not given keep its values (otherwise
+            the defaults of mvptr_ds/config.py, shown here).
         local_rank: set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment).
     """
-    from mvptr_ds.training.ds_config import read_template, template_precision
     from mvptr_ds.training.trainer import train as run_training
+
+    options = dict(locals())
+    options.pop("local_rank")
+    options.pop("run_training")
+    run_cfg = pretraining_config(**options)
+    result = run_training(run_cfg)
+    if result is not None and result.stopped_by:
+        return f"stopped by {result.stopped_by} after step {result.steps} (checkpoint saved); resume with --resume auto"
+    return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"
+
+
+def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_config=None, output_dir=None,
+                       max_steps=None, micro_batch=None, grad_accum=None, lr=None, warmup_steps=None,
+                       save_every=None, log_every=None, keep_last=None, resume=None, init_from=None, seed=None,
+                       wandb=None, precision=None, kernels=None, tokenizer=None, global_negatives=None,
+                       max_bad_steps=None, stop_after=None, config=None) -> RunConfig:
+    """The validated RunConfig of ``train``'s options: given options override ``config``, else the defaults."""
+    from mvptr_ds.training.ds_config import read_template, template_precision
 
     base = RunConfig.load(config) if config else RunConfig(model=ModelConfig(), data=DataConfig(),
                                                             objectives=ObjectiveConfig(), train=TrainConfig())
@@ -96,25 +115,40 @@ def train(stage: int = 2,
         model_cfg = model_config_from(str(model))
     if kernels is not None:
         model_cfg = dataclasses.replace(model_cfg, kernels=kernels)
-    ds_path = resolve_path(ds_config)
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731 (options given on the line)
+    train_over = given(stage=stage, output_dir=output_dir, max_steps=max_steps, micro_batch=micro_batch,
+                       grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, save_every=save_every,
+                       log_every=log_every, keep_last=keep_last, resume=resume, init_from=init_from, seed=seed,
+                       wandb=wandb, max_bad_steps=max_bad_steps, stop_after=stop_after)
+    for name in ("stage", "max_steps", "micro_batch", "grad_accum", "warmup_steps", "save_every", "log_every",
+                 "keep_last", "seed", "max_bad_steps", "stop_after"):
+        if name in train_over:
+            train_over[name] = int(train_over[name])
+    for name in ("lr",):
+        if name in train_over:
+            train_over[name] = float(train_over[name])
+    for name in ("resume", "wandb"):
+        if name in train_over:
+            train_over[name] = str(train_over[name])
+    ds_path = resolve_path(ds_config if ds_config is not None else base.train.ds_config)
     if precision is None:
-        precision = template_precision(read_template(ds_path))
+        precision = template_precision(read_template(ds_path)) if (ds_config or not config) else base.train.precision
+    names = parse_objectives(objectives) if objectives is not None else (base.objectives.names if config else ())
+    if stage is not None and objectives is None and config and int(stage) != base.train.stage:
+        names = ()  # another stage: its default objectives, not the config's
     run_cfg = RunConfig(
         model=model_cfg,
-        data=dataclasses.replace(base.data, source=data, tokenizer=tokenizer or base.data.tokenizer),
-        objectives=dataclasses.replace(base.objectives, names=parse_objectives(objectives),
-                                       global_negatives=bool(global_negatives)),
-        train=dataclasses.replace(
-            base.train, stage=int(stage), output_dir=output_dir, ds_config=ds_path, max_steps=max_steps,
-            micro_batch=micro_batch, grad_accum=grad_accum, lr=float(lr), warmup_steps=warmup_steps,
-            save_every=save_every, log_every=log_every, keep_last=keep_last, resume=str(resume),
-            init_from=init_from, seed=seed, wandb=str(wandb), precision=precision, max_bad_steps=max_bad_steps,
-            stop_after=stop_after),
+        data=dataclasses.replace(base.data, **given(source=data, tokenizer=tokenizer)),
+        objectives=dataclasses.replace(base.objectives, names=names,
+                                       **given(global_negatives=None if global_negatives is None
+                                               else bool(global_negatives))),
+        train=dataclasses.replace(base.train, ds_config=ds_path, precision=precision, **train_over),
     ).validate()
-    result = run_training(run_cfg)
-    if result is not None and result.stopped_by:
-        return f"stopped by {result.stopped_by} after step {result.steps} (checkpoint saved); resume with --resume auto"
-    return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"
+    return run_cfg
+
+
+train.__doc__ = train.__doc__.format(**{f.name: getattr(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)
+                                         if not isinstance(getattr(TrainConfig, f.name, None), (list, dict))})
 
 
 def parse_objectives(value) -> tuple:

@@ -80,3 +80,23 @@ def test_convert_original_command(tmp_path, shared_data):
     missing = run_cli(["convert_original", "--src", str(tmp_path / "nope.pt"), "--dst", str(tmp_path / "x")],
                       check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope.pt" in missing.stderr
+
+
+def test_options_not_given_keep_the_config_files_values(tmp_path):
+    from mvptr_ds.config import DEFAULT_OBJECTIVES, TrainConfig, model_config_from
+    from mvptr_ds.run import pretraining_config
+
+    first = pretraining_config(stage=1, max_steps=7, lr=3e-4, micro_batch=5, output_dir=str(tmp_path / "a"),
+                               ds_config="ds_configs/zero1.json", seed=11)
+    path = tmp_path / "config.json"
+    first.dump(str(path))
+    again = pretraining_config(config=str(path), max_steps=9)
+    assert again.train.max_steps == 9                       # given: overrides
+    assert (again.train.lr, again.train.micro_batch, again.train.seed, again.train.stage) == (3e-4, 5, 11, 1)
+    assert again.train.ds_config == first.train.ds_config and again.model == first.model
+    other_stage = pretraining_config(config=str(path), stage=2)
+    assert other_stage.objective_names == DEFAULT_OBJECTIVES[2]  # another stage: its own default objectives
+    plain = pretraining_config()                            # nothing given: the dataclass defaults
+    assert (plain.train.max_steps, plain.train.lr, plain.train.seed) == (TrainConfig.max_steps, TrainConfig.lr,
+                                                                         TrainConfig.seed)
+    assert plain.model == model_config_from("tiny")
