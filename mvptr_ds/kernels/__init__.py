@@ -1,7 +1,9 @@
 """Kernel dispatch: the model's two seams (attention, concept embedding) select an implementation by name.
 
 ``impl`` is one of ``"auto"`` (fused Triton kernels on CUDA, the PyTorch reference elsewhere),
-``"triton"`` or ``"torch"``. Triton is imported lazily, only when a Triton path is chosen.
+``"triton"``, ``"torch"`` or ``"eager"`` (the authors' attention: additive -10000 mask, explicit softmax;
+kept for the baseline of ``benchmarks/throughput.py``). Triton is imported lazily, only when a Triton path
+is chosen.
 
 On CUDA the fused attention path is ``CUDA_ATTENTION``: "triton" (own kernel, ``triton_attention``), "flex"
 (``flex_attention`` with a padding block mask) or "sdpa" (the reference). Switching is this one line; the
@@ -14,12 +16,12 @@ import torch
 
 from mvptr_ds.kernels import reference
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "eager")
 CUDA_ATTENTION = "triton"  # "triton" | "flex" | "sdpa": fused attention on CUDA, per the GPU benchmark
 
 
 def resolve(impl: str, device: torch.device) -> str:
-    """Map ``impl`` to the concrete implementation used on ``device`` ("torch" or "triton")."""
+    """Map ``impl`` to the concrete implementation used on ``device`` ("torch", "triton" or "eager")."""
     if impl not in IMPLS:
         raise ValueError(f"kernels={impl!r}: expected one of {', '.join(IMPLS)}")
     if impl == "auto":
@@ -37,7 +39,10 @@ def _triton_available() -> bool:
 
 def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "auto"):
     """Masked attention over ``[B, heads, L, head_dim]`` with a ``[B, L]`` bool key mask (True = real)."""
-    if resolve(impl, q.device) == "triton":
+    resolved = resolve(impl, q.device)
+    if resolved == "eager":
+        return reference.eager_attention(q, k, v, key_padding_mask, dropout_p)
+    if resolved == "triton":
         backend = CUDA_ATTENTION if q.device.type == "cuda" else "triton"
         if backend == "triton":
             from mvptr_ds.kernels import triton_attention

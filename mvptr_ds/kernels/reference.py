@@ -1,6 +1,8 @@
 """Plain PyTorch reference paths: always available, and the numerical oracle for the fused kernels."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     """
     mask = key_padding_mask[:, None, None, :].to(torch.bool)  # [B, 1, 1, L]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """The authors' (Hugging Face BERT's) attention: scores + additive -10000 mask, softmax, dropout, @ v.
+
+    Same shapes as ``attention``. Kept for the authors-style baseline of ``benchmarks/throughput.py``.
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, L, L)
+    additive = (1.0 - key_padding_mask[:, None, None, :].to(scores.dtype)) * -10000.0  # (B, 1, 1, L)
+    probs = F.dropout(torch.softmax(scores + additive, dim=-1), dropout_p, training=dropout_p > 0)
+    return probs @ v  # (B, nh, L, hd)
 
 
 def concept_embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

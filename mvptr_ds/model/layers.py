@@ -10,9 +10,14 @@ projections, residuals, LayerNorms, the feed-forward block) runs on those N rows
 sees the ``[B, heads, L, head_dim]`` layout, scattered just for the kernel call and gathered back after.
 Padded positions of the encoder's output are zeros. Real positions are computed exactly as in a padded
 layer (everything but attention is position-wise, and attention masks padded keys).
+With ``kernels="eager"`` (the authors-style baseline of ``benchmarks/throughput.py``) the encoder computes
+the way the authors' code does instead: every position, padding included, goes through every layer
+(``index=None``: no gather/scatter), and padded positions of the output hold whatever the layers computed.
 Reference: Devlin et al., BERT (2019); MVPTR (Li et al., ACM MM 2022) section 3.1.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +41,18 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         self.impl = cfg.kernels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
         """x: ``[N, H]`` real tokens; mask: ``[B, L]`` bool (True = real); index: ``[N]`` flat positions
-        of the real tokens in ``B*L``. Returns ``[N, H]``.
+        of the real tokens in ``B*L`` (None: x holds all ``B*L`` positions). Returns ``[N, H]``.
         """
         b, l = mask.shape
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)  # (N, 3H)
-        padded = qkv.new_zeros(b * l, qkv.shape[-1]).index_copy(0, index, qkv)  # (B*L, 3H)
+        padded = qkv if index is None else qkv.new_zeros(b * l, qkv.shape[-1]).index_copy(0, index, qkv)  # (B*L, 3H)
         qkv = padded.view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
         p = self.dropout_p if self.training else 0.0
         ctx = kernels.attention(qkv[0], qkv[1], qkv[2], mask, p, impl=self.impl)  # (B, nh, L, hd)
         ctx = ctx.transpose(1, 2).reshape(b * l, self.num_heads * self.head_dim)  # (B*L, H)
-        return ctx.index_select(0, index)  # (N, H)
+        return ctx if index is None else ctx.index_select(0, index)  # (N, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -69,7 +74,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
         return self.output(self.self(x, mask, index), x)
 
 
@@ -106,7 +111,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
         """x: ``[N, H]`` real tokens of a ``[B, L]`` batch (see ``BertSelfAttention``). Returns ``[N, H]``."""
         a = self.attention(x, mask, index)
         return self.output(self.intermediate(a), a)
@@ -119,19 +124,25 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(num_layers))
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.padded = cfg.kernels == "eager"  # the authors' way: every position through every layer
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding."""
         b, l, hidden = h.shape
         mask = mask.bool()
-        index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
-        x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
+        if self.padded:
+            index, x = None, h.reshape(b * l, hidden)  # (B*L, H)
+        else:
+            index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
+            x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if recompute:
                 x = checkpoint(layer, x, mask, index, use_reentrant=False)
             else:
                 x = layer(x, mask, index)
+        if index is None:
+            return x.view(b, l, hidden)
         return x.new_zeros(b * l, hidden).index_copy(0, index, x).view(b, l, hidden)  # (B, L, H)
 
 

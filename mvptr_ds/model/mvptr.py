@@ -22,6 +22,7 @@ exactly what the naive padded computation gives; only padding work is removed. T
 shape, so it costs one host sync per call. Inside every encoder (``layers.BertEncoder``) the position-wise
 work (projections, feed-forward, LayerNorms: most of the FLOPs) runs on the real tokens only; only the
 attention kernel sees the padded ``[B, L]`` layout. Encoder outputs are zeros at padded positions.
+``kernels="eager"`` turns all of this off (the authors-style baseline of ``benchmarks/throughput.py``).
 (Attention without any padding, i.e. varlen/segment masks, would need a kernel behind the attention seam
 that takes segment ids instead of a key-padding mask.)
 """
@@ -143,6 +144,8 @@ class MVPTRModel(nn.Module):
                               "cross-modal encoder")
         joint = torch.cat([text_h, region_h.to(text_h.dtype)], dim=1)  # (B, Lt+Lr, H)
         mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)  # (B, Lt+Lr)
+        if self.cfg.kernels == "eager":  # the authors' way (benchmark baseline): no packing, padding computed
+            return self.cross_encoder(joint, mask)
         lengths = mask.sum(dim=1)  # (B,)
         packed_len = int(lengths.max())  # host sync: the packed length is a shape
         # Real positions first, in their original order: a stable sort of "is padding".
