@@ -121,6 +121,20 @@ def test_embedding_segment_grad_is_bitwise_deterministic(seed):
         assert torch.equal(a, b), f"segment table gradients differ between two runs (seed {seed})"
 
 
+def test_embedding_long_runs_of_one_id(seed):
+    """Runs of equal ids longer than the segment kernel's 16-row tile (word, position and type tables)."""
+    ids, pos, types, tables = embedding_inputs(3, 19, n_pos=24)
+    ids[:2] = 7                                       # a run of 38 tokens of id 7, then a padding row of 19 zeros
+    types[:] = 1                                      # one run of 57 over the type table
+    grad_out = torch.randn(3, 19, tables[0].shape[1], dtype=torch.float64)
+    want, want_grads = run_embedding(reference.concept_embedding, ids, pos, types, tables, torch.float64, grad_out)
+    got, got_grads = run_embedding(triton_embedding.concept_embedding, ids, pos, types, tables, torch.float32,
+                                   grad_out)
+    check("output", got, want, 1e-5, seed)
+    for name, g, w in zip(("word", "position", "type", "ln weight", "ln bias"), got_grads, want_grads):
+        check(f"grad {name}", g, w, 1e-5, seed)
+
+
 def test_embedding_rejects_out_of_range_ids():
     ids, pos, types, tables = embedding_inputs(1, 4)
     ids[0, 2] = tables[0].shape[0]
@@ -214,6 +228,17 @@ def test_flex_forward_matches_reference(seed):
 
 
 # ---- dispatch and benchmark -------------------------------------------------------------------------------
+
+def test_dispatch_auto_is_fused_on_cuda_and_reference_elsewhere(monkeypatch):
+    assert kernels.resolve("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve("auto", torch.device("cuda")) == "triton"  # device type only: no GPU needed
+    assert kernels.resolve("triton", torch.device("cpu")) == "triton"
+    assert kernels.resolve("torch", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(kernels, "_triton_available", lambda: False)
+    assert kernels.resolve("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        kernels.resolve("cuda", torch.device("cpu"))
+
 
 def test_dispatch_triton_and_torch_agree_on_real_positions(seed):
     shape = (2, 2, 19, 32)
