@@ -246,6 +246,65 @@ def synth(out: str, data: str = "synthetic", phrases: bool = True):
     return _summary(write(out, data=data, phrases=phrases))
 
 
+def evaluate(checkpoint: str, output: Optional[str] = None, data: Optional[str] = None,
+             tasks: Union[str, Sequence[str]] = "retrieval,grounding", rerank_captions: Optional[int] = None,
+             rerank_images: Optional[int] = None, batch_size: Optional[int] = None,
+             max_images: Optional[int] = None, progress: bool = True, local_rank: Optional[int] = None):
+    """Evaluate a checkpoint: coarse-to-fine retrieval (R@1/5/10 both ways) and phrase grounding accuracy.
+
+    Args:
+        checkpoint: a final/ export (model.safetensors + config.json), a run directory, or a DeepSpeed
+            step<N> checkpoint directory.
+        output: JSON file to write (recalls and accuracies in percent, with the chance levels).
+        data: default: the checkpoint's training source; the built-in world is evaluated on its held-out
+            images, a data directory whole.
+        tasks: comma list out of retrieval,grounding.
+        rerank_captions: captions per image re-ranked by ITM (default EvalConfig: 128).
+        rerank_images: images per caption re-ranked by ITM (default EvalConfig: 64).
+        batch_size: evaluation batch size (default EvalConfig: 64).
+        max_images: evaluate only the first N images of the split (and their captions).
+        progress: progress bars on stderr.
+        local_rank: set by the deepspeed launcher; ignored.
+    """
+    from mvptr_ds.config import EvalConfig
+    from mvptr_ds.evaluation.evaluate import evaluate as run_evaluation
+
+    base = EvalConfig()
+    eval_cfg = dataclasses.replace(
+        base, rerank_captions=int(rerank_captions or base.rerank_captions),
+        rerank_images=int(rerank_images or base.rerank_images), batch_size=int(batch_size or base.batch_size))
+    result = run_evaluation(str(checkpoint), data=data, tasks=tasks, output=output, eval_cfg=eval_cfg,
+                            max_images=max_images, show_progress=bool(progress))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _summary({k: v for k, v in result.items() if k in ("retrieval", "grounding")})
+    return None
+
+
+def embed(checkpoint: str, output: str, data: Optional[str] = None, split: str = "held_out",
+          limit: Optional[int] = None, batch_size: int = 64):
+    """Write uni-modal and cross-modal representations of image-caption pairs to an .npz file.
+
+    Arrays: sample_ids, image_ids, text_embed, visual_embed (contrastive, unit norm), similarity,
+    text_cls, visual_cls (uni-modal [CLS] outputs), pooled and itm_score (stage-2 models). From Python:
+    ``mvptr_ds.encode(checkpoint, ...)``.
+
+    Args:
+        checkpoint: a final/ export, a run directory or a DeepSpeed step<N> checkpoint.
+        output: the .npz file to write.
+        data: default: the checkpoint's training source.
+        split: held_out or train (built-in world); a data directory is read whole.
+        limit: only the first N pairs.
+        batch_size: pairs per forward pass.
+    """
+    from mvptr_ds.evaluation.encode import encode
+
+    enc = encode(str(checkpoint), data=data, split=split, limit=limit, batch_size=batch_size, show_progress=True)
+    enc.save(output)
+    _summary({"output": output, "pairs": int(enc.sample_ids.shape[0]),
+              "arrays": {k: list(v.shape) for k, v in enc.arrays().items()}})
+    return None
+
+
 def _summary(report: dict) -> None:
     import json
 
@@ -253,7 +312,8 @@ def _summary(report: dict) -> None:
 
 
 COMMANDS = {"train": train, "convert_original": convert_original, "convert_features": convert_features,
-            "build_vocab": build_vocab, "extract_concepts": extract_concepts, "synth": synth}
+            "build_vocab": build_vocab, "extract_concepts": extract_concepts, "synth": synth,
+            "evaluate": evaluate, "embed": embed}
 
 
 def main(argv=None) -> int:

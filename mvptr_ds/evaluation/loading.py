@@ -1,0 +1,130 @@
+"""A trained model for evaluation and embedding: backbone (+ ITM head) from a checkpoint, and its data.
+
+``--checkpoint`` accepts what training leaves behind:
+
+* a portable export: a directory with ``model.safetensors`` + ``config.json`` (``<run>/final``, or what
+  ``convert_original`` writes), or a run directory that has a ``final/`` one;
+* a DeepSpeed training checkpoint: a ``step<N>`` directory, or a run / ``checkpoints`` directory (its newest
+  complete ``step<N>``); the weights are consolidated to fp32 (any ZeRO stage) and the config is the
+  ``config.json`` saved with the checkpoint.
+
+The state dict holds ``backbone.*`` and the heads of the objectives it was trained with
+(``heads.itm.*`` when ITM was among them); other heads are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from mvptr_ds.config import ConfigError, RunConfig
+
+BACKBONE_PREFIX = "backbone."
+ITM_PREFIX = "heads.itm."
+
+
+@dataclass
+class LoadedModel:
+    """``backbone`` (MVPTRModel, eval mode), ``itm_head`` (ITMHead or None), the checkpoint's resolved
+    ``config`` and ``source`` (the directory the weights came from)."""
+
+    backbone: torch.nn.Module
+    itm_head: Optional[torch.nn.Module]
+    config: RunConfig
+    source: str
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], RunConfig, str]:
+    """(state dict, config, the directory read) of a portable export or a DeepSpeed checkpoint (module doc)."""
+    from mvptr_ds.training import checkpoint
+    from mvptr_ds.training.weights import WEIGHTS_NAME, load_weights
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--checkpoint {path}: no such directory")
+    for candidate in (path, os.path.join(path, "final")):
+        if os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
+            state, cfg = load_weights(candidate)
+            return state, cfg, candidate
+    try:
+        step_dir = checkpoint.resolve_resume(path, path)
+    except ConfigError as e:
+        raise ConfigError(f"--checkpoint {path}: neither a {WEIGHTS_NAME} export nor a training checkpoint "
+                          f"({e})") from None
+    if step_dir is None:
+        raise ConfigError(f"--checkpoint {path}: no {WEIGHTS_NAME} and no complete training checkpoint there")
+    cfg = RunConfig.load(os.path.join(step_dir, "config.json"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(step_dir)
+    return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)), cfg, step_dir
+
+
+def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def build_model(state: Dict[str, torch.Tensor], cfg: RunConfig, source: str, device="cpu") -> LoadedModel:
+    """Backbone and ITM head from a state dict; every backbone parameter must be present with its shape."""
+    from mvptr_ds.model.heads import ITMHead
+    from mvptr_ds.model.mvptr import MVPTRModel
+
+    backbone_state = _sub_state(state, BACKBONE_PREFIX)
+    if not backbone_state:
+        raise ConfigError(f"{source}: the weights hold no '{BACKBONE_PREFIX}*' tensors; not an MVPTR checkpoint")
+    with_cross = any(k.startswith("cross_encoder.") for k in backbone_state)
+    backbone = MVPTRModel(cfg.model, with_cross=with_cross)
+    _load_strict(backbone, backbone_state, source, BACKBONE_PREFIX)
+    itm_state = _sub_state(state, ITM_PREFIX)
+    itm_head = None
+    if itm_state and with_cross:
+        itm_head = ITMHead(cfg.model)
+        _load_strict(itm_head, itm_state, source, ITM_PREFIX)
+    for m in (backbone, itm_head):
+        if m is not None:
+            m.to(device).eval()
+    return LoadedModel(backbone, itm_head, cfg, source)
+
+
+def _load_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str, prefix: str) -> None:
+    target = module.state_dict()
+    missing = [k for k in target if k not in state]
+    if missing:
+        raise ConfigError(f"{source}: {prefix}{missing[0]} missing from the checkpoint"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for k, v in target.items():
+        if state[k].shape != v.shape:
+            raise ConfigError(f"{source}: {prefix}{k} has shape {tuple(state[k].shape)}, the model built from its "
+                              f"config.json expects {tuple(v.shape)}")
+    module.load_state_dict({k: state[k] for k in target})
+
+
+def load_model(path: str, device="cpu") -> LoadedModel:
+    """:func:`read_checkpoint` then :func:`build_model`."""
+    state, cfg, source = read_checkpoint(path)
+    return build_model(state, cfg, source, device)
+
+
+def load_eval_data(model: LoadedModel, data: Optional[str] = None):
+    """(data bundle, evaluation split, split name) for ``data`` (default: the checkpoint's training source).
+
+    The built-in world evaluates on its held-out images; a data directory is evaluated whole (give the
+    directory of the test split). The checkpoint's vocabulary must fit the data's.
+    """
+    from mvptr_ds.data.pipeline import build_data
+    from mvptr_ds.pipeline import resolve_model_config
+
+    data_cfg = dataclasses.replace(model.config.data, source=data) if data else model.config.data
+    bundle = build_data(data_cfg, objectives=())
+    try:
+        resolve_model_config(model.config.model, bundle.vocab)
+    except ConfigError as e:
+        raise ConfigError(f"--data {data_cfg.source} does not fit the checkpoint {model.source}: {e}") from None
+    if bundle.world is not None:
+        if len(bundle.held_out) == 0:
+            raise ConfigError(f"--data {data_cfg.source}: the world holds out no images (held_out=0); "
+                              f"evaluation needs held-out images, e.g. {data_cfg.source},held_out=64")
+        return bundle, bundle.held_out, "held_out"
+    return bundle, bundle.train, "all"
