@@ -63,6 +63,23 @@ class Timer:
         return statistics.median(times)
 
 
+def machine(device: str) -> str:
+    """The machine in words: CPU model and cores, and the GPU when benchmarking on CUDA."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    if device == "cuda":
+        import torch
+        props = torch.cuda.get_device_properties(0)
+        desc = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), " + desc
+    return desc
+
+
 def rel_err(got, want, rows=None) -> float:
     import torch
     got, want = got.detach().double(), want.detach().double()
@@ -147,10 +164,12 @@ def bench_attention(cfg, masks, dtype, device, timer, record):
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if "fwd_ms" in row:
                 row["fwd_tflops"] = flops_useful / row["fwd_ms"] / 1e9
-                row["fwd_frac_ceiling"] = row["fwd_tflops"] * 1e12 / CEIL_FLOPS
             if "fwdbwd_ms" in row:
                 row["fwdbwd_tflops"] = 3 * flops_useful / row["fwdbwd_ms"] / 1e9
-                row["fwdbwd_frac_ceiling"] = row["fwdbwd_tflops"] * 1e12 / CEIL_FLOPS
+            if device == "cuda":  # the ceilings are the H200's: meaningless for the CPU run
+                for key in ("fwd", "fwdbwd"):
+                    if f"{key}_tflops" in row:
+                        row[f"{key}_frac_ceiling"] = row[f"{key}_tflops"] * 1e12 / CEIL_FLOPS
             if name == "reference":
                 base_times = {k: row.get(k) for k in ("fwd_ms", "fwdbwd_ms")}
             for key in ("fwd_ms", "fwdbwd_ms"):
@@ -209,8 +228,9 @@ def bench_embedding(cfg, masks, dtype, device, timer, record, gen):
             row["fwdbwd_ms"] = timer(step)
             row["fwd_gbs"] = bytes_fwd / row["fwd_ms"] / 1e6
             row["fwdbwd_gbs"] = (bytes_fwd + bytes_bwd) / row["fwdbwd_ms"] / 1e6
-            row["fwd_frac_ceiling"] = row["fwd_gbs"] * 1e9 / CEIL_BYTES
-            row["fwdbwd_frac_ceiling"] = row["fwdbwd_gbs"] * 1e9 / CEIL_BYTES
+            if device == "cuda":  # the ceilings are the H200's: meaningless for the CPU run
+                row["fwd_frac_ceiling"] = row["fwd_gbs"] * 1e9 / CEIL_BYTES
+                row["fwdbwd_frac_ceiling"] = row["fwdbwd_gbs"] * 1e9 / CEIL_BYTES
             if name == "reference":
                 base_times = {k: row[k] for k in ("fwd_ms", "fwdbwd_ms")}
             for key in ("fwd_ms", "fwdbwd_ms"):
@@ -234,8 +254,39 @@ def print_table(rows) -> None:
         rate = f"{rate}{unit[0]}"
         fb = f"{r['fwdbwd_ms']:9.3f}" if "fwdbwd_ms" in r else f"{'-':>9s}"
         frac = f"{100 * r['fwdbwd_frac_ceiling']:8.2f}%" if "fwdbwd_frac_ceiling" in r else f"{'-':>9s}"
-        sp = f"{r.get('speedup_fwd', 0):5.2f}/" + (f"{r['speedup_fwdbwd']:5.2f}" if "speedup_fwdbwd" in r else "    -")
+        sp = f"{r.get('speedup_fwd', 0):.3g}/" + (f"{r['speedup_fwdbwd']:.3g}" if "speedup_fwdbwd" in r else "-")
         print(f"{r['name']:34s} {r['fwd_ms']:9.3f} {fb} {rate:>17s} {frac} {sp:>12s} {r['max_rel_err']:8.1e}")
+
+
+LOWP_SLACK = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+
+
+def fastest(rows) -> dict:
+    """Per kernel: the variant with the least forward+backward time summed over the cases, among the variants
+    that ran every case and stayed within 2x the reference's own error (+ a dtype slack) everywhere."""
+    out = {}
+    for kernel in sorted({r["kernel"] for r in rows}):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        ref_err = {r["case"]: r["max_rel_err"] for r in mine if r["variant"] == "reference" and "max_rel_err" in r}
+        total, cases = {}, {r["case"] for r in mine}
+        for r in mine:
+            tol = 2 * ref_err.get(r["case"], 0.0) + LOWP_SLACK.get(r["dtype"], 1e-5)
+            ok = "fwdbwd_ms" in r and r.get("max_rel_err", float("inf")) <= tol
+            total.setdefault(r["variant"], {})[r["case"]] = r["fwdbwd_ms"] if ok else None
+        good = {v: sum(t.values()) for v, t in total.items() if set(t) == cases and None not in t.values()}
+        if good:
+            best = min(good, key=good.get)
+            out[kernel] = dict(variant=best, fwdbwd_ms_total=good[best],
+                               reference_ms_total=good.get("reference"), correct_variants=sorted(good))
+    return out
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
 
 
 def main(argv=None) -> int:
@@ -260,9 +311,12 @@ def main(argv=None) -> int:
     masks = ragged_masks(cfg, gen)
     timer = Timer(args.device, args.reps)
     result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreted)",
-                  torch=torch.__version__, dtype=args.dtype or str(dtype), sizes=cfg,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"), ceilings=dict(bytes_per_s=CEIL_BYTES, flops=CEIL_FLOPS),
-                  command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]), rows=[])
+                  machine=machine(args.device), torch=torch.__version__, triton=_triton_version(),
+                  dtype=str(dtype).replace("torch.", ""), sizes=cfg,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  ceilings=dict(bytes_per_s=CEIL_BYTES, flops=CEIL_FLOPS),
+                  command=" ".join(["python benchmarks/kernels.py", *(argv if argv is not None else sys.argv[1:])]),
+                  rows=[])
 
     def record(row):
         result["rows"].append(row)
@@ -276,8 +330,16 @@ def main(argv=None) -> int:
         bench_embedding(cfg, masks, dtype, args.device, timer, record, gen)
     if args.only in (None, "attention"):
         bench_attention(cfg, masks, dtype, args.device, timer, record)
-    print(f"\n{result['device']}, {dtype}, sizes {cfg}")
+    print(f"\n{result['device']}; {result['machine']}; torch {result['torch']}, triton {result['triton']}; "
+          f"{result['date']}\n{result['command']}\n{dtype}, sizes {cfg}")
     print_table(result["rows"])
+    result["fastest"] = fastest(result["rows"])
+    for kernel, f in result["fastest"].items():
+        ratio = f" ({f['reference_ms_total'] / f['fwdbwd_ms_total']:.3g}x the reference)" \
+            if f.get("reference_ms_total") else ""
+        print(f"fastest correct {kernel} (forward+backward, summed over cases): {f['variant']}{ratio}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -266,3 +266,6 @@ def test_benchmark_cpu_runs_end_to_end(tmp_path):
     assert {"embedding/text/fused", "embedding/text/reference", "attention/text/triton",
             "attention/cross/reference"} <= names, names
     assert all(r["max_rel_err"] <= 1e-5 for r in result["rows"] if r.get("max_rel_err") is not None), result
+    assert result["machine"] and result["date"] and result["command"].startswith("python benchmarks/kernels.py")
+    assert set(result["fastest"]) == {"attention", "embedding"}, result["fastest"]
+    assert {"triton", "reference"} <= set(result["fastest"]["attention"]["correct_variants"]), result["fastest"]
