@@ -57,7 +57,6 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
 
 
 def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> TrainResult:
-    import deepspeed
 
     from mvptr_ds import pipeline
 
@@ -94,13 +93,7 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
             parts.module, train_cfg.init_from,
             os.path.join(train_cfg.output_dir, "init_report.json") if info.is_main else None))
 
-    optimizer = build_optimizer(parts.module, train_cfg, offloads_optimizer(ds_cfg))
-    if zero_stage(ds_cfg) == 0 and train_cfg.precision == "fp32":
-        guard.guard_client_optimizer(optimizer, info.device)
-    scheduler = linear_schedule(optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=parts.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    guard.install(engine)
+    engine, scheduler = build_engine(parts.module, train_cfg, ds_cfg, info.device)
     dtype = _DTYPES[train_cfg.precision]
 
     step, skipped_batches = 0, 0
@@ -243,6 +236,23 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
     finally:
         logger.close()
     return TrainResult(train_cfg.output_dir, step, final_dir, last)
+
+
+def build_engine(module: torch.nn.Module, train_cfg, ds_cfg: Dict, device: torch.device):
+    """AdamW (the release's decay groups), the linear schedule and the DeepSpeed engine around ``module``.
+
+    Returns ``(engine, scheduler)``. Shared by the training loop and ``benchmarks/throughput.py``.
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(module, train_cfg, offloads_optimizer(ds_cfg))
+    if zero_stage(ds_cfg) == 0 and train_cfg.precision == "fp32":
+        guard.guard_client_optimizer(optimizer, device)
+    scheduler = linear_schedule(optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_cfg)
+    guard.install(engine)
+    return engine, scheduler
 
 
 def truncate_metrics(path: str, step: int) -> None:
