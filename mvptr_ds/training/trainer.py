@@ -57,7 +57,6 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
 
 
 def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> TrainResult:
-
     from mvptr_ds import pipeline
 
     build = build or pipeline.build
