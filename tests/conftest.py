@@ -15,6 +15,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
+_DS_OPS_BUILT = False
+
+
+def prebuild_deepspeed_ops() -> None:
+    """JIT-build DeepSpeed's shm_comm op (every process group on CPU loads it; ~50 s the first time, then cached
+    in TORCH_EXTENSIONS_DIR) once, here, so no launch deadline in a test pays for the compiler."""
+    global _DS_OPS_BUILT
+    if not _DS_OPS_BUILT:
+        from deepspeed.comm.torch import build_shm_op
+        build_shm_op()
+        _DS_OPS_BUILT = True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,6 +45,7 @@ def clean_env(**extra) -> dict:
 
 def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True):
     """Run ``python -m mvptr_ds.run ARGS`` (or through ``deepspeed --num_gpus N``); return the CompletedProcess."""
+    prebuild_deepspeed_ops()
     if launcher_procs:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launcher_procs),
                "--master_port", str(free_port()), str(REPO / "mvptr_ds" / "run.py")] + list(args)

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from conftest import prebuild_deepspeed_ops
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
            "deepspeed.checkpoint.ds_to_universal", "deepspeed.utils.zero_to_fp32", "torch._dynamo",
@@ -33,6 +35,7 @@ def _context():
     if _CTX is None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
+        prebuild_deepspeed_ops()  # outside every launch's deadline
         _CTX = multiprocessing.get_context("forkserver")
         _CTX.set_forkserver_preload(PRELOAD)
     return _CTX
