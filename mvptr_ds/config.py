@@ -181,13 +181,31 @@ class EvalConfig:
     batch_size: int = 64           # evaluation batch size
     num_answers: int = 3129        # VQA answer vocabulary (taken from the data when it says otherwise)
     head_dropout: float = 0.3      # VQA head dropout
+    # Fine-tuning (``finetune`` command): evaluation data when it is not the training source's own split
+    # (the built-in world's held-out images; a real directory's ``eval_split`` files), the split name
+    # (None: the task's usual one, TASK_EVAL_SPLITS) and the cross-modal layer the referring head reads.
+    eval_data: Optional[str] = None
+    eval_split: Optional[str] = None
+    ref_layer: int = 3
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"eval.task={self.task!r}: expected one of {', '.join(TASKS)}")
-        for name in ("rerank_captions", "rerank_images", "batch_size", "num_answers"):
+        for name in ("rerank_captions", "rerank_images", "batch_size", "num_answers", "ref_layer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"eval.head_dropout={self.head_dropout} must be in [0, 1)")
+
+
+# Fine-tuning settings of the release (MVPTR.md section 4) that differ from TrainConfig's defaults.
+TASK_TRAIN_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "retrieval": {"lr": 4e-5, "weight_decay": 0.05},
+    "vqa": {"lr": 5e-5},
+    "snli_ve": {"lr": 5e-5},
+    "refcoco": {"lr": 5e-5},
+}
+TASK_EVAL_SPLITS = {"retrieval": "test", "vqa": "val", "snli_ve": "dev", "refcoco": "val"}
 
 
 @dataclass(frozen=True)

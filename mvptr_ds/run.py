@@ -305,6 +305,64 @@ def embed(checkpoint: str, output: str, data: Optional[str] = None, split: str =
     return None
 
 
+def finetune(task: str, data: Optional[str] = None, eval_data: Optional[str] = None,
+             eval_split: Optional[str] = None, model: Optional[str] = None, init_from: Optional[str] = None,
+             ds_config: Optional[str] = None, output_dir: Optional[str] = None, max_steps: Optional[int] = None,
+             micro_batch: Optional[int] = None, grad_accum: Optional[int] = None, lr: Optional[float] = None,
+             weight_decay: Optional[float] = None, warmup_steps: Optional[int] = None,
+             save_every: Optional[int] = None, log_every: Optional[int] = None, keep_last: Optional[int] = None,
+             resume: Optional[str] = None, seed: Optional[int] = None, wandb: Optional[str] = None,
+             precision: Optional[str] = None, kernels: Optional[str] = None, tokenizer: Optional[str] = None,
+             eval_batch_size: Optional[int] = None, ref_layer: Optional[int] = None,
+             head_dropout: Optional[float] = None, eval_only: bool = False, config: Optional[str] = None,
+             local_rank: Optional[int] = None):
+    """Fine-tune on a downstream task with the pre-training engine and loop, then evaluate (eval.json).
+
+    Args:
+        task: retrieval (VSC + ITM; recalls), vqa (soft accuracy), snli_ve (3-way accuracy) or refcoco
+            (accuracy at IoU >= 0.5).
+        data: "synthetic[:k=v,..]" (the built-in world's small version of the task) or a data directory
+            with the task's files (README, "Fine-tuning").
+        eval_data: evaluation data when not the training source's own evaluation split.
+        eval_split: split of the evaluation files (default: test for retrieval, val for vqa/refcoco, dev for snli_ve).
+        model: preset (tiny, base) or JSON; default tiny (the model of --config / --init_from must match).
+        init_from: initial weights, e.g. a pre-training run or its final/ folder (the task head is new).
+        ds_config: DeepSpeed template (default ds_configs/zero2.json).
+        output_dir: run folder (default runs/finetune_TASK).
+        max_steps: optimizer steps (default 200).
+        micro_batch: examples per rank per forward pass (default 16).
+        grad_accum: micro batches per optimizer step (default 1).
+        lr: peak learning rate (default: the release's for the task, 4e-5 retrieval, else 5e-5).
+        weight_decay: AdamW weight decay (default 0.05 retrieval, else 0.01).
+        warmup_steps: linear warm-up steps (default 20).
+        save_every: checkpoint every N steps (default 100).
+        log_every: log every N steps (default 10).
+        keep_last: checkpoints kept (default 3).
+        resume: auto, none or a checkpoint path.
+        seed: seed of weights, data order and dropout (default 42).
+        wandb: offline (default), online or disabled.
+        precision: fp32, bf16 or fp16 (default: what the ds_config enables).
+        kernels: auto, triton or torch.
+        tokenizer: local Hugging Face tokenizer directory for real data.
+        eval_batch_size: evaluation batch size (default 64).
+        ref_layer: cross-modal layer whose states the referring-expression head reads (default 3).
+        head_dropout: dropout before the VQA / SNLI-VE heads (default 0.3).
+        eval_only: evaluate the weights of --init_from without training.
+        config: a run config.json whose values the options not given keep.
+        local_rank: set by the deepspeed launcher; ignored.
+    """
+    from mvptr_ds.finetune.runner import finetune as run_finetune
+    from mvptr_ds.finetune.runner import finetune_config
+
+    options = dict(locals())
+    for name in ("local_rank", "run_finetune", "finetune_config", "eval_only"):
+        options.pop(name)
+    report = run_finetune(finetune_config(**options), eval_only=bool(eval_only))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _summary(report)
+    return None
+
+
 def _summary(report: dict) -> None:
     import json
 
@@ -313,7 +371,7 @@ def _summary(report: dict) -> None:
 
 COMMANDS = {"train": train, "convert_original": convert_original, "convert_features": convert_features,
             "build_vocab": build_vocab, "extract_concepts": extract_concepts, "synth": synth,
-            "evaluate": evaluate, "embed": embed}
+            "evaluate": evaluate, "embed": embed, "finetune": finetune}
 
 
 def main(argv=None) -> int:

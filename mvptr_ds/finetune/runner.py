@@ -1,0 +1,211 @@
+"""``finetune``: train a task on the pre-training engine and loop, then evaluate with the task's metric.
+
+The training loop is pre-training's (``training.trainer.train``); only the parts differ: :class:`TaskBuilder`
+is its ``build`` seam and returns the task's data, :class:`~mvptr_ds.finetune.tasks.FinetuneModule` and a
+resumable loader. Checkpoints, resume, ``--init_from`` (a pre-training run or export: the backbone loads,
+the task head is new and reported by name), logging and ``final/`` export are the loop's.
+
+After training, the exported ``final/`` weights are loaded into a fresh module and evaluated on the
+evaluation split (each rank scores a strided share; counts are summed over ranks). ``eval.json`` in the run
+folder holds the task, its metric, the number of examples, the chance level (the expected metric of a
+uniformly random prediction), the checkpoint and the data evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from mvptr_ds.config import ConfigError, RunConfig
+from mvptr_ds.finetune.data import TaskData, build_task_data
+from mvptr_ds.finetune.metrics import IOU_THRESHOLD
+from mvptr_ds.finetune.tasks import FinetuneModule
+
+METRICS = {"vqa": "vqa_soft_accuracy", "snli_ve": "accuracy", "refcoco": "iou50_accuracy"}
+
+
+def build_module(cfg: RunConfig, data: TaskData) -> FinetuneModule:
+    return FinetuneModule(cfg.model, cfg.eval.task, num_answers=len(data.answers),
+                          head_dropout=cfg.eval.head_dropout, ref_layer=cfg.eval.ref_layer)
+
+
+class TaskBuilder:
+    """``build(cfg, dist_info) -> RunParts`` for the training loop; keeps what it built for evaluation."""
+
+    def __init__(self):
+        self.parts = None
+
+    def __call__(self, cfg: RunConfig, info):
+        import dataclasses
+
+        from mvptr_ds.data.batching import ResumableLoader
+        from mvptr_ds.pipeline import RunParts, resolve_model_config
+
+        data = build_task_data(cfg)
+        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab))
+        if data.answers:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_answers=len(data.answers)))
+        cfg = cfg.validate()
+        module = build_module(cfg, data).to(info.device)
+        loader = ResumableLoader(data.train, data.collator, micro_batch=cfg.train.micro_batch, rank=info.rank,
+                                 world_size=info.world_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                 prefetch_factor=cfg.data.prefetch_factor)
+        self.parts = RunParts(config=cfg, data=data, module=module, loader=loader)
+        return self.parts
+
+
+def _rank_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+@torch.no_grad()
+def evaluate_task(module: FinetuneModule, data: TaskData, batch_size: int, device="cpu") -> Dict[str, float]:
+    """The task's metric on ``data.eval`` (percent), ``n`` and ``chance`` (see module docstring)."""
+    task = module.task
+    rank, world = _rank_world()
+    was_training = module.training
+    module.eval()
+    score = chance = 0.0
+    mine = list(range(rank, len(data.eval), world))
+    try:
+        for start in range(0, len(mine), batch_size):
+            examples = [data.eval[i] for i in mine[start:start + batch_size]]
+            tb = data.collator(examples).to(device)
+            pred = module.predict(tb)
+            if task == "vqa":
+                targets = tb.answer_scores.float()
+                score += float(targets.gather(1, pred[:, None]).sum())
+                chance += float(targets.mean(dim=1).sum())
+            elif task == "snli_ve":
+                score += float((pred == tb.labels).sum())
+                chance += len(examples) / 3
+            else:
+                hit = tb.region_iou >= IOU_THRESHOLD  # (B, Lr)
+                score += float(hit.gather(1, pred[:, None]).sum())
+                real = tb.batch.region_mask.bool()
+                chance += float(((hit & real).sum(1) / real.sum(1).clamp(min=1)).sum())
+    finally:
+        module.train(was_training)
+    total = _sum_over_ranks(torch.tensor([score, chance, float(len(mine))], dtype=torch.float64))
+    n = max(float(total[2]), 1.0)
+    return {METRICS[task]: 100.0 * float(total[0]) / n, "chance": 100.0 * float(total[1]) / n, "n": int(total[2])}
+
+
+def evaluate_retrieval_task(module: FinetuneModule, data: TaskData, cfg: RunConfig, device="cpu") -> Dict[str, float]:
+    """Coarse-to-fine retrieval of ``mvptr_ds.evaluation.retrieval`` with the fine-tuned backbone and ITM head."""
+    from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set
+
+    rank, world = _rank_world()
+    return evaluate_retrieval(module.backbone, module.heads["itm"], retrieval_set(data.eval_pairs),
+                              eval_collator(cfg.data, data.vocab), k_captions=cfg.eval.rerank_captions,
+                              k_images=cfg.eval.rerank_images, batch_size=cfg.eval.batch_size, device=device,
+                              rank=rank, world_size=world)
+
+
+def evaluate(module: FinetuneModule, data: TaskData, cfg: RunConfig, device="cpu") -> Dict[str, float]:
+    if module.task == "retrieval":
+        return evaluate_retrieval_task(module, data, cfg, device)
+    return evaluate_task(module, data, cfg.eval.batch_size, device)
+
+
+def load_final(cfg: RunConfig, data: TaskData, weights_dir: str, device) -> FinetuneModule:
+    """A fresh task module with the weights of ``weights_dir`` (a ``final/`` export); every key must match."""
+    from mvptr_ds.training.weights import load_weights
+
+    state, _ = load_weights(weights_dir)
+    module = build_module(cfg, data)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{weights_dir}: weights do not fit the {cfg.eval.task} model (missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return module.to(device)
+
+
+def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, checkpoint: Optional[str]) -> str:
+    report = {"task": cfg.eval.task, cfg.eval.task: result, "checkpoint": checkpoint, "data": cfg.data.source,
+              "eval_data": data.eval_source}
+    path = os.path.join(cfg.train.output_dir, "eval.json")
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
+    """Train (unless ``eval_only``) and evaluate; returns the report written to ``<output_dir>/eval.json``."""
+    from mvptr_ds import pipeline
+    from mvptr_ds.training import distributed
+    from mvptr_ds.training.trainer import train
+
+    builder = TaskBuilder()
+    if eval_only:
+        if not cfg.train.init_from:
+            raise ConfigError("--eval_only evaluates the weights of --init_from; give it")
+        info = distributed.setup()
+        parts = builder(cfg, info)
+        for line in pipeline.init_weights(parts.module, cfg.train.init_from):
+            if info.is_main:
+                print(line)
+        module, checkpoint, cfg, device = parts.module, cfg.train.init_from, parts.config, info.device
+    else:
+        result = train(cfg, build=builder)
+        if result.final_dir is None:
+            return {"stopped_by": result.stopped_by, "steps": result.steps}
+        cfg, checkpoint = builder.parts.config, result.final_dir
+        device = next(builder.parts.module.parameters()).device
+        module = load_final(cfg, builder.parts.data, checkpoint, device)
+    metrics = evaluate(module, builder.parts.data, cfg, device)
+    rank, _ = _rank_world()
+    report = {"task": cfg.eval.task, cfg.eval.task: metrics, "checkpoint": checkpoint}
+    if rank == 0:
+        report["report"] = write_report(cfg, metrics, builder.parts.data, checkpoint)
+    return report
+
+
+def finetune_config(task: str, eval_data=None, eval_split=None, weight_decay=None, eval_batch_size=None,
+                    ref_layer=None, head_dropout=None, **train_options) -> RunConfig:
+    """The validated RunConfig of the ``finetune`` command: pre-training's options (``run.pretraining_config``)
+    at stage 2, the task's release defaults (``config.TASK_TRAIN_DEFAULTS``) for lr / weight decay unless
+    given, and the task settings in ``eval``."""
+    import dataclasses
+
+    from mvptr_ds.config import TASK_TRAIN_DEFAULTS, TASKS
+    from mvptr_ds.run import pretraining_config
+
+    task = str(task)
+    if task not in TASKS or task == "pretrain":
+        raise ConfigError(f"--task {task!r}: expected one of {', '.join(t for t in TASKS if t != 'pretrain')}")
+    config_file = train_options.get("config")
+    defaults = TASK_TRAIN_DEFAULTS[task]
+    if train_options.get("lr") is None and not config_file:
+        train_options["lr"] = defaults["lr"]
+    if train_options.get("output_dir") is None and not config_file:
+        train_options["output_dir"] = f"runs/finetune_{task}"
+    cfg = pretraining_config(stage=2, objectives="vsc,itm" if task == "retrieval" else None, **train_options)
+    if weight_decay is None and not config_file:
+        weight_decay = defaults.get("weight_decay", cfg.train.weight_decay)
+    given = {k: v for k, v in dict(eval_data=eval_data, eval_split=eval_split, batch_size=eval_batch_size,
+                                   ref_layer=ref_layer, head_dropout=head_dropout).items() if v is not None}
+    for k in ("batch_size", "ref_layer"):
+        if k in given:
+            given[k] = int(given[k])
+    if "head_dropout" in given:
+        given["head_dropout"] = float(given["head_dropout"])
+    for k in ("eval_data", "eval_split"):
+        if k in given:
+            given[k] = str(given[k])
+    train = cfg.train if weight_decay is None else dataclasses.replace(cfg.train, weight_decay=float(weight_decay))
+    return dataclasses.replace(cfg, train=train, eval=dataclasses.replace(cfg.eval, task=task, **given)).validate()
