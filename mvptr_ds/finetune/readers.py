@@ -57,10 +57,10 @@ class ImageSource:
         self.max_tags, self.max_regions = max(max_tag_length - 2, 0), max_img_seq_length
         self._ints: Dict[str, int] = {}
 
-    def check(self, image_id: str, path: str, row: int, field: str) -> None:
+    def check(self, image_id: str, path: str, row: int, field: str, unit: str = "row") -> None:
         for source, what in ((self.features, "region features"), (self.predictions, "tags")):
             if image_id not in source:
-                raise DataError(path, f"image {image_id!r} has no {what} in {source.path}", row, field)
+                raise DataError(path, f"image {image_id!r} has no {what} in {source.path}", row, field, unit)
 
     def image_int(self, image_id: str) -> int:
         return self._ints.setdefault(image_id, len(self._ints))
@@ -193,7 +193,7 @@ def read_vqa(source: ImageSource, task_dir: str, split: str, answers: List[str])
                     raise DataError(jsonl, f"score of {a!r} must be a number in [0, 1], got {s!r}", line,
                                     "answers", "line")
                 target[index[normalise_answer(a)]] = float(s)
-            source.check(image_id, jsonl, line, "image_id")
+            source.check(image_id, jsonl, line, "image_id", "line")
             records.append((image_id, question, tuple(target.items())))
         return TaskDataset(source, records, "vqa")
     qpath = os.path.join(task_dir, f"{split}_questions.json")
@@ -247,7 +247,7 @@ def read_snli_ve(source: ImageSource, task_dir: str, split: str) -> TaskDataset:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(SNLI_LABELS):
             raise DataError(path, f"label {rec.get('gold_label')!r} is out of range: expected one of "
                             f"{', '.join(SNLI_LABELS)} or 0..2", line, "gold_label", "line")
-        source.check(image_id, path, line, "Flikr30kID")
+        source.check(image_id, path, line, "Flikr30kID", "line")
         records.append((image_id, hypothesis, label))
     return TaskDataset(source, records, "snli_ve")
 
