@@ -64,7 +64,7 @@ class StepFlops:
 class _EncoderCall:
     name: str
     layers: int
-    lengths: List[int]   # real positions per row
+    lengths: torch.Tensor  # [B] real positions per row
     padded_len: int      # L of the [B, L] block the call received
     padded_rows: bool    # True when every position runs through the layers (kernels="eager")
 
@@ -99,7 +99,7 @@ class FlopCounter:
     def _hook(self, name: str, encoder):
         def record(_module, args):
             h, mask = args[0], args[1]
-            lengths = mask.bool().sum(dim=1).tolist()  # a host sync, outside the timed phases' kernels
+            lengths = mask.detach().bool().sum(dim=1)  # (B,) on the device; read in count(), not here (no sync)
             self.calls.append(_EncoderCall(name, len(encoder.layer), lengths, int(h.shape[1]),
                                            bool(getattr(encoder, "padded", False))))
         return record
@@ -119,7 +119,8 @@ class FlopCounter:
         h, v, f = cfg.hidden_size, cfg.only_word_size, cfg.img_feature_dim
         out = StepFlops()
         for call in self.calls:
-            req, exe = self.layer_flops(call.lengths, call.padded_len, call.padded_rows, call.layers)
+            lengths = [int(n) for n in call.lengths.tolist()]
+            req, exe = self.layer_flops(lengths, call.padded_len, call.padded_rows, call.layers)
             out.add(call.name, req, exe)
         self.calls = []
         b = batch.size

@@ -1,0 +1,192 @@
+"""Benchmark JSON results -> a markdown section (tables with provenance) and PNG plots.
+
+    python benchmarks/report.py --results DIR [DIR ...] --out benchmarks/results --title "CPU figures"
+
+Reads every ``throughput_*.json`` (``throughput.py``) and ``memory_*.json`` (``memory.py``) under the given
+folders and writes ``<out>/throughput.md`` plus ``throughput_vs_micro_batch.png``, ``mfu_vs_micro_batch.png``,
+``speedup_vs_micro_batch.png`` and ``memory_per_rank.png`` (each only when there are results to plot). Every
+figure's row carries the command, machine, software versions and date it was measured with.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+THROUGHPUT_HEADER = (
+    "| run | device | model | stage | precision | ZeRO | micro batch | ranks | samples/s | tokens/s | TFLOP/s | "
+    "MFU | MFU (measured peak) | speed-up vs authors | peak memory | data / fwd / bwd / opt ms |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+MEMORY_HEADER = (
+    "| ZeRO | offload | ranks | params/rank | grads/rank | optimizer state/rank | fp32 master/rank | "
+    "theory params / grads / optim+master | peak RSS/rank |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _gib(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def throughput_row(r: Dict) -> str:
+    b = r["breakdown_s"]
+    speedup = r.get("speedup_vs_authors")
+    cells = [r["name"], r["device"], r["model"], r["stage"], r["precision"], r["zero_stage"], r["micro_batch"],
+             r["world_size"], f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.4f}",
+             _pct(r.get("mfu")), _pct(r.get("mfu_measured_peak")),
+             "n/a" if speedup is None else f"{speedup:.2f}x", _gib(r["peak_memory_bytes"]),
+             " / ".join(f"{1e3 * b[k]:.1f}" for k in ("data_wait", "forward", "backward", "optimizer"))]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def memory_row(r: Dict) -> str:
+    ranks = r["per_rank"]
+
+    def mean(key):
+        vals = [x[key] for x in ranks if x.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    t = r["theory"]
+    theory = f"{_gib(t['param_bytes'])} / {_gib(t['grad_bytes'])} / {_gib(t['optimizer_state_bytes'] + t['master_bytes'])}"
+    cells = [r["zero_stage"], "cpu" if r["offload"] else "-", r["world_size"], _gib(mean("param_bytes")),
+             _gib(mean("grad_bytes")), _gib(mean("optimizer_state_bytes")), _gib(mean("master_bytes")), theory,
+             _gib(mean("rss_peak_bytes"))]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def load(folders: List[str]) -> Dict[str, List[Dict]]:
+    out: Dict[str, List[Dict]] = {"throughput": [], "memory": []}
+    for folder in folders:
+        for kind in out:
+            for path in sorted(glob.glob(os.path.join(folder, "**", f"{kind}_*.json"), recursive=True)):
+                with open(path) as f:
+                    out[kind].append(json.load(f))
+    return out
+
+
+def provenance(r: Dict) -> str:
+    machine = r.get("gpu") or r.get("cpu", "?")
+    return (f"`{r['command']}` on {machine} ({r.get('cpu_threads', '?')} threads), torch {r['torch']}, "
+            f"deepspeed {r['deepspeed']}, Python {r['python']}, {r['date']}")
+
+
+def plots(results: Dict[str, List[Dict]], out: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    series = defaultdict(list)
+    for r in results["throughput"]:
+        series[(r["device"], r["model"], r["precision"], r["world_size"])].append(r)
+    for key, ylabel, fname in (("samples_per_s", "samples/s per rank", "throughput_vs_micro_batch.png"),
+                               ("mfu_measured_peak", "MFU (vs measured matmul peak)", "mfu_vs_micro_batch.png"),
+                               ("speedup_vs_authors", "speed-up over authors-style (x)", "speedup_vs_micro_batch.png")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        drawn = False
+        for (device, model, precision, world), rs in sorted(series.items()):
+            rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["micro_batch"])
+            if not rs:
+                continue
+            ax.plot([r["micro_batch"] for r in rs], [r[key] for r in rs], marker="o",
+                    label=f"{device} {model} {precision} x{world}")
+            if key == "samples_per_s" and any(r.get("baseline") for r in rs):
+                based = [r for r in rs if r.get("baseline")]
+                ax.plot([r["micro_batch"] for r in based], [r["baseline"]["samples_per_s"] for r in based],
+                        marker="x", linestyle="--", label=f"{device} {model} authors-style")
+            drawn = True
+        if drawn:
+            ax.set_xlabel("micro batch")
+            ax.set_ylabel(ylabel)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, fname), dpi=110)
+            made.append(fname)
+        plt.close(fig)
+    if results["memory"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        lines = defaultdict(list)
+        for r in results["memory"]:
+            lines[(r["zero_stage"], r["offload"])].append(r)
+        for (stage, offload), rs in sorted(lines.items()):
+            rs.sort(key=lambda r: r["world_size"])
+            measured = [sum(x["param_bytes"] + x["grad_bytes"] + x["optimizer_state_bytes"] + x["master_bytes"]
+                            for x in r["per_rank"]) / len(r["per_rank"]) / 2 ** 20 for r in rs]
+            theory = [sum(r["theory"].values()) / 2 ** 20 for r in rs]
+            line, = ax.plot([r["world_size"] for r in rs], measured, marker="o",
+                            label=f"ZeRO-{stage}{' offload' if offload else ''}")
+            ax.plot([r["world_size"] for r in rs], theory, linestyle=":", color=line.get_color())
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("model states per rank (MiB)")
+        ax.set_xticks(sorted({r["world_size"] for r in results["memory"]}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="measured (dotted: theory)", title_fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "memory_per_rank.png"), dpi=110)
+        plt.close(fig)
+        made.append("memory_per_rank.png")
+    return made
+
+
+def markdown(results: Dict[str, List[Dict]], title: str, images: List[str], note: str = "") -> str:
+    lines = [f"## {title}", ""]
+    if note:
+        lines += [note, ""]
+    tp = sorted(results["throughput"], key=lambda r: (r["device"], r["model"], r["world_size"], r["micro_batch"]))
+    if tp:
+        lines += ["### Training throughput per rank", "", THROUGHPUT_HEADER.rstrip("\n")]
+        lines += [throughput_row(r) for r in tp]
+        lines += ["", "Authors-style baseline of the same runs (same model, weights, data and steps; fixed padding "
+                  "40 + 20 + 50, eager attention with a -10000 mask, per-pair WPG loop, fp16 on CUDA / fp32 on CPU):", "",
+                  "| run | precision | samples/s | tokens/s | TFLOP/s (required work) | TFLOP/s (executed) | peak memory |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['baseline']['precision']} | {r['baseline']['samples_per_s']:.2f} | "
+                  f"{r['baseline']['tokens_per_s']:.0f} | {r['baseline']['tflops']:.4f} | "
+                  f"{r['baseline']['executed_tflops']:.4f} | {_gib(r['baseline']['peak_memory_bytes'])} |"
+                  for r in tp if r.get("baseline")]
+        lines += ["", "Measured with:", ""] + [f"- {r['name']}: {provenance(r)}" for r in tp] + [""]
+    mem = sorted(results["memory"], key=lambda r: (r["zero_stage"], r["offload"], r["world_size"]))
+    if mem:
+        lines += ["### Model-state memory per rank vs world size", "", MEMORY_HEADER.rstrip("\n")]
+        lines += [memory_row(r) for r in mem]
+        lines += ["", "Measured with:", ""]
+        lines += [f"- ZeRO-{r['zero_stage']}{' offload' if r['offload'] else ''} x{r['world_size']}: {provenance(r)}"
+                  for r in mem] + [""]
+    for img in images:
+        lines += [f"![{img[:-4]}]({img})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", nargs="+", required=True, help="folders holding throughput_*.json / memory_*.json")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--title", default="Benchmarks")
+    p.add_argument("--note", default="", help="a paragraph put under the title")
+    p.add_argument("--name", default="throughput.md")
+    args = p.parse_args(argv)
+    results = load(args.results)
+    if not results["throughput"] and not results["memory"]:
+        raise SystemExit(f"no throughput_*.json or memory_*.json under {', '.join(args.results)}")
+    os.makedirs(args.out, exist_ok=True)
+    images = plots(results, args.out)
+    text = markdown(results, args.title, images, args.note)
+    path = os.path.join(args.out, args.name)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path} ({len(results['throughput'])} throughput, {len(results['memory'])} memory results; "
+          f"plots: {', '.join(images) or 'none'})")
+    return path
+
+
+if __name__ == "__main__":
+    main()
