@@ -363,6 +363,21 @@ def finetune(task: str, data: Optional[str] = None, eval_data: Optional[str] = N
     return None
 
 
+def bench(*argv: str):
+    """Training throughput benchmark: benchmarks/throughput.py with the same options (``bench --help`` lists them).
+
+    Takes its options verbatim (argparse, not Fire): ``python -m mvptr_ds.run bench --device cpu --model tiny``.
+    """
+    bench_dir = os.path.join(_REPO_ROOT, "benchmarks")
+    if not os.path.isfile(os.path.join(bench_dir, "throughput.py")):
+        raise ConfigError(f"bench needs the repository's benchmarks/ folder ({bench_dir} not found)")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    import throughput
+
+    throughput.main([str(a) for a in argv])
+
+
 def _summary(report: dict) -> None:
     import json
 
@@ -371,7 +386,7 @@ def _summary(report: dict) -> None:
 
 COMMANDS = {"train": train, "convert_original": convert_original, "convert_features": convert_features,
             "build_vocab": build_vocab, "extract_concepts": extract_concepts, "synth": synth,
-            "evaluate": evaluate, "embed": embed, "finetune": finetune}
+            "evaluate": evaluate, "embed": embed, "finetune": finetune, "bench": bench}
 
 
 def main(argv=None) -> int:
@@ -389,6 +404,9 @@ def main(argv=None) -> int:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
+        if argv[0] == "bench":  # argparse options, passed through untouched
+            bench(*argv[1:])
+            return 0
         fire.Fire(COMMANDS, command=argv, name="mvptr_ds.run")
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
