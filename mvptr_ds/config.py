@@ -205,7 +205,8 @@ TASK_TRAIN_DEFAULTS: Dict[str, Dict[str, float]] = {
     "snli_ve": {"lr": 5e-5},
     "refcoco": {"lr": 5e-5},
 }
-TASK_EVAL_SPLITS = {"retrieval": "test", "vqa": "val", "snli_ve": "dev", "refcoco": "val"}
+# Evaluation split of a task directory (retrieval evaluates the whole --eval_data directory instead).
+TASK_EVAL_SPLITS = {"vqa": "val", "snli_ve": "dev", "refcoco": "val"}
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,8 @@ def finetune(task: str, data: Optional[str] = None, eval_data: Optional[str] = N
         data: "synthetic[:k=v,..]" (the built-in world's small version of the task) or a data directory
             with the task's files (README, "Fine-tuning").
         eval_data: evaluation data when not the training source's own evaluation split.
-        eval_split: split of the evaluation files (default: test for retrieval, val for vqa/refcoco, dev for snli_ve).
+        eval_split: split of the evaluation files (default: val for vqa/refcoco, dev for snli_ve; retrieval
+            evaluates the whole --eval_data directory).
         model: preset (tiny, base) or JSON; default tiny (the model of --config / --init_from must match).
         init_from: initial weights, e.g. a pre-training run or its final/ folder (the task head is new).
         ds_config: DeepSpeed template (default ds_configs/zero2.json).
