@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,19 +61,26 @@ class EntailmentHead(nn.Module):
 
 
 def cross_states(backbone, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
-                 region_mask: torch.Tensor, num_layers: int) -> torch.Tensor:
-    """Output of the first ``num_layers`` cross-modal layers: ``[B, Lt+Lr, H]`` (text, then regions).
+                 region_mask: torch.Tensor, num_layers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """States after the first ``num_layers`` cross-modal layers and after the last one, each
+    ``[B, Lt+Lr, H]`` (text, then regions; zeros at padded positions).
 
-    Runs the layers on the real positions only, as ``BertEncoder`` does; zeros at padded positions.
+    Runs the layers on the real positions only, as ``BertEncoder`` does. The layers above ``num_layers``
+    run too, so every parameter is used inside a module call (ZeRO-3 gathers parameters, and reduces their
+    gradients, only through module hooks); the task ties their output into its loss with an exact zero.
     """
     joint = torch.cat([text_h, region_h.to(text_h.dtype)], dim=1)  # (B, L, H), L = Lt+Lr
     mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)  # (B, L)
     b, l, h = joint.shape
     index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens
     x = joint.reshape(b * l, h).index_select(0, index)  # (N, H)
-    for layer in backbone.cross_encoder.layer[:num_layers]:
+    picked = None
+    for k, layer in enumerate(backbone.cross_encoder.layer):
         x = layer(x, mask, index)
-    return x.new_zeros(b * l, h).index_copy(0, index, x).view(b, l, h)
+        if k + 1 == num_layers:
+            picked = x
+    scatter = lambda t: t.new_zeros(b * l, h).index_copy(0, index, t).view(b, l, h)  # noqa: E731
+    return scatter(picked), scatter(x)
 
 
 def region_scores(cross_h: torch.Tensor, num_text: int) -> torch.Tensor:

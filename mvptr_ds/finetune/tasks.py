@@ -15,9 +15,9 @@ Losses (``forward``), and what ``predict`` returns for evaluation:
 * ``refcoco``: MSE between the cosine of ``[CLS]`` and each region (cross-modal layer ``ref_layer``) and that
   region's IoU with the target box, over real regions; predicts the highest-scoring region.
 
-Every parameter is tied into the loss (an exact zero for parts a task does not read: the contrastive
-projections, or the cross-modal layers above ``ref_layer`` and the pooler), so ZeRO sees the same gradients
-on every step, as in pre-training.
+Every parameter is used in the forward pass and tied into the loss (an exact zero for parts a task does not
+read: the contrastive projections; for refcoco the cross-modal layers above ``ref_layer`` and the pooler),
+so ZeRO (stage 3 included) sees the same gradients on every step, as in pre-training.
 """
 from __future__ import annotations
 
@@ -70,21 +70,16 @@ class FinetuneModule(nn.Module):
             head = None
         self.heads = nn.ModuleDict({"itm" if task == "retrieval" else task: head} if head is not None else {})
 
-    def _unused_params(self):
-        """Parameters the refcoco loss does not read (cross-modal layers above ``ref_layer``, the pooler)."""
-        if self.task != "refcoco":
-            return []
-        out = [p for layer in self.backbone.cross_encoder.layer[self.ref_layer:] for p in layer.parameters()]
-        return out + list(self.backbone.pooler.parameters())
-
     def logits(self, tb: TaskBatch):
         """(task scores, backbone outputs): answers ``[B, A]``, labels ``[B, 3]``, regions ``[B, Lr]``."""
         b = tb.batch
         if self.task == "refcoco":
             out = self.backbone(b, run_cross=False)
             regions = out.visual[:, out.num_tags:]  # (B, Lr, H)
-            cross = cross_states(self.backbone, out.text, b.text_mask, regions, b.region_mask, self.ref_layer)
-            return region_scores(cross, b.text_ids.shape[1]), out
+            picked, out.cross = cross_states(self.backbone, out.text, b.text_mask, regions, b.region_mask,
+                                             self.ref_layer)
+            out.pooled = self.backbone.pool(out.cross)  # unused by the task: tied in with an exact zero
+            return region_scores(picked, b.text_ids.shape[1]), out
         out = self.backbone(b)
         if self.task == "vqa":
             return self.heads["vqa"](out.cross[:, 0]).float(), out
@@ -115,7 +110,7 @@ class FinetuneModule(nn.Module):
             losses = {"refcoco": err.sum() / real.sum().clamp(min=1)}
         total = sum(losses.values())
         unused = zero_loss(out.text, out.visual, out.text_embed, out.visual_embed, out.cross, out.pooled,
-                           out.logit_scale, *self._unused_params())
+                           out.logit_scale)
         return TaskOutput(loss=total + unused, losses=losses, metrics=metrics)
 
     @torch.no_grad()
