@@ -240,6 +240,27 @@ def test_dispatch_auto_is_fused_on_cuda_and_reference_elsewhere(monkeypatch):
         kernels.resolve("cuda", torch.device("cpu"))
 
 
+PROBE = """
+import torch
+from mvptr_ds import kernels
+q, mask = torch.randn(1, 1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+try:
+    print(float((kernels.attention(q, q, q, mask, impl="triton") - kernels.attention(q, q, q, mask, impl="torch"))
+                .abs().max()))
+except RuntimeError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("flag", [None, "0"])
+def test_dispatch_triton_on_cpu_without_the_interpreter_is_refused_clearly(flag):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": flag} if flag else {})})
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: kernels='triton' on cpu tensors needs Triton's interpreter" in proc.stdout, proc.stdout
+
+
 def test_dispatch_triton_and_torch_agree_on_real_positions(seed):
     shape = (2, 2, 19, 32)
     q, k, v = (torch.randn(*shape) for _ in range(3))

@@ -1,7 +1,7 @@
 """The training loop gives the same losses with ``--kernels triton`` (Triton interpreted on the CPU) as with
 ``--kernels torch``: stage 2, all five objectives, a tiny model, two optimizer steps through the CLI.
 
-Each run is a subprocess (``TRITON_INTERPRET=1`` must be set before the kernel modules are imported). Dropout is
+Each run is a subprocess with ``TRITON_INTERPRET=1`` (it must be set before triton is first imported). Dropout is
 off in both runs: the fused kernels draw their dropout masks from their own counter-based generator, so with
 dropout on the two runs would differ by design. Step 2's losses depend on step 1's gradients of every
 parameter, so the comparison covers the kernels' backward passes as well as their forward.

@@ -3,7 +3,8 @@
 ``impl`` is one of ``"auto"`` (fused Triton kernels on CUDA, the PyTorch reference elsewhere),
 ``"triton"``, ``"torch"`` or ``"eager"`` (the authors' attention: additive -10000 mask, explicit softmax;
 kept for the baseline of ``benchmarks/throughput.py``). Triton is imported lazily, only when a Triton path
-is chosen.
+is chosen; ``"triton"`` on CPU tensors runs the kernels in Triton's interpreter (slow: for tests), which
+needs ``TRITON_INTERPRET=1`` in the environment from the start.
 
 On CUDA the fused attention path is ``CUDA_ATTENTION``: "triton" (own kernel, ``triton_attention``), "flex"
 (``flex_attention`` with a padding block mask) or "sdpa" (the reference). Switching is this one line; the
@@ -11,6 +12,9 @@ choice follows ``benchmarks/kernels.py`` on the GPU. Fused paths write 0 for pad
 computes them; they are meaningless either way).
 """
 from __future__ import annotations
+
+import importlib
+import os
 
 import torch
 
@@ -37,6 +41,22 @@ def _triton_available() -> bool:
     return True
 
 
+def _kernel_module(name: str, device: torch.device):
+    """Import ``mvptr_ds.kernels.<name>`` (a Triton module). Off CUDA its kernels can only run in Triton's
+    interpreter, which ``TRITON_INTERPRET=1`` must select before triton itself is first imported (deepspeed
+    imports it early): refuse clearly here rather than fail inside Triton ("0 active drivers")."""
+    full = f"mvptr_ds.kernels.{name}"
+    if device.type != "cuda":
+        flag = os.environ.get("TRITON_INTERPRET", "")
+        mod = importlib.import_module(full) if flag == "1" else None
+        if mod is None or type(mod._fwd_kernel).__name__ != "InterpretedFunction":
+            raise RuntimeError(f"kernels='triton' on {device.type} tensors needs Triton's interpreter: set "
+                               f"TRITON_INTERPRET=1 in the environment before starting (now {flag!r}), or use "
+                               f"kernels='torch' or 'auto' off the GPU")
+        return mod
+    return importlib.import_module(full)
+
+
 def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "auto"):
     """Masked attention over ``[B, heads, L, head_dim]`` with a ``[B, L]`` bool key mask (True = real)."""
     resolved = resolve(impl, q.device)
@@ -45,8 +65,7 @@ def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "au
     if resolved == "triton":
         backend = CUDA_ATTENTION if q.device.type == "cuda" else "triton"
         if backend == "triton":
-            from mvptr_ds.kernels import triton_attention
-            return triton_attention.attention(q, k, v, key_padding_mask, dropout_p)
+            return _kernel_module("triton_attention", q.device).attention(q, k, v, key_padding_mask, dropout_p)
         if backend == "flex":
             from mvptr_ds.kernels import flex
             return flex.attention(q, k, v, key_padding_mask, dropout_p)
@@ -58,9 +77,8 @@ def concept_embedding(input_ids, position_ids, token_type_ids, word_weight, posi
                       impl: str = "auto"):
     """Fused gather + position + type + LayerNorm (+ dropout); see ``reference.concept_embedding``."""
     if resolve(impl, input_ids.device) == "triton":
-        from mvptr_ds.kernels import triton_embedding
-        return triton_embedding.concept_embedding(input_ids, position_ids, token_type_ids, word_weight,
-                                                  position_weight, type_weight, ln_weight, ln_bias, eps,
-                                                  dropout_p, training)
+        fused = _kernel_module("triton_embedding", input_ids.device)
+        return fused.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                                       type_weight, ln_weight, ln_bias, eps, dropout_p, training)
     return reference.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                                        type_weight, ln_weight, ln_bias, eps, dropout_p, training)
