@@ -5,8 +5,8 @@
 
 Each rank builds the real pre-training module and DeepSpeed engine (``pipeline.build``,
 ``trainer.build_engine``; fp32, MVPTR stage 2) for a model large enough that model states dominate
-(``--model``, default hidden 512, 8 heads, 2+2+2 layers: 21.7M parameters with the synthetic vocabulary), trains two micro batches, and
-counts the bytes of unique tensor storages it holds:
+(``--model``, default hidden 512, 8 heads, 2+2+2 layers: 21.7M parameters with the synthetic vocabulary),
+trains two micro batches, and counts the bytes of unique tensor storages it holds:
 
 * parameters: the module's parameters (ZeRO-3: the rank's partition ``ds_tensor``);
 * gradients: after ``engine.backward`` of the second step, before ``engine.step``: ``param.grad`` plus every

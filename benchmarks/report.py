@@ -54,7 +54,8 @@ def memory_row(r: Dict) -> str:
         return sum(vals) / len(vals) if vals else None
 
     t = r["theory"]
-    theory = f"{_gib(t['param_bytes'])} / {_gib(t['grad_bytes'])} / {_gib(t['optimizer_state_bytes'] + t['master_bytes'])}"
+    states = t["optimizer_state_bytes"] + t["master_bytes"]
+    theory = f"{_gib(t['param_bytes'])} / {_gib(t['grad_bytes'])} / {_gib(states)}"
     cells = [r["zero_stage"], "cpu" if r["offload"] else "-", r["world_size"], _gib(mean("param_bytes")),
              _gib(mean("grad_bytes")), _gib(mean("optimizer_state_bytes")), _gib(mean("master_bytes")), theory,
              _gib(mean("rss_peak_bytes"))]
@@ -73,8 +74,10 @@ def load(folders: List[str]) -> Dict[str, List[Dict]]:
 
 def provenance(r: Dict) -> str:
     machine = r.get("gpu") or r.get("cpu", "?")
-    return (f"`{r['command']}` on {machine} ({r.get('cpu_threads', '?')} threads), torch {r['torch']}, "
-            f"deepspeed {r['deepspeed']}, Python {r['python']}, {r['date']}")
+    load = r.get("load_average_1min")
+    shared = "" if load is None else f", {r.get('cpu_count', '?')} cores with 1-min load average {load:.1f}"
+    return (f"`{r['command']}` on {machine} ({r.get('cpu_threads', '?')} threads per rank{shared}), torch "
+            f"{r['torch']}, deepspeed {r['deepspeed']}, Python {r['python']}, {r['date']}")
 
 
 def plots(results: Dict[str, List[Dict]], out: str) -> List[str]:
@@ -146,8 +149,9 @@ def markdown(results: Dict[str, List[Dict]], title: str, images: List[str], note
         lines += ["### Training throughput per rank", "", THROUGHPUT_HEADER.rstrip("\n")]
         lines += [throughput_row(r) for r in tp]
         lines += ["", "Authors-style baseline of the same runs (same model, weights, data and steps; fixed padding "
-                  "40 + 20 + 50, eager attention with a -10000 mask, per-pair WPG loop, fp16 on CUDA / fp32 on CPU):", "",
-                  "| run | precision | samples/s | tokens/s | TFLOP/s (required work) | TFLOP/s (executed) | peak memory |",
+                  "40 + 20 + 50, eager attention with a -10000 mask, per-pair WPG loop, fp16 on CUDA / fp32 on CPU):",
+                  "", "| run | precision | samples/s | tokens/s | TFLOP/s (required work) | TFLOP/s (executed) | "
+                  "peak memory |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['baseline']['precision']} | {r['baseline']['samples_per_s']:.2f} | "
                   f"{r['baseline']['tokens_per_s']:.0f} | {r['baseline']['tflops']:.4f} | "

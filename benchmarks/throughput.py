@@ -134,7 +134,8 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> Dict[str, object]:
     """CUDA: max_memory_allocated since the last reset; CPU: peak resident set size of this process."""
     if device.type == "cuda":
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_max_allocated"}
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "cuda_max_allocated"}
     try:
         with open("/proc/self/status") as f:
             hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -261,7 +262,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
     env = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "cpu_threads": torch.get_num_threads(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
