@@ -10,7 +10,8 @@
 # Steps (each under `timeout`, all under GPU_CHECK_BUDGET seconds; a step that no longer fits is reported
 # "not run (time)"):
 #   install       pip install --no-index --no-deps --target $SITE $WHEELS/*.whl  (skipped if $WHEELS is empty)
-#   imports       torch/triton/deepspeed/fire/mvptr_ds import; on cuda, torch must see the GPU
+#   imports       torch, triton, mvptr_ds.kernels import; on cuda, torch must see the GPU
+#   imports_training  deepspeed, fire, mvptr_ds.run import (needed by the throughput runs only)
 #   kernel_tests  cuda: pytest -m gpu tests/test_kernels_gpu.py; cpu: a few interpreted parity tests
 #   kernel_bench  python benchmarks/kernels.py --device $CHECK_DEVICE --out $RESULTS/kernels_<device>.json
 #   throughput:*  python benchmarks/throughput.py --device cuda --model base --stage 2 --precision bf16
@@ -48,7 +49,7 @@ fetch() {
 case "${1:-}" in
     fetch) fetch; exit $? ;;
     "") ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected nothing, 'fetch' or --help)" >&2; exit 2 ;;
 esac
 
@@ -115,16 +116,19 @@ fi
 
 step imports 60 "$PY" - "$DEV" <<'EOF'
 import sys
-import torch, triton, deepspeed, fire  # noqa: F401,E401
-import mvptr_ds.run  # noqa: F401
+import torch, triton  # noqa: E401
+import mvptr_ds.kernels  # noqa: F401
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, "
-      f"deepspeed {deepspeed.__version__}, cuda available: {torch.cuda.is_available()}")
+      f"cuda available: {torch.cuda.is_available()}")
 if sys.argv[1] == "cuda":
     if not torch.cuda.is_available():
         sys.exit("CHECK_DEVICE=cuda but torch sees no GPU")
     print(torch.cuda.get_device_name(), torch.version.cuda)
 EOF
 imports_ok=$?
+# What the throughput runs need on top (the carried wheels); the kernel steps do not depend on it.
+step imports_training 60 "$PY" -c "import deepspeed, fire, mvptr_ds.run; print('deepspeed', deepspeed.__version__)"
+training_ok=$?
 
 if (( imports_ok == 0 )); then
     if [[ "$DEV" == cuda ]]; then
@@ -137,20 +141,22 @@ if (( imports_ok == 0 )); then
     bench_args+=(--device "$DEV" --out "$RESULTS/kernels_$DEV.json")
     [[ "$DEV" == cpu ]] && bench_args+=(--reps 1)
     step kernel_bench 180 "$PY" benchmarks/kernels.py "${bench_args[@]}"
-    for run in $THROUGHPUT_RUNS; do
-        mb=${run%%:*}
-        args=("${THROUGHPUT_BASE[@]}" --micro_batch "$mb" --out "$WORK/throughput/mb${run/:/_}"
-              "${THROUGHPUT_EXTRA[@]}")
-        [[ "$run" == *:authors ]] && args+=(--baseline authors)
-        if [[ -f benchmarks/throughput.py ]]; then
-            step "throughput:$run" 150 "$PY" benchmarks/throughput.py "${args[@]}"
-        else
-            printf 'throughput:%s\tmissing (no benchmarks/throughput.py)\t0\n' "$run" >> "$STEPS"
-        fi
-    done
 else
-    printf 'kernel_tests, kernel_bench, throughput\tnot run (imports failed)\t0\n' >> "$STEPS"
+    printf 'kernel_tests, kernel_bench\tnot run (imports failed)\t0\n' >> "$STEPS"
 fi
+for run in $THROUGHPUT_RUNS; do
+    mb=${run%%:*}
+    args=("${THROUGHPUT_BASE[@]}" --micro_batch "$mb" --out "$WORK/throughput/mb${run/:/_}"
+          "${THROUGHPUT_EXTRA[@]}")
+    [[ "$run" == *:authors ]] && args+=(--baseline authors)
+    if [[ ! -f benchmarks/throughput.py ]]; then
+        printf 'throughput:%s\tmissing (no benchmarks/throughput.py)\t0\n' "$run" >> "$STEPS"
+    elif (( imports_ok != 0 || training_ok != 0 )); then
+        printf 'throughput:%s\tnot run (imports failed)\t0\n' "$run" >> "$STEPS"
+    else
+        step "throughput:$run" 150 "$PY" benchmarks/throughput.py "${args[@]}"
+    fi
+done
 
 if [[ -d "$WORK/throughput" ]]; then
     tar czf "$RESULTS/throughput.tar.gz" -C "$WORK" throughput

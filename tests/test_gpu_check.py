@@ -57,7 +57,7 @@ def test_cpu_dry_run_installs_wheels_and_runs_every_step(tmp_path):
     assert summary.strip() in proc.stdout, "the table printed is the one written to $OUT/summary.md"
     status = steps(summary)
     assert (site / "gpucheck_probe" / "__init__.py").is_file(), "carried wheels are installed into $SITE"
-    for name in ("install", "imports", "kernel_tests", "kernel_bench"):
+    for name in ("install", "imports", "imports_training", "kernel_tests", "kernel_bench"):
         assert status.get(name) == "ok", (name, summary, proc.stdout[-3000:])
     assert (out / "kernels_cpu.json").is_file() and "embedding/text" in summary
     assert (out / "gpu_check.log").stat().st_size > 0
