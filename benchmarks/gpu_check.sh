@@ -16,7 +16,9 @@
 #   kernel_bench  python benchmarks/kernels.py --device $CHECK_DEVICE --out $RESULTS/kernels_<device>.json
 #   throughput:*  python benchmarks/throughput.py --device cuda --model base --stage 2 --precision bf16
 #                 --micro_batch MB [--baseline authors] --out <dir>, for each entry of THROUGHPUT_RUNS
-#                 ("MB" or "MB:authors"), each into its own folder; "missing" if there is no benchmarks/throughput.py
+#                 ("MB" or "MB:authors"), each into its own folder; "missing" if there is no benchmarks/throughput.py.
+#                 A "MB:authors" run measures this project's step and the authors-style baseline in one process
+#                 (both figures and their ratio), so the default runs are 32:authors 64:authors 128:authors.
 #
 # Environment: CHECK_DEVICE (cuda), PYTHON (python3), WHEELS (.whl), SITE (/tmp/gpu_check_site),
 # GPU_CHECK_BUDGET (570 s), OUT (results folder; default runs/gpu_check), THROUGHPUT_RUNS, THROUGHPUT_ARGS
@@ -49,7 +51,7 @@ fetch() {
 case "${1:-}" in
     fetch) fetch; exit $? ;;
     "") ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected nothing, 'fetch' or --help)" >&2; exit 2 ;;
 esac
 
@@ -72,10 +74,10 @@ export DS_ACCELERATOR="$DEV"
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton"
 if [[ "$DEV" == cpu ]]; then
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"2 2:authors"}
+    THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"2:authors"}
     THROUGHPUT_BASE=(--device cpu --model tiny --stage 2 --precision fp32 --steps 2)
 else
-    THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"32 64 128 32:authors 64:authors 128:authors"}
+    THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"32:authors 64:authors 128:authors"}
     THROUGHPUT_BASE=(--device cuda --model base --stage 2 --precision bf16)
 fi
 read -r -a THROUGHPUT_EXTRA <<< "${THROUGHPUT_ARGS:-}"

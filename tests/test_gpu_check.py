@@ -52,7 +52,7 @@ def test_script_parses_and_rejects_unknown_arguments():
 def test_cpu_dry_run_installs_wheels_and_runs_every_step(tmp_path):
     out, site = tmp_path / "out", tmp_path / "site"
     proc = run_script(CHECK_DEVICE="cpu", OUT=out, WHEELS=probe_wheel(tmp_path), SITE=site,
-                      THROUGHPUT_RUNS="2:authors", KERNEL_BENCH_ARGS="--only embedding")
+                      KERNEL_BENCH_ARGS="--only embedding")
     summary = (out / "summary.md").read_text()
     assert summary.strip() in proc.stdout, "the table printed is the one written to $OUT/summary.md"
     status = steps(summary)
