@@ -7,10 +7,15 @@ dropout on the two runs would differ by design. Step 2's losses depend on step 1
 parameter, so the comparison covers the kernels' backward passes as well as their forward.
 """
 import json
+from dataclasses import replace
 
 import pytest
 
 from conftest import run_cli
+from mvptr_ds import kernels
+from mvptr_ds.kernels import reference
+from mvptr_ds.model import MVPTRModel
+from test_model import TINY as TINY_MODEL, make_batch
 
 TINY = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "text_layers": 1,
         "visual_layers": 1, "cross_layers": 1, "max_position_embeddings": 64,
@@ -40,3 +45,31 @@ def test_triton_kernels_give_the_same_losses_as_torch(tmp_path, monkeypatch):
         for key in keys:
             want, have = ref[step][key], got[step][key]
             assert have == pytest.approx(want, rel=1e-5, abs=1e-6), (step, key, want, have)
+
+
+@pytest.mark.parametrize("impl, fused", [("triton", True), ("auto", False), ("torch", False), ("eager", False)])
+def test_model_config_kernels_selects_the_path(impl, fused, monkeypatch):
+    """``ModelConfig.kernels`` reaches both seams: the Triton modules are asked for exactly when it says so
+    (``auto`` on the CPU: never). A stand-in for them records each call and computes the reference."""
+    used = []
+
+    class StandIn:
+        def __init__(self, name):
+            self.name = name
+
+        def attention(self, q, k, v, mask, p):
+            used.append(self.name)
+            return reference.attention(q, k, v, mask, p)
+
+        def concept_embedding(self, *args):
+            used.append(self.name)
+            return reference.concept_embedding(*args)
+
+    monkeypatch.setattr(kernels, "_kernel_module", lambda name, device: StandIn(name))
+    cfg = replace(TINY_MODEL, kernels=impl)
+    MVPTRModel(cfg)(make_batch())
+    if fused:
+        n_layers = cfg.text_layers + cfg.visual_layers + cfg.cross_layers
+        assert used.count("triton_embedding") == 2 and used.count("triton_attention") == n_layers, used
+    else:
+        assert used == [], used
