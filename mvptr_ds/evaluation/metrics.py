@@ -1,4 +1,4 @@
-"""Evaluation metrics: retrieval recall@K, VQA soft accuracy, accuracy, box IoU.
+"""Retrieval metrics: recall@K both ways and the chance level (the task metrics live in ``finetune.metrics``).
 
 Retrieval ranks are **pessimistic under ties**: the rank of a query's answer is the number of *wrong*
 candidates whose score is greater than **or equal to** the best score of a right candidate. A candidate
@@ -121,43 +121,3 @@ def chance_recall(truth: torch.Tensor, k: int = 1) -> float:
             miss *= max(n - m - j, 0) / (n - j)
         probs.append(1.0 - miss)
     return 100.0 * sum(probs) / max(len(probs), 1)
-
-
-def vqa_soft_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """VQA soft accuracy in percent: mean soft score of each question's top answer.
-
-    logits ``[N, A]``, targets ``[N, A]`` soft scores in [0, 1] (e.g. min(1, annotators / 3)).
-    """
-    if logits.shape != targets.shape:
-        raise MetricError(f"vqa_soft_accuracy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
-    if logits.shape[0] == 0:
-        return 0.0
-    top = logits.argmax(dim=1, keepdim=True)  # (N, 1)
-    return 100.0 * float(targets.gather(1, top).float().mean())
-
-
-def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percentage of equal entries; predictions and labels ``[N]``."""
-    if predictions.shape != labels.shape:
-        raise MetricError(f"accuracy: predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ")
-    if predictions.numel() == 0:
-        return 0.0
-    return 100.0 * float((predictions == labels).float().mean())
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise intersection over union of boxes ``x1, y1, x2, y2``.
-
-    a ``[N, 4]``, b ``[M, 4]`` (any consistent unit; IoU is unchanged by scaling x and y). Returns ``[N, M]``;
-    0 where the union is empty.
-    """
-    if a.shape[-1] != 4 or b.shape[-1] != 4:
-        raise MetricError(f"box_iou: boxes must be [.., 4], got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.double(), b.double()
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (N, M)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=-1)  # (N,)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=-1)  # (M,)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union)).float()
