@@ -399,6 +399,9 @@ def main(argv=None) -> int:
 
     user_errors = (ConfigError, DataError, BatchError, TrainingStopped)
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Launchers put --local_rank=N (or --local-rank=N) before the command; LOCAL_RANK is read from the
+    # environment instead, so drop it here and let "deepspeed mvptr_ds/run.py COMMAND ..." find the command.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0].startswith("-"):
         argv = ["train"] + argv  # pre-training is the default command
     if argv[0] not in COMMANDS:
