@@ -223,3 +223,11 @@ def _write(path, *rows):
 
 def _write_json(path, obj):
     path.write_text(json.dumps(obj))
+
+
+def test_launcher_local_rank_does_not_hide_the_command(capsys):
+    # deepspeed's launcher runs "run.py --local_rank=N finetune ..."; the command must still be found
+    from mvptr_ds.run import main
+
+    assert main(["--local_rank=1", "no_such_command"]) == 2
+    assert "unknown command 'no_such_command'" in capsys.readouterr().err
