@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import re
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -38,7 +39,8 @@ def _gib(n: Optional[float]) -> str:
 def throughput_row(r: Dict) -> str:
     b = r["breakdown_s"]
     speedup = r.get("speedup_vs_authors")
-    cells = [r["name"], r["device"], r["model"], r["stage"], r["precision"], r["zero_stage"], r["micro_batch"],
+    model = os.path.splitext(os.path.basename(r["model"]))[0]
+    cells = [r["name"], r["device"], model, r["stage"], r["precision"], r["zero_stage"], r["micro_batch"],
              r["world_size"], f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.4f}",
              _pct(r.get("mfu")), _pct(r.get("mfu_measured_peak")),
              "n/a" if speedup is None else f"{speedup:.2f}x", _gib(r["peak_memory_bytes"]),
@@ -76,7 +78,8 @@ def provenance(r: Dict) -> str:
     machine = r.get("gpu") or r.get("cpu", "?")
     load = r.get("load_average_1min")
     shared = "" if load is None else f", {r.get('cpu_count', '?')} cores with 1-min load average {load:.1f}"
-    return (f"`{r['command']}` on {machine} ({r.get('cpu_threads', '?')} threads per rank{shared}), torch "
+    command = re.sub(r"--local_rank=\d+ ", "", r["command"])
+    return (f"`{command}` on {machine} ({r.get('cpu_threads', '?')} threads per rank{shared}), torch "
             f"{r['torch']}, deepspeed {r['deepspeed']}, Python {r['python']}, {r['date']}")
 
 
@@ -99,11 +102,12 @@ def plots(results: Dict[str, List[Dict]], out: str) -> List[str]:
             if not rs:
                 continue
             ax.plot([r["micro_batch"] for r in rs], [r[key] for r in rs], marker="o",
-                    label=f"{device} {model} {precision} x{world}")
+                    label=f"{device} {os.path.splitext(os.path.basename(model))[0]} {precision} x{world}")
             if key == "samples_per_s" and any(r.get("baseline") for r in rs):
                 based = [r for r in rs if r.get("baseline")]
                 ax.plot([r["micro_batch"] for r in based], [r["baseline"]["samples_per_s"] for r in based],
-                        marker="x", linestyle="--", label=f"{device} {model} authors-style")
+                        marker="x", linestyle="--",
+                        label=f"{device} {os.path.splitext(os.path.basename(model))[0]} authors-style")
             drawn = True
         if drawn:
             ax.set_xlabel("micro batch")
