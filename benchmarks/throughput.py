@@ -300,6 +300,17 @@ def write_result(result: Dict[str, object], out_dir: str) -> str:
     return path
 
 
+def flat_numbers(d: Dict[str, object], prefix: str = "") -> Dict[str, float]:
+    """The numbers of ``d`` with nested dicts flattened (``baseline/samples_per_s``, ``breakdown_s/forward``)."""
+    out: Dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = v
+    return out
+
+
 def summary_lines(r: Dict[str, object]) -> List[str]:
     gib = r["peak_memory_bytes"] / 2 ** 30
     lines = [f"{r['name']}: {r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
@@ -359,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if args.wandb != "disabled":
             import wandb
             run = wandb.init(project="mvptr_ds-bench", name=name, mode=args.wandb, config=vars(args))
-            run.log({k: v for k, v in result.items() if isinstance(v, (int, float))})
+            run.log(flat_numbers(result))
             run.finish()
     distributed.barrier()
     return result
