@@ -1,0 +1,89 @@
+"""End to end: pre-train the tiny model briefly (stage 1, then stage 2 from it) on a small world, then
+``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: benchmarks/results/learnability.md).
+"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+import mvptr_ds
+
+WORLD = "synthetic:seed=31,images=160,held_out=32"
+STAGE1_STEPS = 2
+STAGE2_STEPS = 4
+TRAIN = ["--model", "tiny", "--data", WORLD, "--micro_batch", "32", "--lr", "1e-3", "--resume", "none",
+         "--wandb", "disabled", "--log_every", "20"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    run_cli(["--stage", "1", "--max_steps", str(STAGE1_STEPS), "--warmup_steps", "2", "--save_every", "1000",
+             "--output_dir", str(root / "s1")] + TRAIN, timeout=600)
+    run_cli(["--stage", "2", "--max_steps", str(STAGE2_STEPS), "--warmup_steps", "1", "--save_every", "1000",
+             "--output_dir", str(root / "s2"), "--init_from", str(root / "s1" / "final")] + TRAIN, timeout=900)
+    return root
+
+
+def test_evaluate_cli_end_to_end(trained):
+    out = trained / "eval.json"
+    proc = run_cli(["evaluate", "--checkpoint", str(trained / "s2" / "final"), "--output", str(out),
+                    "--noprogress"], timeout=300)
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout)["retrieval"] == result["retrieval"]
+    ret, gr = result["retrieval"], result["grounding"]
+    assert {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "n_images", "n_captions"} <= set(ret)
+    assert {"accuracy", "chance", "n"} <= set(gr)
+    assert result["split"] == "held_out" and result["data"] == WORLD
+    assert (ret["n_images"], ret["n_captions"]) == (32, 64) and ret["reranked"]
+    assert ret["itm_pairs"] == 32 * 64  # k (128 captions, 64 images) covers every pair of this small split
+    assert ret["tr_r1"] <= ret["tr_r5"] <= ret["tr_r10"] and ret["ir_r1"] <= ret["ir_r5"] <= ret["ir_r10"]
+    assert 0 < gr["n"] and 0 < gr["chance"] < 100 and 0 <= gr["accuracy"] <= 100
+
+
+def test_evaluate_reads_deepspeed_checkpoints_and_limits(trained):
+    from mvptr_ds.evaluation.evaluate import evaluate
+
+    final = evaluate(str(trained / "s2" / "final"), tasks="retrieval", max_images=8, show_progress=False)
+    step = evaluate(str(trained / "s2" / "checkpoints" / f"step{STAGE2_STEPS}"), tasks="retrieval,grounding",
+                    max_images=8, show_progress=False)
+    assert step["weights"].endswith(f"step{STAGE2_STEPS}")
+    for key in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
+        assert step["retrieval"][key] == pytest.approx(final["retrieval"][key])
+    assert final["retrieval"]["n_images"] == 8 and 0 < step["grounding"]["n"]
+
+
+def test_embed_cli_and_encode_api(trained):
+    ckpt = str(trained / "s2" / "final")
+    out = trained / "emb.npz"
+    run_cli(["embed", "--checkpoint", ckpt, "--output", str(out), "--limit", "10"], timeout=300)
+    arrays = np.load(out)
+    assert set(arrays.files) == {"sample_ids", "image_ids", "text_embed", "visual_embed", "similarity", "text_cls",
+                                 "visual_cls", "pooled", "itm_score"}
+    assert arrays["text_embed"].shape == (10, 128) and arrays["pooled"].shape == (10, 128)
+    np.testing.assert_allclose(np.linalg.norm(arrays["visual_embed"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(arrays["similarity"], (arrays["text_embed"] * arrays["visual_embed"]).sum(1),
+                               rtol=1e-5, atol=1e-6)
+    enc = mvptr_ds.encode(ckpt, limit=10)
+    np.testing.assert_allclose(enc.itm_score, arrays["itm_score"], rtol=1e-4, atol=1e-5)
+    assert enc.sample_ids.tolist() == arrays["sample_ids"].tolist()
+    stage1 = mvptr_ds.encode(str(trained / "s1"), split="train", limit=3)  # run dir -> its final/; no cross
+    assert stage1.pooled is None and stage1.itm_score is None and stage1.text_embed.shape == (3, 128)
+
+
+def test_clear_errors(trained, tmp_path):
+    proc = run_cli(["evaluate", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.json")],
+                   check=False)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(["evaluate", "--checkpoint", str(trained / "s1" / "final"), "--tasks", "grounding",
+                    "--output", str(tmp_path / "x.json")], check=False)
+    assert proc.returncode == 2 and "stage-1" in proc.stderr and not (tmp_path / "x.json").exists()
+    from mvptr_ds.config import ConfigError
+    from mvptr_ds.evaluation.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="--tasks"):
+        evaluate(str(trained / "s2" / "final"), tasks="retrieval,vqa")
+    with pytest.raises(ConfigError, match="neither a model.safetensors export"):
+        evaluate(str(tmp_path))
