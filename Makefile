@@ -14,11 +14,14 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
 	$(PIP) install "$(DEEPSPEED)" -e ".[test]"
 
-# The main job on the built-in corpus, on a machine without a GPU: stage 1, then stage 2 from it.
+# The main job on the built-in corpus, on a machine without a GPU: a short stage 1, stage 2 from it, then
+# evaluation on the world's held-out images (the recipe of BENCHMARKS.md's learnability section; a few minutes).
+DEMO = --model tiny --micro_batch 32 --resume none
 demo: install
-	$(PYTHON) -m mvptr_ds.run --stage 1 --model tiny --max_steps 150 --output_dir runs/demo_stage1 --resume none
-	$(PYTHON) -m mvptr_ds.run --stage 2 --model tiny --max_steps 300 --output_dir runs/demo_stage2 --resume none \
-		--init_from runs/demo_stage1/final
+	$(PYTHON) -m mvptr_ds.run --stage 1 --max_steps 20 --lr 2e-4 --warmup_steps 2 --output_dir runs/demo_stage1 $(DEMO)
+	$(PYTHON) -m mvptr_ds.run --stage 2 --objectives vsc,itm,wpg --max_steps 300 --lr 1e-3 --warmup_steps 30 \
+		--output_dir runs/demo_stage2 --init_from runs/demo_stage1/final $(DEMO)
+	$(PYTHON) -m mvptr_ds.run evaluate --checkpoint runs/demo_stage2/final --output runs/demo_stage2/eval.json
 
 test: install
 	$(PYTHON) -m pytest -q tests
