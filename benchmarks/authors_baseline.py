@@ -67,9 +67,10 @@ def _pair_score(phrases: torch.Tensor, regions: torch.Tensor, pick: torch.Tensor
     return top.gather(1, choice[:, None]).squeeze(1).mean()
 
 
-def wpg_loss_per_sample(outputs, batch: Batch, margin: float = 0.2, topk: int = 3) -> LossOutput:
+def wpg_loss_per_sample(outputs, batch: Batch, margin: float = 0.2, topk: int = 3,
+                        negative_cross=None) -> LossOutput:
     """WPG as the authors compute it: a Python loop over pairs, several host syncs each. Same value as
-    ``objectives.wpg.wpg_loss`` (same pairs scored, same picks)."""
+    ``objectives.wpg.wpg_loss`` (same pairs scored, same picks; ``negative_cross`` as there)."""
     lt = batch.text_mask.shape[1]
     cross = outputs.cross
     phrase_mask, region_mask = batch.phrase_mask.bool(), batch.region_mask.bool()
@@ -84,12 +85,16 @@ def wpg_loss_per_sample(outputs, batch: Batch, margin: float = 0.2, topk: int = 
         phrases = cross[i, :lt][phrase_mask[i]]  # (P, H)
         pick = batch.wpg_pick[i][phrase_mask[i]]  # (P,)
         s_pos = _pair_score(phrases, cross[i, lt:][region_mask[i]], pick, topk)
-        s_neg = _pair_score(phrases, cross[j, lt:][region_mask[j]], pick, topk)
+        if negative_cross is None:
+            s_neg = _pair_score(phrases, cross[j, lt:][region_mask[j]], pick, topk)
+        else:
+            s_neg = _pair_score(negative_cross[i, :lt][phrase_mask[i]], negative_cross[i, lt:][region_mask[j]],
+                                pick, topk)
         hinges.append((margin + s_neg - s_pos).clamp(min=0))
         pos.append(s_pos.detach())
         neg.append(s_neg.detach())
     count = len(hinges)
-    tie = zero_loss(cross)
+    tie = zero_loss(cross, negative_cross)
     if not count:
         zero = tie.new_zeros(())
         return LossOutput("wpg", tie, {"pos": zero, "neg": zero, "pairs": zero})
@@ -110,5 +115,6 @@ class AuthorsStyleModule(PretrainingModule):
     def compute(self, name: str, outputs, batch: Batch) -> LossOutput:
         if name == "wpg":
             return wpg_loss_per_sample(outputs, batch, margin=self.objective_cfg.wpg_margin,
-                                       topk=self.objective_cfg.wpg_topk)
+                                       topk=self.objective_cfg.wpg_topk,
+                                       negative_cross=self.wpg_negative_cross(outputs, batch))
         return super().compute(name, outputs, batch)

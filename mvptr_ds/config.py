@@ -113,6 +113,10 @@ class DataConfig:
             raise ConfigError(f"data.max_phrases must be >= 0, got {self.max_phrases}")
 
 
+WPG_NEGATIVES = ("joint", "separate")
+ITM_NEGATIVES = ("hardest", "sampled", "random")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which losses run and with what weights (MVPTR.md section 3). All weights are 1 in the release."""
@@ -121,11 +125,29 @@ class ObjectiveConfig:
     weights: Tuple[Tuple[str, float], ...] = ()
     wpg_margin: float = 0.2
     wpg_topk: int = 3
+    # Whose cross-modal states score WPG's negative s(i, j): "joint" encodes (caption i, image j) together
+    # (one extra cross-modal pass; without it WPG is met by a sequence-level shortcut and grounding does not
+    # learn, see objectives/wpg.py), "separate" reuses the two positive encodings (the release).
+    wpg_negatives: str = "joint"
+    # ITM negatives: "hardest" in-batch (the release), "sampled" with probability softmax(scale * S) over
+    # the other images' pairs (as ALBEF: near uniform early, near the hardest once S is sharp), or "random"
+    # (uniform over the other images' pairs; what a small model trained from scratch learns from fastest).
+    itm_negatives: str = "hardest"
     # Beyond the release, off by default: contrastive negatives and ITM hard negatives from all ranks.
     global_negatives: bool = False
 
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, 1.0)
+
+    def validate(self) -> None:
+        if self.wpg_negatives not in WPG_NEGATIVES:
+            raise ConfigError(f"objectives.wpg_negatives={self.wpg_negatives!r}: expected one of "
+                              f"{', '.join(WPG_NEGATIVES)}")
+        if self.itm_negatives not in ITM_NEGATIVES:
+            raise ConfigError(f"objectives.itm_negatives={self.itm_negatives!r}: expected one of "
+                              f"{', '.join(ITM_NEGATIVES)}")
+        if self.wpg_topk < 1:
+            raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -230,6 +252,7 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.eval.validate()
+        self.objectives.validate()
         allowed = STAGE_OBJECTIVES[self.train.stage]
         for name in self.objectives.names:
             if name not in OBJECTIVES:

@@ -47,6 +47,9 @@ def train(stage: Optional[int] = None,
           kernels: Optional[str] = None,
           tokenizer: Optional[str] = None,
           global_negatives: Optional[bool] = None,
+          itm_negatives: Optional[str] = None,
+          wpg_negatives: Optional[str] = None,
+          loss_weights: Optional[str] = None,
           max_bad_steps: Optional[int] = None,
           stop_after: Optional[int] = None,
           config: Optional[str] = None,
@@ -80,6 +83,14 @@ def train(stage: Optional[int] = None,
         kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), triton or torch.
         tokenizer: local Hugging Face tokenizer directory for real data (BERT uncased).
         global_negatives: contrastive and ITM negatives from all ranks (beyond the release; off by default).
+        itm_negatives: "hardest" in-batch negative (the release; default {itm_negatives}), "sampled" in
+            proportion to softmax(scale * similarity) (as ALBEF), or "random" among the other images (what a
+            model trained from scratch, like the built-in demo's, learns from fastest).
+        wpg_negatives: "joint" (default {wpg_negatives}): WPG scores caption i against image j on their joint
+            cross-modal encoding (one extra pass; grounding learns); "separate": on the two positive
+            encodings, as the release (a sequence-level shortcut meets the hinge).
+        loss_weights: weights of the objectives' losses, e.g. "wpg=3" or "mlm=0.5,mcr=0.5"; the others stay
+            1 (the release weighs all five 1).
         max_bad_steps: consecutive non-finite batches tolerated before the run stops (default {max_bad_steps}).
         stop_after: leave cleanly after this step with a checkpoint (e.g. a job's time limit); the schedule
             still runs to max_steps when the run is continued with --resume auto.
@@ -103,7 +114,7 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
                        max_steps=None, micro_batch=None, grad_accum=None, lr=None, warmup_steps=None,
                        save_every=None, log_every=None, keep_last=None, resume=None, init_from=None, seed=None,
                        wandb=None, precision=None, kernels=None, tokenizer=None, global_negatives=None,
-                       max_bad_steps=None, stop_after=None, config=None) -> RunConfig:
+                       itm_negatives=None, wpg_negatives=None, loss_weights=None, max_bad_steps=None, stop_after=None, config=None) -> RunConfig:
     """The validated RunConfig of ``train``'s options: given options override ``config``, else the defaults."""
     from mvptr_ds.training.ds_config import read_template, template_precision
 
@@ -141,14 +152,44 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
         data=dataclasses.replace(base.data, **given(source=data, tokenizer=tokenizer)),
         objectives=dataclasses.replace(base.objectives, names=names,
                                        **given(global_negatives=None if global_negatives is None
-                                               else bool(global_negatives))),
+                                               else bool(global_negatives),
+                                               itm_negatives=None if itm_negatives is None else str(itm_negatives),
+                                               wpg_negatives=None if wpg_negatives is None else str(wpg_negatives),
+                                               weights=None if loss_weights is None
+                                               else parse_loss_weights(loss_weights))),
         train=dataclasses.replace(base.train, ds_config=ds_path, precision=precision, **train_over),
     ).validate()
     return run_cfg
 
 
 train.__doc__ = train.__doc__.format(**{f.name: getattr(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)
-                                         if not isinstance(getattr(TrainConfig, f.name, None), (list, dict))})
+                                         if not isinstance(getattr(TrainConfig, f.name, None), (list, dict))},
+                                      itm_negatives=ObjectiveConfig.itm_negatives,
+                                      wpg_negatives=ObjectiveConfig.wpg_negatives)
+
+
+def parse_loss_weights(value) -> tuple:
+    """``"wpg=3,itm=0.5"`` (or Fire's dict/tuple forms) -> ``(("itm", 0.5), ("wpg", 3.0))``; ConfigError if malformed."""
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        text = value if isinstance(value, str) else ",".join(str(x) for x in value)
+        items = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, eq, weight = part.partition("=")
+            if not eq:
+                raise ConfigError(f"--loss_weights: {part!r} is not NAME=WEIGHT (e.g. wpg=3)")
+            items.append((name.strip().lower(), weight))
+    out = {}
+    for name, weight in items:
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--loss_weights: weight of {name!r} is {weight!r}, not a number") from None
+        if not w >= 0 or w == float("inf"):
+            raise ConfigError(f"--loss_weights: weight of {name!r} must be a finite number >= 0, got {weight!r}")
+        out[name] = w
+    return tuple(sorted(out.items()))
 
 
 def parse_objectives(value) -> tuple:

@@ -22,7 +22,7 @@ def test_help_documents_every_option():
     text = proc.stdout + proc.stderr
     for option in ("stage", "objectives", "model", "data", "ds_config", "output_dir", "max_steps", "micro_batch",
                    "grad_accum", "lr", "warmup_steps", "save_every", "log_every", "resume", "init_from", "seed",
-                   "wandb", "precision"):
+                   "wandb", "precision", "itm_negatives", "wpg_negatives", "loss_weights"):
         assert f"--{option}" in text, option
 
 
@@ -44,6 +44,11 @@ def _error_line(args, tmp_path):
     (["--ds_config", "nope.json"], "nope.json: file not found"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such directory"),
     (["--precision", "fp8"], "train.precision='fp8'"),
+    (["--itm_negatives", "easy"], "itm_negatives='easy'"),
+    (["--wpg_negatives", "both"], "wpg_negatives='both'"),
+    (["--loss_weights", "wpg"], "'wpg' is not NAME=WEIGHT"),
+    (["--loss_weights", "wpg=-2"], "must be a finite number >= 0"),
+    (["--loss_weights", "foo=2"], "unknown objective 'foo'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     assert expected in _error_line(args, tmp_path)
@@ -100,3 +105,21 @@ def test_options_not_given_keep_the_config_files_values(tmp_path):
     assert (plain.train.max_steps, plain.train.lr, plain.train.seed) == (TrainConfig.max_steps, TrainConfig.lr,
                                                                          TrainConfig.seed)
     assert plain.model == model_config_from("tiny")
+
+
+def test_negatives_and_loss_weights_reach_the_config_and_survive_a_config_file(tmp_path):
+    from mvptr_ds.config import ObjectiveConfig, RunConfig
+    from mvptr_ds.run import pretraining_config
+
+    cfg = pretraining_config(itm_negatives="random", wpg_negatives="separate", loss_weights="wpg=2, mlm=0.5")
+    assert (cfg.objectives.itm_negatives, cfg.objectives.wpg_negatives) == ("random", "separate")
+    assert cfg.objectives.weight("wpg") == 2.0 and cfg.objectives.weight("mlm") == 0.5
+    assert cfg.objectives.weight("vsc") == 1.0
+    path = tmp_path / "config.json"
+    cfg.dump(str(path))
+    assert RunConfig.load(str(path)).objectives == cfg.objectives
+    again = pretraining_config(config=str(path), max_steps=3)  # not given: the file's values
+    assert again.objectives == cfg.objectives
+    plain = pretraining_config()
+    assert (plain.objectives.itm_negatives, plain.objectives.wpg_negatives) == (
+        ObjectiveConfig.itm_negatives, ObjectiveConfig.wpg_negatives)

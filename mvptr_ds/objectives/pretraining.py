@@ -87,10 +87,22 @@ class PretrainingModule(nn.Module):
             return vsc_loss(outputs.text_embed, outputs.visual_embed, batch.image_ids, outputs.logit_scale,
                             gather=self.gather)
         if name == "itm":
-            return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather)
+            return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather,
+                            negatives=self.objective_cfg.itm_negatives)
         if name == "wpg":
-            return wpg_loss(outputs, batch, margin=self.objective_cfg.wpg_margin, topk=self.objective_cfg.wpg_topk)
+            return wpg_loss(outputs, batch, margin=self.objective_cfg.wpg_margin, topk=self.objective_cfg.wpg_topk,
+                            negative_cross=self.wpg_negative_cross(outputs, batch))
         raise ConfigError(f"objective {name!r} is unknown")
+
+    def wpg_negative_cross(self, outputs, batch: Batch) -> Optional[torch.Tensor]:
+        """``[B, Lt+Lr, H]`` cross-modal encoding of (caption i, image ``wpg_negative[i]``) for WPG's negatives
+        (``wpg_negatives="joint"``); None for ``"separate"``. Rows without a negative (-1) pair with row 0's
+        image; WPG masks them out."""
+        if self.objective_cfg.wpg_negatives == "separate":
+            return None
+        neg = batch.wpg_negative.clamp(min=0)  # (B,)
+        regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)
+        return self.backbone.encode_cross(outputs.text, batch.text_mask, regions[neg], batch.region_mask[neg])
 
     def forward(self, batch: Batch) -> PretrainingOutput:
         """Backbone forward (cross-modal encoder only if needed), every objective, weighted sum."""

@@ -5,8 +5,20 @@ each phrase's top-k cosine similarities to the regions of image j, the one picke
 (uniform in [0, 1): index ``floor(pick * k_j)``, ``k_j = min(k, regions of j)``). The loss is the hinge
 ``max(0, margin + s(i, j) - s(i, i))`` with ``j = batch.wpg_negative[i]``, averaged over the pairs that
 have a phrase, a negative showing another image, and regions on both sides. Phrase states are the
-cross-modal outputs at the concept positions of pair i; region states are the cross-modal outputs at
-the region positions of pair i (positive) and of pair j (negative), so no extra encoder pass runs.
+cross-modal outputs at the concept positions; region states the cross-modal outputs at the region positions.
+
+Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negative_states``):
+
+* ``"joint"`` (default): those of the pair (caption i, image j) encoded together, ``negative_cross``,
+  one extra cross-modal pass over the B negative pairs (``PretrainingModule.wpg_negative_cross``). Then
+  ``s(i, i)`` and ``s(i, j)`` are both similarities *within* one cross-modal sequence, and the only way to
+  separate them is for phrases to sit closer to the regions they name.
+* ``"separate"`` (the release): phrases and regions of the positive encodings of pair i and pair j, no
+  extra pass. The hinge can then be met by a sequence-level shortcut: every state of one sequence shares a
+  component that the other sequence lacks, so ``s(i, i)`` rises for all regions alike. Measured on the
+  built-in world (tiny model, WPG alone, 300 steps): hinge ~0.001 while grounding accuracy falls to 2.2%
+  (chance 6.7%); with ``"joint"`` grounding reaches 39.6% (``benchmarks/results/learnability.md``).
+
 The same pick number serves a phrase's positive and negative choice.
 
 Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
@@ -15,7 +27,7 @@ means. No Python loop over samples and no device-to-host synchronisation. Padded
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +66,13 @@ def phrase_region_scores(phrases: torch.Tensor, phrase_mask: torch.Tensor, regio
     return picked.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
 
 
-def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk: int = 3) -> LossOutput:
+def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk: int = 3,
+             negative_cross: Optional[torch.Tensor] = None) -> LossOutput:
     """Hinge ``max(0, margin + s(i, j) - s(i, i))`` averaged over pairs that can be scored.
 
+    ``negative_cross`` ``[B, Lt+Lr', H]``: the cross-modal encoding of (caption i, image
+    ``wpg_negative[i]``) per row, regions masked by ``region_mask[wpg_negative]`` (``"joint"``); None
+    scores the negative on the positive encodings of pairs i and j (``"separate"``, the release).
     Reads ``outputs.cross`` ``[B, Lt+Lr, H]`` (text positions first; Lt = ``batch.text_mask.shape[1]``),
     ``batch.phrase_mask`` ``[B, Lt]``, ``batch.region_mask`` ``[B, Lr]``, ``batch.wpg_negative`` ``[B]``
     (-1: none), ``batch.wpg_pick`` ``[B, Lt]`` and ``batch.image_ids`` ``[B]``. Exact 0 (with graph) when no
@@ -72,13 +88,20 @@ def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk:
     phrase_mask, region_mask = batch.phrase_mask.bool(), batch.region_mask.bool()
     neg = batch.wpg_negative.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
     s_pos = phrase_region_scores(phrases, phrase_mask, regions, region_mask, batch.wpg_pick, topk)  # (B,)
-    s_neg = phrase_region_scores(phrases, phrase_mask, regions[neg], region_mask[neg], batch.wpg_pick, topk)  # (B,)
+    if negative_cross is None:
+        neg_phrases, neg_regions = phrases, regions[neg]
+    else:
+        if negative_cross.shape[:2] != (outputs.cross.shape[0], lt + lr):
+            raise ValueError(f"wpg: negative_cross has shape {tuple(negative_cross.shape)}, expected "
+                             f"({outputs.cross.shape[0]}, {lt + lr}, H)")
+        neg_phrases, neg_regions = negative_cross[:, :lt], negative_cross[:, lt:]
+    s_neg = phrase_region_scores(neg_phrases, phrase_mask, neg_regions, region_mask[neg], batch.wpg_pick, topk)  # (B,)
     valid = (phrase_mask.any(dim=1) & (batch.wpg_negative >= 0) & (batch.image_ids[neg] != batch.image_ids)
              & region_mask.any(dim=1) & region_mask[neg].any(dim=1))  # (B,)
     hinge = (margin + s_neg - s_pos).clamp(min=0)  # (B,)
     count = valid.sum()
     denom = count.clamp(min=1).float()
-    loss = torch.where(valid, hinge, torch.zeros_like(hinge)).sum() / denom + zero_loss(outputs.cross)
+    loss = torch.where(valid, hinge, torch.zeros_like(hinge)).sum() / denom + zero_loss(outputs.cross, negative_cross)
     with torch.no_grad():
         metrics = {"pos": torch.where(valid, s_pos, 0.0).sum() / denom,
                    "neg": torch.where(valid, s_neg, 0.0).sum() / denom,

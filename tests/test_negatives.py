@@ -1,0 +1,151 @@
+"""Negative choices of ITM (hardest / sampled / random) and WPG (joint / separate cross-modal states)."""
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvptr_ds.config import MODEL_PRESETS, ConfigError, DataConfig, ObjectiveConfig
+from mvptr_ds.data.batching import BatchContext
+from mvptr_ds.data.pipeline import build_data
+from mvptr_ds.objectives import wpg_loss
+from mvptr_ds.objectives.itm import hardest_negatives, negative_pairs, sampled_negatives
+from mvptr_ds.objectives.pretraining import build_pretraining_module
+from test_wpg import random_case
+
+
+# ---- ITM ----------------------------------------------------------------------------------------------
+
+def test_sampled_negatives_never_same_image_and_follow_softmax():
+    torch.manual_seed(0)
+    sim = torch.tensor([[0.9, 0.9, 0.5, 0.0]])  # candidate 1 shows the row's image
+    ids, cand = torch.tensor([7]), torch.tensor([7, 7, 8, 9])
+    draws = torch.cat([sampled_negatives(sim, ids, cand, scale=2.0)[0] for _ in range(4000)])
+    assert set(draws.tolist()) == {2, 3}
+    p2 = math.exp(2 * 0.5) / (math.exp(2 * 0.5) + 1.0)  # softmax over the two valid candidates
+    assert (draws == 2).float().mean().item() == pytest.approx(p2, abs=0.03)
+
+
+def test_sampled_negatives_at_large_scale_are_the_hardest_and_rows_without_candidates_are_invalid():
+    torch.manual_seed(1)
+    sim = torch.randn(5, 6)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    cand = torch.tensor([0, 0, 1, 2, 3, 4])
+    idx, valid = sampled_negatives(sim, ids, cand, scale=1e4)
+    hard, hard_valid = hardest_negatives(sim, ids, cand)
+    assert torch.equal(idx, hard) and torch.equal(valid, hard_valid)
+    idx, valid = sampled_negatives(torch.randn(2, 2), torch.tensor([3, 3]), torch.tensor([3, 3]), scale=1.0)
+    assert not valid.any() and idx.shape == (2,)  # finite probabilities even with nothing to choose
+
+
+def test_random_negatives_cover_every_other_image_uniformly_and_follow_the_seed():
+    ids = torch.tensor([0, 1, 2, 3, 3])
+    sim = torch.eye(5) * 10  # would make "hardest" irrelevant; "random" ignores it
+    torch.manual_seed(3)
+    first = [negative_pairs(sim, sim.t(), ids, ids, 0, "random") for _ in range(600)]
+    images = torch.stack([f[1][0] for f in first])  # row 0 is a text row: its negative image
+    counts = torch.bincount(images, minlength=5)
+    assert counts[0] == 0 and (counts[1:] > 100).all()  # 4 candidates, ~150 each
+    torch.manual_seed(3)
+    again = [negative_pairs(sim, sim.t(), ids, ids, 0, "random") for _ in range(600)]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    with pytest.raises(ValueError, match="negatives mode 'hardst'"):
+        negative_pairs(sim, sim.t(), ids, ids, 0, "hardst")
+
+
+def test_objective_config_rejects_unknown_negative_modes():
+    with pytest.raises(ConfigError, match="itm_negatives='easy'"):
+        ObjectiveConfig(itm_negatives="easy").validate()
+    with pytest.raises(ConfigError, match="wpg_negatives='both'"):
+        ObjectiveConfig(wpg_negatives="both").validate()
+
+
+# ---- WPG ----------------------------------------------------------------------------------------------
+
+def joint_reference(cross, neg_cross, batch, margin, topk):
+    """Per pair: s(i, i) on pair i's encoding, s(i, j) on the joint encoding of (caption i, image j)."""
+    lt = batch.phrase_mask.shape[1]
+
+    def score(states, mask_regions, i):
+        phrases = states[:lt][batch.phrase_mask[i]]
+        regions = states[lt:][mask_regions]
+        if len(phrases) == 0 or len(regions) == 0:
+            return None
+        picks = batch.wpg_pick[i][batch.phrase_mask[i]]
+        cos = F.normalize(phrases, dim=-1) @ F.normalize(regions, dim=-1).t()
+        k = min(topk, len(regions))
+        top = cos.topk(k, dim=-1).values
+        return torch.stack([top[p, min(int(picks[p] * k), k - 1)] for p in range(len(phrases))]).mean()
+
+    hinges = []
+    for i in range(cross.shape[0]):
+        j = int(batch.wpg_negative[i])
+        if j < 0 or batch.image_ids[j] == batch.image_ids[i]:
+            continue
+        s_pos = score(cross[i], batch.region_mask[i], i)
+        s_neg = score(neg_cross[i], batch.region_mask[j], i)
+        if s_pos is None or s_neg is None:
+            continue
+        hinges.append(torch.clamp(margin + s_neg - s_pos, min=0))
+    return torch.stack(hinges).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wpg_joint_negatives_value_and_gradients(seed):
+    cross, batch = random_case(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    lt = batch.phrase_mask.shape[1]
+    neg_cross = torch.randn(cross.shape, generator=g)
+    neg_cross[:, lt:] *= batch.region_mask[batch.wpg_negative.clamp(min=0)][..., None]
+    neg_cross.requires_grad_()
+    out = wpg_loss(SimpleNamespace(cross=cross), batch, margin=0.2, topk=3, negative_cross=neg_cross)
+    ref = joint_reference(cross, neg_cross, batch, 0.2, 3)
+    assert ref.item() > 0 and out.loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    got = torch.autograd.grad(out.loss, (cross, neg_cross))
+    want = torch.autograd.grad(ref, (cross, neg_cross))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert got[1].abs().sum() > 0  # the negative's encoding is trained
+    with pytest.raises(ValueError, match="negative_cross has shape"):
+        wpg_loss(SimpleNamespace(cross=cross), batch, negative_cross=neg_cross[:, :-1])
+
+
+@pytest.fixture(scope="module")
+def world_batch():
+    data = build_data(DataConfig(source="synthetic:seed=11,images=24,held_out=0"), ("wpg",))
+    batch = data.collator([data.train[i] for i in range(8)], BatchContext(seed=5))
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=data.vocab.vocab_size,
+                              only_word_size=data.vocab.only_word_size)
+    return cfg, batch
+
+
+def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_batch):
+    cfg, batch = world_batch
+    torch.manual_seed(0)
+    module = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negatives="joint")).eval()
+    with torch.no_grad():
+        outputs = module.backbone(batch)
+        neg_cross = module.wpg_negative_cross(outputs, batch)
+        regions = outputs.visual[:, outputs.num_tags:]
+        lt = batch.text_mask.shape[1]
+        for i, j in enumerate(batch.wpg_negative.clamp(min=0).tolist()):
+            nt, nr = int(batch.text_mask[i].sum()), int(batch.region_mask[j].sum())
+            alone = module.backbone.encode_cross(outputs.text[i:i + 1, :nt], batch.text_mask[i:i + 1, :nt],
+                                                 regions[j:j + 1, :nr], batch.region_mask[j:j + 1, :nr])
+            assert torch.allclose(neg_cross[i, :nt], alone[0, :nt], atol=1e-5)
+            assert torch.allclose(neg_cross[i, lt:lt + nr], alone[0, nt:], atol=1e-5)
+    separate = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negatives="separate"))
+    assert separate.wpg_negative_cross(outputs, batch) is None
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate"])
+def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_batch, mode):
+    cfg, batch = world_batch
+    torch.manual_seed(0)
+    module = build_pretraining_module(cfg, ("itm", "wpg"), ObjectiveConfig(wpg_negatives=mode,
+                                                                           itm_negatives="random"))
+    out = module(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.losses["wpg"].item() > 0
+    assert all(p.grad is not None for p in module.parameters())
