@@ -1,0 +1,132 @@
+"""Learnability sweeps on the built-in world, in one process (plain torch AdamW, no DeepSpeed, no checkpoints).
+
+    python benchmarks/learnability.py --seed 2026 --objectives vsc,itm,wpg --itm_negatives random \
+        --loss_weights wpg=2 --steps 600 --lr 3e-4 --eval_every 200 --out run.json
+
+A fast way to compare objective variants (the diagnosis table of ``benchmarks/results/learnability.md``):
+stage 1 (MCR, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from its backbone with the chosen
+objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm, linear warm-up/decay, clipping
+10) and the tiny model; every ``--eval_every`` steps the held-out images are evaluated like ``evaluate``
+does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy with its chance level.
+The README's figures come from the real commands (``make demo``), not from this script; the two differ in
+initial weights and data order, not in the model or the losses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mvptr_ds.config import MODEL_PRESETS, DataConfig, ObjectiveConfig  # noqa: E402
+from mvptr_ds.data.batching import BatchContext, epoch_permutation  # noqa: E402
+from mvptr_ds.data.pipeline import build_data  # noqa: E402
+from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
+from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
+from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives  # noqa: E402
+from mvptr_ds.run import parse_loss_weights  # noqa: E402
+from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
+
+
+def evaluate_held_out(module, data, source: str) -> dict:
+    """Coarse and (if ITM is trained) re-ranked R@1 both ways, grounding accuracy and chance, in percent."""
+    collator = eval_collator(DataConfig(source=source), data.vocab)
+    rset = retrieval_set(data.held_out)
+    coarse = evaluate_retrieval(module.backbone, None, rset, collator)
+    out = {"coarse_tr_r1": coarse["tr_r1"], "coarse_ir_r1": coarse["ir_r1"], "r1_chance": coarse["tr_r1_chance"]}
+    if "itm" in module.heads:
+        fine = evaluate_retrieval(module.backbone, module.heads["itm"], rset, collator)
+        out.update(itm_tr_r1=fine["tr_r1"], itm_ir_r1=fine["ir_r1"])
+    if module.backbone.with_cross:
+        g = evaluate_grounding(module.backbone, data.held_out, collator)
+        out.update(grounding=g["accuracy"], grounding_chance=g["chance"])
+    return out
+
+
+def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: str, objective_cfg: ObjectiveConfig,
+                init=None, log=print) -> tuple:
+    """Train one stage; returns (module, history of {step, losses..., eval...})."""
+    data = build_data(DataConfig(source=source), objectives)
+    model_cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=data.vocab.vocab_size,
+                                    only_word_size=data.vocab.only_word_size)
+    torch.manual_seed(args.init_seed)
+    module = build_pretraining_module(model_cfg, objectives, objective_cfg)
+    if init is not None:
+        module.load_state_dict({k: v for k, v in init.state_dict().items() if k.startswith("backbone.")}, strict=False)
+    optimizer = torch.optim.AdamW(decay_groups(module, 0.01), lr=lr)
+    schedule = linear_schedule(optimizer, warmup, steps)
+    n, pos, epoch, history = len(data.train), 0, 0, []
+    order = epoch_permutation(n, args.init_seed, 0)
+    running: dict = {}
+    start = time.time()
+    for step in range(1, steps + 1):
+        if pos + args.micro_batch > n:
+            epoch, pos = epoch + 1, 0
+            order = epoch_permutation(n, args.init_seed, epoch)
+        batch = data.collator([data.train[int(i)] for i in order[pos:pos + args.micro_batch]],
+                              BatchContext(seed=args.init_seed, epoch=epoch, position=step * args.micro_batch))
+        pos += args.micro_batch
+        out = module(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+        for k, v in {**out.losses, **out.metrics}.items():
+            running.setdefault(k, []).append(float(v.detach()))
+        if step % args.eval_every == 0 or step == steps:
+            row = {"step": step, "seconds": round(time.time() - start, 1),
+                   **{k: round(float(np.mean(v)), 4) for k, v in running.items()}}
+            running = {}
+            if module.backbone.with_cross:
+                row.update({k: round(v, 2) for k, v in evaluate_held_out(module, data, source).items()})
+            history.append(row)
+            log(json.dumps(row))
+    return module, history
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=2026, help="world seed (synthetic:seed=N)")
+    p.add_argument("--init_seed", type=int, default=0, help="weights, data order and corruption")
+    p.add_argument("--stage1_steps", type=int, default=20)
+    p.add_argument("--stage1_lr", type=float, default=2e-4)
+    p.add_argument("--objectives", default="vsc,itm,wpg")
+    p.add_argument("--itm_negatives", default="random")
+    p.add_argument("--wpg_negatives", default="joint")
+    p.add_argument("--loss_weights", default="")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--micro_batch", type=int, default=32)
+    p.add_argument("--eval_every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", help="write the result JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = f"synthetic:seed={args.seed}"
+    objective_cfg = ObjectiveConfig(weights=parse_loss_weights(args.loss_weights) if args.loss_weights else (),
+                                    itm_negatives=args.itm_negatives, wpg_negatives=args.wpg_negatives)
+    objective_cfg.validate()
+    stage1 = None
+    if args.stage1_steps:
+        stage1, _ = train_stage(("mcr",), args.stage1_steps, args.stage1_lr, min(2, args.stage1_steps), args, source,
+                                objective_cfg)
+    objectives = check_objectives(tuple(s.strip() for s in args.objectives.split(",") if s.strip()))
+    _, history = train_stage(objectives, args.steps, args.lr, args.warmup, args, source, objective_cfg, init=stage1)
+    result = {"args": vars(args), "history": history}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

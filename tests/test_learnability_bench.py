@@ -1,0 +1,27 @@
+"""benchmarks/learnability.py end to end at a few steps: every figure present and in range (no bound on them)."""
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import learnability  # noqa: E402
+
+
+@pytest.mark.parametrize("objectives, negatives", [("vsc,itm,wpg", "joint"), ("vsc,wpg", "separate")])
+def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives):
+    out = tmp_path / "r.json"
+    result = learnability.main(["--seed", "3", "--stage1_steps", "2", "--objectives", objectives,
+                                "--wpg_negatives", negatives, "--loss_weights", "wpg=2", "--steps", "4",
+                                "--eval_every", "2", "--micro_batch", "8", "--threads", "1", "--out", str(out)])
+    assert out.exists() and [row["step"] for row in result["history"]] == [2, 4]
+    last = result["history"][-1]
+    expected = {"coarse_tr_r1", "coarse_ir_r1", "r1_chance", "grounding", "grounding_chance", "vsc", "wpg"}
+    if "itm" in objectives:
+        expected |= {"itm_tr_r1", "itm_ir_r1", "itm"}
+    assert expected <= set(last), set(last)
+    assert ("itm_tr_r1" in last) == ("itm" in objectives)
+    for key in ("coarse_tr_r1", "coarse_ir_r1", "grounding", "grounding_chance"):
+        assert 0 <= last[key] <= 100
+    assert last["r1_chance"] == pytest.approx(100 / 64, abs=0.01)
