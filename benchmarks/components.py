@@ -7,7 +7,10 @@
    (a Python loop over pairs), forward + backward on the same cross-modal outputs; the losses must agree.
 2. Encoders: the backbone forward + backward of mvptr_ds (unpadded position-wise work, packed cross-modal
    input) vs ``kernels="eager"`` on the batch padded to the authors' fixed 40 + 20 + 50 positions.
-3. Loader: batches/s of the full data path (sampling, corruption, collation) at the chosen micro batch with
+3. WPG negatives: a whole training step (forward + backward of every stage-2 objective) with WPG's
+   negatives scored on the joint cross-modal encoding (the default; one extra cross-modal pass over B
+   pairs) vs on the two positive encodings (``wpg_negatives="separate"``, the release), same weights and batch.
+4. Loader: batches/s of the full data path (sampling, corruption, collation) at the chosen micro batch with
    0 and 2 workers, at realistic lengths (``benchmarks/realistic.py``).
 Prints one JSON object (and writes it with ``--out``); every ratio is from this one process.
 """
@@ -88,6 +91,27 @@ def bench_encoders(cfg: RunConfig, parts, batch, reps: int) -> dict:
             "real_positions": real, "padded_positions": padded.size * sum(fixed_lengths(cfg))}
 
 
+def bench_wpg_negatives(parts, batch, reps: int) -> dict:
+    module = parts.module
+    separate = type(module)(module.backbone, module.objectives,
+                            dataclasses.replace(module.objective_cfg, wpg_negatives="separate"), gather=module.gather)
+    separate.heads = module.heads  # the same heads and weights
+    joint = type(module)(module.backbone, module.objectives,
+                         dataclasses.replace(module.objective_cfg, wpg_negatives="joint"), gather=module.gather)
+    joint.heads = module.heads
+
+    def step(m):
+        def go():
+            torch.manual_seed(0)  # the same ITM draws for both (random/sampled negatives)
+            m.zero_grad(set_to_none=True)
+            m(batch).loss.backward()
+        return go
+
+    t_joint, t_separate = best_time(step(joint), reps), best_time(step(separate), reps)
+    return {"joint_step_ms": 1e3 * t_joint, "separate_step_ms": 1e3 * t_separate,
+            "joint_over_separate": t_joint / t_separate, "objectives": ",".join(module.objectives)}
+
+
 def bench_loader(parts, cfg, info, batches: int) -> dict:
     out = {}
     for workers in (0, 2):
@@ -126,6 +150,7 @@ def main(argv=None) -> dict:
         "bench": "components", "model": args.model, "micro_batch": args.micro_batch, "reps": args.reps,
         "wpg": bench_wpg(parts.module.backbone, batch, args.reps),
         "encoders": bench_encoders(cfg, parts, batch, args.reps),
+        "wpg_negatives": bench_wpg_negatives(parts, batch, args.reps),
         "loader": bench_loader(parts, dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, micro_batch=args.loader_micro_batch)), info,
             args.loader_batches),

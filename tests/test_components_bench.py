@@ -16,5 +16,7 @@ def test_components_benchmark_runs_and_agrees(tmp_path):
     result = json.loads(out.read_text())
     assert result["wpg"]["pairs"] > 0 and result["wpg"]["loss_abs_diff"] < 1e-5
     assert result["encoders"]["padded_positions"] > result["encoders"]["real_positions"] > 0
-    for value in (result["wpg"]["speedup"], result["encoders"]["speedup"], *result["loader"].values()):
+    assert "wpg" in result["wpg_negatives"]["objectives"].split(",")
+    for value in (result["wpg"]["speedup"], result["encoders"]["speedup"], *result["loader"].values(),
+                  result["wpg_negatives"]["joint_step_ms"], result["wpg_negatives"]["separate_step_ms"]):
         assert value > 0
