@@ -114,7 +114,8 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
                        max_steps=None, micro_batch=None, grad_accum=None, lr=None, warmup_steps=None,
                        save_every=None, log_every=None, keep_last=None, resume=None, init_from=None, seed=None,
                        wandb=None, precision=None, kernels=None, tokenizer=None, global_negatives=None,
-                       itm_negatives=None, wpg_negatives=None, loss_weights=None, max_bad_steps=None, stop_after=None, config=None) -> RunConfig:
+                       itm_negatives=None, wpg_negatives=None, loss_weights=None, max_bad_steps=None,
+                       stop_after=None, config=None) -> RunConfig:
     """The validated RunConfig of ``train``'s options: given options override ``config``, else the defaults."""
     from mvptr_ds.training.ds_config import read_template, template_precision
 
@@ -169,7 +170,10 @@ train.__doc__ = train.__doc__.format(**{f.name: getattr(TrainConfig, f.name) for
 
 
 def parse_loss_weights(value) -> tuple:
-    """``"wpg=3,itm=0.5"`` (or Fire's dict/tuple forms) -> ``(("itm", 0.5), ("wpg", 3.0))``; ConfigError if malformed."""
+    """``"wpg=3,itm=0.5"`` (or Fire's dict/tuple forms) -> ``(("itm", 0.5), ("wpg", 3.0))``.
+
+    Raises ConfigError naming the item when it is malformed or a weight is negative or not finite.
+    """
     if isinstance(value, dict):
         items = [(str(k), v) for k, v in value.items()]
     else:

@@ -3,15 +3,18 @@
 Mining follows the release: from the contrastive similarity ``S`` (no gradient through the choice) each
 text's hardest image and each image's hardest text are taken (the release masks the diagonal with
 ``S - 2I``; here every pair sharing the row's image is masked, so another caption of the same image is
-never called a mismatch). With ``ObjectiveConfig.itm_negatives = "sampled"`` the negative is drawn
-instead with probability ``softmax(scale * S)`` over the pairs of other images (``scale`` the contrastive
-``exp(logit_scale)``), as ALBEF does: near uniform while the contrastive space is still untrained, close to
-the hardest later. On the built-in world (tiny model, VSC + ITM, 400 steps, lr 3e-4) the hardest negatives
-leave the ITM loss at ln 2 (re-ranked R@1 0-2%), the sampled ones reach ITM accuracy 0.96 (re-ranked R@1
-17% / 15%, chance 1.6%); see ``benchmarks/results/learnability.md``. Rows ``i < ceil(B/2)`` pair text i with its hardest image, the other rows pair
+never called a mismatch). Rows ``i < ceil(B/2)`` pair text i with its hardest image, the other rows pair
 image i with its hardest text: B negatives. The uni-modal outputs of the forward pass are reused; only the
 cross-modal encoder and the pooler run again, on the negatives. Positives use ``outputs.pooled``. The
 2-way head scores 2B examples, label 1 = matched.
+
+Other choices of the negative (``ObjectiveConfig.itm_negatives``): ``"sampled"`` draws it with probability
+``softmax(scale * S)`` over the pairs of other images (``scale`` the contrastive ``exp(logit_scale)``), as
+ALBEF does; ``"random"`` uniformly over them. On the built-in world (tiny model trained from scratch, VSC +
+ITM, 400 steps, lr 3e-4) the hardest negatives leave the ITM loss at ln 2 and the sampled ones barely move
+it (0.65, accuracy 0.64; re-ranked R@1 0-2% for both); random ones reach ITM accuracy 0.96 and re-ranked
+R@1 17% / 15% (chance 1.6%); see
+``benchmarks/results/learnability.md``.
 
 A row without any valid negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never

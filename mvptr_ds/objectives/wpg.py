@@ -7,7 +7,7 @@ each phrase's top-k cosine similarities to the regions of image j, the one picke
 have a phrase, a negative showing another image, and regions on both sides. Phrase states are the
 cross-modal outputs at the concept positions; region states the cross-modal outputs at the region positions.
 
-Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negative_states``):
+Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negatives``):
 
 * ``"joint"`` (default): those of the pair (caption i, image j) encoded together, ``negative_cross``,
   one extra cross-modal pass over the B negative pairs (``PretrainingModule.wpg_negative_cross``). Then
