@@ -8,8 +8,9 @@
 2. Encoders: the backbone forward + backward of mvptr_ds (unpadded position-wise work, packed cross-modal
    input) vs ``kernels="eager"`` on the batch padded to the authors' fixed 40 + 20 + 50 positions.
 3. WPG negatives: a whole training step (forward + backward of every stage-2 objective) with WPG's
-   negatives scored on the joint cross-modal encoding (the default; one extra cross-modal pass over B
-   pairs) vs on the two positive encodings (``wpg_negatives="separate"``, the release), same weights and batch.
+   negatives scored on the joint cross-modal encoding (``wpg_negatives="joint"``; one extra cross-modal pass
+   over B pairs) vs on the two positive encodings (``"separate"``, the release and default), same weights
+   and batch.
 4. Loader: batches/s of the full data path (sampling, corruption, collation) at the chosen micro batch with
    0 and 2 workers, at realistic lengths (``benchmarks/realistic.py``).
 Prints one JSON object (and writes it with ``--out``); every ratio is from this one process.

@@ -125,10 +125,11 @@ class ObjectiveConfig:
     weights: Tuple[Tuple[str, float], ...] = ()
     wpg_margin: float = 0.2
     wpg_topk: int = 3
-    # Whose cross-modal states score WPG's negative s(i, j): "joint" encodes (caption i, image j) together
-    # (one extra cross-modal pass; without it WPG is met by a sequence-level shortcut and grounding does not
-    # learn, see objectives/wpg.py), "separate" reuses the two positive encodings (the release).
-    wpg_negatives: str = "joint"
+    # Whose cross-modal states score WPG's negative s(i, j): "separate" reuses the two positive encodings (the
+    # release; also what configs written before this option meant), "joint" encodes (caption i, image j)
+    # together (one extra cross-modal pass; beyond the release: with "separate" WPG is met by a sequence-level
+    # shortcut and grounding does not learn on the built-in world, see objectives/wpg.py).
+    wpg_negatives: str = "separate"
     # ITM negatives: "hardest" in-batch (the release), "sampled" with probability softmax(scale * S) over
     # the other images' pairs (as ALBEF: near uniform early, near the hardest once S is sharp), or "random"
     # (uniform over the other images' pairs; what a small model trained from scratch learns from fastest).
@@ -148,6 +149,11 @@ class ObjectiveConfig:
                               f"{', '.join(ITM_NEGATIVES)}")
         if self.wpg_topk < 1:
             raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
+        for name, weight in self.weights:
+            if name not in OBJECTIVES:
+                raise ConfigError(f"weight given for unknown objective {name!r}")
+            if not 0 <= weight < float("inf"):
+                raise ConfigError(f"objectives.weights: weight of {name!r} must be a finite number >= 0, got {weight}")
 
 
 @dataclass(frozen=True)
@@ -263,9 +269,6 @@ class RunConfig:
                     f"does not run (stage {self.train.stage} can run: {', '.join(allowed)})")
         if not self.objective_names:
             raise ConfigError("no objective selected")
-        for name, _ in self.objectives.weights:
-            if name not in OBJECTIVES:
-                raise ConfigError(f"weight given for unknown objective {name!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -86,11 +86,12 @@ def train(stage: Optional[int] = None,
         itm_negatives: "hardest" in-batch negative (the release; default {itm_negatives}), "sampled" in
             proportion to softmax(scale * similarity) (as ALBEF), or "random" among the other images (what a
             model trained from scratch, like the built-in demo's, learns from fastest).
-        wpg_negatives: "joint" (default {wpg_negatives}): WPG scores caption i against image j on their joint
-            cross-modal encoding (one extra pass; grounding learns); "separate": on the two positive
-            encodings, as the release (a sequence-level shortcut meets the hinge).
-        loss_weights: weights of the objectives' losses, e.g. "wpg=3" or "mlm=0.5,mcr=0.5"; the others stay
-            1 (the release weighs all five 1).
+        wpg_negatives: "separate" (the release; default {wpg_negatives}): WPG scores caption i against image
+            j on the two positive encodings (a sequence-level shortcut meets the hinge); "joint": on the
+            joint cross-modal encoding of (caption i, image j) (one extra pass; phrase grounding learns).
+        loss_weights: weights of the objectives' losses, comma-separated without spaces, e.g. "wpg=3" or
+            "mlm=0.5,mcr=0.5"; objectives not named weigh 1 (the release weighs all five 1). Replaces the
+            weights of --config; a name given twice keeps its last value.
         max_bad_steps: consecutive non-finite batches tolerated before the run stops (default {max_bad_steps}).
         stop_after: leave cleanly after this step with a checkpoint (e.g. a job's time limit); the schedule
             still runs to max_steps when the run is continued with --resume auto.
@@ -132,13 +133,15 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
                        grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, save_every=save_every,
                        log_every=log_every, keep_last=keep_last, resume=resume, init_from=init_from, seed=seed,
                        wandb=wandb, max_bad_steps=max_bad_steps, stop_after=stop_after)
-    for name in ("stage", "max_steps", "micro_batch", "grad_accum", "warmup_steps", "save_every", "log_every",
-                 "keep_last", "seed", "max_bad_steps", "stop_after"):
+    for name, kind in (("stage", int), ("max_steps", int), ("micro_batch", int), ("grad_accum", int),
+                       ("warmup_steps", int), ("save_every", int), ("log_every", int), ("keep_last", int),
+                       ("seed", int), ("max_bad_steps", int), ("stop_after", int), ("lr", float)):
         if name in train_over:
-            train_over[name] = int(train_over[name])
-    for name in ("lr",):
-        if name in train_over:
-            train_over[name] = float(train_over[name])
+            try:
+                train_over[name] = kind(train_over[name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{name} {train_over[name]!r} is not {'an integer' if kind is int else 'a number'}"
+                                  " (a value with spaces or a stray word on the command line lands here too)") from None
     for name in ("resume", "wandb"):
         if name in train_over:
             train_over[name] = str(train_over[name])
@@ -175,8 +178,8 @@ def parse_loss_weights(value) -> tuple:
     Raises ConfigError naming the item when it is malformed or a weight is negative or not finite.
     """
     if isinstance(value, dict):
-        items = [(str(k), v) for k, v in value.items()]
-    else:
+        items = [(str(k).strip().lower(), v) for k, v in value.items()]
+    elif isinstance(value, (str, tuple, list)):
         text = value if isinstance(value, str) else ",".join(str(x) for x in value)
         items = []
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -184,6 +187,8 @@ def parse_loss_weights(value) -> tuple:
             if not eq:
                 raise ConfigError(f"--loss_weights: {part!r} is not NAME=WEIGHT (e.g. wpg=3)")
             items.append((name.strip().lower(), weight))
+    else:
+        raise ConfigError(f"--loss_weights {value!r}: expected NAME=WEIGHT pairs, e.g. wpg=3,mlm=0.5")
     out = {}
     for name, weight in items:
         try:

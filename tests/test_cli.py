@@ -49,6 +49,8 @@ def _error_line(args, tmp_path):
     (["--loss_weights", "wpg"], "'wpg' is not NAME=WEIGHT"),
     (["--loss_weights", "wpg=-2"], "must be a finite number >= 0"),
     (["--loss_weights", "foo=2"], "unknown objective 'foo'"),
+    (["--loss_weights", "1"], "expected NAME=WEIGHT pairs"),
+    (["--loss_weights", "wpg=2", "mlm=0.5"], "--stage 'mlm=0.5' is not an integer"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     assert expected in _error_line(args, tmp_path)

@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -10,7 +11,9 @@ import learnability  # noqa: E402
 
 
 @pytest.mark.parametrize("objectives, negatives", [("vsc,itm,wpg", "joint"), ("vsc,wpg", "separate")])
-def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives):
+def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads must not change this process
     out = tmp_path / "r.json"
     result = learnability.main(["--seed", "3", "--stage1_steps", "2", "--objectives", objectives,
                                 "--wpg_negatives", negatives, "--loss_weights", "wpg=2", "--steps", "4",
@@ -25,3 +28,4 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
     for key in ("coarse_tr_r1", "coarse_ir_r1", "grounding", "grounding_chance"):
         assert 0 <= last[key] <= 100
     assert last["r1_chance"] == pytest.approx(100 / 64, abs=0.01)
+    assert torch.get_num_threads() == threads

@@ -55,11 +55,36 @@ def test_random_negatives_cover_every_other_image_uniformly_and_follow_the_seed(
         negative_pairs(sim, sim.t(), ids, ids, 0, "hardst")
 
 
+@pytest.mark.parametrize("mode", ["sampled", "random"])
+def test_drawn_negatives_with_global_candidates_index_the_gathered_batch(mode):
+    # Rank 1 of 2 (offset 3) with 3 local pairs; 6 gathered candidates, two of which show local images.
+    torch.manual_seed(4)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5])
+    local = ids[3:]
+    t2v, v2t = torch.randn(3, 6), torch.randn(3, 6)
+    seen = set()
+    for _ in range(300):
+        text_idx, image_idx, valid = negative_pairs(t2v, v2t, local, ids, 3, mode, scale=2.0)
+        assert valid.all() and ((text_idx >= 0) & (text_idx < 6) & (image_idx >= 0) & (image_idx < 6)).all()
+        own = torch.arange(3) + 3
+        text_rows = torch.arange(3) < 2
+        assert torch.equal(text_idx[text_rows], own[text_rows]) and torch.equal(image_idx[~text_rows], own[~text_rows])
+        assert (ids[image_idx] != local).logical_or(~text_rows).all()  # text rows: another image
+        assert (ids[text_idx] != local).logical_or(text_rows).all()    # image rows: another image's text
+        seen.update(image_idx[text_rows].tolist())
+    assert seen & {0, 1, 2}  # candidates held by the other rank are drawn
+
+
 def test_objective_config_rejects_unknown_negative_modes():
     with pytest.raises(ConfigError, match="itm_negatives='easy'"):
         ObjectiveConfig(itm_negatives="easy").validate()
     with pytest.raises(ConfigError, match="wpg_negatives='both'"):
         ObjectiveConfig(wpg_negatives="both").validate()
+    with pytest.raises(ConfigError, match="unknown objective 'foo'"):
+        ObjectiveConfig(weights=(("foo", 2.0),)).validate()
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        ObjectiveConfig(weights=(("wpg", float("nan")),)).validate()
+    assert ObjectiveConfig().wpg_negatives == "separate" and ObjectiveConfig().itm_negatives == "hardest"
 
 
 # ---- WPG ----------------------------------------------------------------------------------------------
@@ -135,6 +160,7 @@ def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_ba
                                                  regions[j:j + 1, :nr], batch.region_mask[j:j + 1, :nr])
             assert torch.allclose(neg_cross[i, :nt], alone[0, :nt], atol=1e-5)
             assert torch.allclose(neg_cross[i, lt:lt + nr], alone[0, nt:], atol=1e-5)
+            assert neg_cross[i, nt:lt].abs().sum() == 0 and neg_cross[i, lt + nr:].abs().sum() == 0  # padding
     separate = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negatives="separate"))
     assert separate.wpg_negative_cross(outputs, batch) is None
 
@@ -149,3 +175,11 @@ def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_bat
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.losses["wpg"].item() > 0
     assert all(p.grad is not None for p in module.parameters())
+    with torch.no_grad():  # the module's WPG is the loss on this mode's negative states, not the other's
+        outputs = module.backbone(batch)
+        joint = wpg_loss(outputs, batch, negative_cross=module.backbone.encode_cross(
+            outputs.text, batch.text_mask, outputs.visual[:, outputs.num_tags:][batch.wpg_negative.clamp(min=0)],
+            batch.region_mask[batch.wpg_negative.clamp(min=0)])).loss.item()
+        separate = wpg_loss(outputs, batch).loss.item()
+    assert abs(joint - separate) > 1e-4
+    assert out.losses["wpg"].item() == pytest.approx(joint if mode == "joint" else separate, abs=1e-6)

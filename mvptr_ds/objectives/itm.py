@@ -1,4 +1,4 @@
-"""ITM, image-text matching with hardest in-batch negatives (MVPTR.md section 3; stage 2).
+"""ITM, image-text matching with in-batch negatives, hardest by default (MVPTR.md section 3; stage 2).
 
 Mining follows the release: from the contrastive similarity ``S`` (no gradient through the choice) each
 text's hardest image and each image's hardest text are taken (the release masks the diagonal with
@@ -9,11 +9,11 @@ cross-modal encoder and the pooler run again, on the negatives. Positives use ``
 2-way head scores 2B examples, label 1 = matched.
 
 Other choices of the negative (``ObjectiveConfig.itm_negatives``): ``"sampled"`` draws it with probability
-``softmax(scale * S)`` over the pairs of other images (``scale`` the contrastive ``exp(logit_scale)``), as
+``softmax(scale * S)`` over the pairs of other images (``scale`` VSC's ``min(exp(logit_scale), 100)``), as
 ALBEF does; ``"random"`` uniformly over them. On the built-in world (tiny model trained from scratch, VSC +
-ITM, 400 steps, lr 3e-4) the hardest negatives leave the ITM loss at ln 2 and the sampled ones barely move
-it (0.65, accuracy 0.64; re-ranked R@1 0-2% for both); random ones reach ITM accuracy 0.96 and re-ranked
-R@1 17% / 15% (chance 1.6%); see
+ITM, 400 steps, lr 3e-4) the hardest and the sampled negatives leave the ITM loss near ln 2 (0.691 and
+0.683 averaged over the run; re-ranked R@1 at most 5.5%); random ones bring it to 0.474 (accuracy 0.73)
+and re-ranked R@1 to 14.1% / 9.4% (chance 1.6%); see
 ``benchmarks/results/learnability.md``.
 
 A row without any valid negative (every pair of the batch shows its image, or a batch of one) still runs
@@ -37,7 +37,7 @@ from torch import nn
 
 from mvptr_ds.data.types import Batch
 from mvptr_ds.objectives.base import Gather, LossOutput
-from mvptr_ds.objectives.vsc import gathered
+from mvptr_ds.objectives.vsc import MAX_LOGIT_SCALE, gathered
 
 if TYPE_CHECKING:
     from mvptr_ds.model.mvptr import EncoderOutputs, MVPTRModel
@@ -87,18 +87,18 @@ def negative_pairs(t2v: torch.Tensor, v2t: torch.Tensor, image_ids: torch.Tensor
     b = t2v.shape[0]
     own = offset + torch.arange(b, device=t2v.device)  # (B,)
     if mode == "hardest":
-        hard_image, valid_t = hardest_negatives(t2v, image_ids, all_image_ids)
-        hard_text, valid_v = hardest_negatives(v2t, image_ids, all_image_ids)
+        neg_image, valid_t = hardest_negatives(t2v, image_ids, all_image_ids)
+        neg_text, valid_v = hardest_negatives(v2t, image_ids, all_image_ids)
     elif mode in ("sampled", "random"):
         scale = scale if mode == "sampled" else 0.0  # scale 0: uniform over the other images' pairs
-        hard_image, valid_t = sampled_negatives(t2v, image_ids, all_image_ids, scale)
-        hard_text, valid_v = sampled_negatives(v2t, image_ids, all_image_ids, scale)
+        neg_image, valid_t = sampled_negatives(t2v, image_ids, all_image_ids, scale)
+        neg_text, valid_v = sampled_negatives(v2t, image_ids, all_image_ids, scale)
     else:
         raise ValueError(f"itm: negatives mode {mode!r} is not 'hardest', 'sampled' or 'random'")
-    text_side = torch.arange(b, device=t2v.device) < (b + 1) // 2  # rows whose text gets a hard image
+    text_side = torch.arange(b, device=t2v.device) < (b + 1) // 2  # rows whose text gets a negative image
     valid = torch.where(text_side, valid_t, valid_v)
-    text_idx = torch.where(text_side | ~valid, own, hard_text)
-    image_idx = torch.where(~text_side | ~valid, own, hard_image)
+    text_idx = torch.where(text_side | ~valid, own, neg_text)
+    image_idx = torch.where(~text_side | ~valid, own, neg_image)
     return text_idx, image_idx, valid
 
 
@@ -124,7 +124,8 @@ def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Ga
 
 def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head: nn.Module,
              gather: Optional[Gather] = None, negatives: str = "hardest") -> LossOutput:
-    """Cross-entropy of the ITM head over B positives and B hardest negatives (label 1 = matched).
+    """Cross-entropy of the ITM head over B positives and B negatives (label 1 = matched); ``negatives``
+    "hardest" (the release), "sampled" or "random" (module docstring).
 
     Reads ``outputs.text`` ``[B, Lt, H]``, the regions ``outputs.visual[:, num_tags:]`` ``[B, Lr, H]``,
     ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining) and ``outputs.pooled`` ``[B, H]``;
@@ -144,7 +145,9 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
             (outputs.text_embed.detach(), outputs.visual_embed.detach(), batch.image_ids), gather)
         t2v = outputs.text_embed.detach().float() @ all_visual_e.float().t()  # (B, N)
         v2t = outputs.visual_embed.detach().float() @ all_text_e.float().t()  # (B, N)
-        scale = float(outputs.logit_scale.detach().float().exp().reshape(-1)[0]) if negatives == "sampled" else 1.0
+        scale = 1.0
+        if negatives == "sampled":  # VSC's temperature, capped as there (host sync: only in this mode)
+            scale = float(outputs.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().reshape(-1)[0])
         text_idx, image_idx, valid = negative_pairs(t2v, v2t, batch.image_ids, all_ids, offset, negatives, scale)
     text_h, text_mask, region_h, region_mask = _gather_states(
         outputs.text, batch.text_mask.bool(), regions, batch.region_mask.bool(), gather)
