@@ -94,12 +94,14 @@ def bench_encoders(cfg: RunConfig, parts, batch, reps: int) -> dict:
 
 def bench_wpg_negatives(parts, batch, reps: int) -> dict:
     module = parts.module
-    separate = type(module)(module.backbone, module.objectives,
-                            dataclasses.replace(module.objective_cfg, wpg_negatives="separate"), gather=module.gather)
-    separate.heads = module.heads  # the same heads and weights
-    joint = type(module)(module.backbone, module.objectives,
-                         dataclasses.replace(module.objective_cfg, wpg_negatives="joint"), gather=module.gather)
-    joint.heads = module.heads
+
+    def variant(mode):  # the same backbone and heads (weights), another WPG negative mode
+        m = type(module)(module.backbone, module.objectives,
+                         dataclasses.replace(module.objective_cfg, wpg_negatives=mode), gather=module.gather)
+        m.heads = module.heads
+        return m
+
+    joint, separate = variant("joint"), variant("separate")
 
     def step(m):
         def go():

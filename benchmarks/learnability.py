@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvptr_ds.config import MODEL_PRESETS, DataConfig, ObjectiveConfig  # noqa: E402
-from mvptr_ds.data.batching import BatchContext, epoch_permutation  # noqa: E402
+from mvptr_ds.data.batching import ResumableLoader  # noqa: E402
 from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
@@ -62,18 +62,12 @@ def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: st
         module.load_state_dict({k: v for k, v in init.state_dict().items() if k.startswith("backbone.")}, strict=False)
     optimizer = torch.optim.AdamW(decay_groups(module, 0.01), lr=lr)
     schedule = linear_schedule(optimizer, warmup, steps)
-    n, pos, epoch, history = len(data.train), 0, 0, []
-    order = epoch_permutation(n, args.init_seed, 0)
-    running: dict = {}
+    batches = iter(ResumableLoader(data.train, data.collator, args.micro_batch, rank=0, world_size=1,
+                                   seed=args.init_seed))  # the trainer's data order and corruption
+    history, running = [], {}
     start = time.time()
     for step in range(1, steps + 1):
-        if pos + args.micro_batch > n:
-            epoch, pos = epoch + 1, 0
-            order = epoch_permutation(n, args.init_seed, epoch)
-        batch = data.collator([data.train[int(i)] for i in order[pos:pos + args.micro_batch]],
-                              BatchContext(seed=args.init_seed, epoch=epoch, position=step * args.micro_batch))
-        pos += args.micro_batch
-        out = module(batch)
+        out = module(next(batches))
         optimizer.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)

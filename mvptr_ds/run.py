@@ -175,7 +175,8 @@ train.__doc__ = train.__doc__.format(**{f.name: getattr(TrainConfig, f.name) for
 def parse_loss_weights(value) -> tuple:
     """``"wpg=3,itm=0.5"`` (or Fire's dict/tuple forms) -> ``(("itm", 0.5), ("wpg", 3.0))``.
 
-    Raises ConfigError naming the item when it is malformed or a weight is negative or not finite.
+    Raises ConfigError naming the item when it is malformed or not a number; names and ranges are checked by
+    ``ObjectiveConfig.validate``.
     """
     if isinstance(value, dict):
         items = [(str(k).strip().lower(), v) for k, v in value.items()]
@@ -195,8 +196,6 @@ def parse_loss_weights(value) -> tuple:
             w = float(weight)
         except (TypeError, ValueError):
             raise ConfigError(f"--loss_weights: weight of {name!r} is {weight!r}, not a number") from None
-        if not w >= 0 or w == float("inf"):
-            raise ConfigError(f"--loss_weights: weight of {name!r} must be a finite number >= 0, got {weight!r}")
         out[name] = w
     return tuple(sorted(out.items()))
 
