@@ -17,7 +17,7 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   (``PretrainingModule.wpg_negative_cross``). Then ``s(i, i)`` and ``s(i, j)`` are both similarities
   *within* one cross-modal sequence, and the only way to separate them is for phrases to sit closer to the
   regions they name. On the built-in world (tiny model, WPG alone, 400 steps at lr 3e-4, same run
-  otherwise) grounding accuracy is 7.7% with ``"separate"`` and 37.6% with ``"joint"`` (chance
+  otherwise) grounding accuracy is 5.0% with ``"separate"`` and 39.6% with ``"joint"`` (chance
   6.7%; ``benchmarks/results/learnability.md``).
 
 The same pick number serves a phrase's positive and negative choice.
