@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import torch
 
@@ -53,29 +52,14 @@ def build(cfg: RunConfig, info) -> RunParts:
     return RunParts(config=cfg, data=data, module=module, loader=loader)
 
 
-def read_init_weights(path: str) -> Dict[str, torch.Tensor]:
-    """Weights from a portable checkpoint (``model.safetensors``) or a DeepSpeed training checkpoint."""
-    from mvptr_ds.training import checkpoint
-    from mvptr_ds.training.weights import WEIGHTS_NAME, load_weights
-
-    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        return load_weights(path)[0]
-    if os.path.isfile(os.path.join(path, "final", WEIGHTS_NAME)):
-        return load_weights(os.path.join(path, "final"))[0]
-    ckpt = checkpoint.resolve_resume(path, path) if os.path.isdir(path) else None
-    if ckpt is None:
-        raise ConfigError(f"--init_from {path}: no model.safetensors and no complete training checkpoint there")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    root, tag = os.path.split(ckpt)
-    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-
-
 def init_weights(module: torch.nn.Module, path: str, report_path: str = None) -> List[str]:
     """Load matching weights from ``path`` into ``module``; report what was loaded and what is new, by name.
 
     Shape mismatches are errors. Returns human-readable report lines; the full lists go to ``report_path``.
     """
-    source = read_init_weights(path)
+    from mvptr_ds.training.weights import read_model_weights
+
+    source = read_model_weights(path, "--init_from")[0]
     target = module.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in target.items() if k in source and source[k].shape != v.shape]

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from mvptr_ds.training.safe_load import manifest_entry
 from test_fault_harness import launch, metrics
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -100,7 +101,7 @@ def test_corrupt_config_json(stopped_run, tmp_path):
     one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(cfg), "truncated or modified"])
     marker = run_dir / "checkpoints" / "step2" / "COMPLETE"  # edited by hand, manifest updated too
     meta = json.loads(marker.read_text())
-    meta["files"]["config.json"] = os.path.getsize(cfg)
+    meta["files"]["config.json"] = manifest_entry(str(cfg))
     marker.write_text(json.dumps(meta))
     one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(cfg), "not valid JSON"])
 
@@ -123,7 +124,7 @@ def test_pickled_code_is_refused(stopped_run, tmp_path):
     state["train_state"]["evil"] = _Exploit(str(marker))
     torch.save(state, model, _use_new_zipfile_serialization=False)
     meta = json.loads((step / "COMPLETE").read_text())
-    meta["files"]["mp_rank_00_model_states.pt"] = os.path.getsize(model)
+    meta["files"]["mp_rank_00_model_states.pt"] = manifest_entry(str(model))
     (step / "COMPLETE").write_text(json.dumps(meta))
     one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(model), "refusing to load", "posix.system"])
     assert not marker.exists(), "the pickled command ran"

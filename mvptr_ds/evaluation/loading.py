@@ -14,9 +14,8 @@ The state dict holds ``backbone.*`` and the heads of the objectives it was train
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -35,31 +34,6 @@ class LoadedModel:
     itm_head: Optional[torch.nn.Module]
     config: RunConfig
     source: str
-
-
-def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], RunConfig, str]:
-    """(state dict, config, the directory read) of a portable export or a DeepSpeed checkpoint (module doc)."""
-    from mvptr_ds.training import checkpoint
-    from mvptr_ds.training.weights import WEIGHTS_NAME, load_weights
-
-    if not os.path.isdir(path):
-        raise ConfigError(f"--checkpoint {path}: no such directory")
-    for candidate in (path, os.path.join(path, "final")):
-        if os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
-            state, cfg = load_weights(candidate)
-            return state, cfg, candidate
-    try:
-        step_dir = checkpoint.resolve_resume(path, path)
-    except ConfigError as e:
-        raise ConfigError(f"--checkpoint {path}: neither a {WEIGHTS_NAME} export nor a training checkpoint "
-                          f"({e})") from None
-    if step_dir is None:
-        raise ConfigError(f"--checkpoint {path}: no {WEIGHTS_NAME} and no complete training checkpoint there")
-    cfg = RunConfig.load(os.path.join(step_dir, "config.json"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    root, tag = os.path.split(step_dir)
-    return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)), cfg, step_dir
 
 
 def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -102,8 +76,10 @@ def _load_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], source
 
 
 def load_model(path: str, device="cpu") -> LoadedModel:
-    """:func:`read_checkpoint` then :func:`build_model`."""
-    state, cfg, source = read_checkpoint(path)
+    """``weights.read_model_weights`` (the project's one reading path) then :func:`build_model`."""
+    from mvptr_ds.training.weights import read_model_weights
+
+    state, cfg, source = read_model_weights(path, "--checkpoint")
     return build_model(state, cfg, source, device)
 
 

@@ -4,13 +4,14 @@ Layout: ``<output_dir>/checkpoints/step<N>/`` written by ``engine.save_checkpoin
 optimizer shards, scheduler), plus our ``train_state`` (step, data-loader position, every rank's RNG
 states, the resolved config) in the engine's ``client_state``. After every rank has finished writing, rank 0
 writes ``step<N>/config.json`` and then ``step<N>/COMPLETE`` atomically (write, fsync, rename). ``COMPLETE``
-is a JSON manifest: step, world size, ZeRO stage and the size of every file. Only checkpoints with that
+is a JSON manifest: step, world size, ZeRO stage and the size and SHA-256 of every file. Only checkpoints with that
 marker are ever resumed from, so a process killed at any moment (in the middle of a save included) leaves
 the previous checkpoint as the newest usable one. Pruning renames a directory out of the ``step<N>`` name
 space before deleting it, so a kill during pruning never leaves a half-deleted "complete" checkpoint.
 
-Loading verifies the manifest and reads every file with ``weights_only=True`` first (``safe_load``), checks
-that the checkpoint's model matches this run's, and only then lets DeepSpeed read it.
+Loading verifies the manifest (sizes, hashes) and reads every file with ``weights_only=True`` first
+(``safe_load``), checks that the checkpoint's model matches this run's, and only then lets DeepSpeed read
+it, with every ``torch.load`` forced to weights-only (``safe_load.weights_only_loads``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import torch.distributed as dist
 
 from mvptr_ds.config import ConfigError, RunConfig
 from mvptr_ds.training import distributed
-from mvptr_ds.training.safe_load import first_line, verify_checkpoint_files
+from mvptr_ds.training.safe_load import (first_line, manifest_entry, refusal, verify_checkpoint_files,
+                                         weights_only_loads)
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step(\d+)$")
@@ -160,14 +162,27 @@ def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config
         fault_hook("after")
     if engine.global_rank == 0:
         config.dump(os.path.join(path, "config.json"))
-        files = {n: os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path))
-                 if os.path.isfile(os.path.join(path, n)) and not n.startswith(".")}
+    distributed.barrier()
+    files = _hash_files(path)
+    if engine.global_rank == 0:
         meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
                 "files": files}
         _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
         prune(root, keep_last, step)
     distributed.barrier()
     return path
+
+
+def _hash_files(path: str) -> Dict[str, Dict[str, Any]]:
+    """Manifest entries (size, SHA-256) of every file in ``path``, hashed in shares by the ranks. Collective."""
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and not n.startswith("."))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {n: manifest_entry(os.path.join(path, n)) for n in names[rank::world]}
+    if world == 1:
+        return mine
+    shares: List[Any] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {n: e for share in shares for n, e in share.items()}
 
 
 def prune(root: str, keep_last: int, upto: int) -> None:
@@ -201,22 +216,23 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def verify(path: str, rank: int, world_size: int, device) -> Dict[str, Any]:
-    """Check a checkpoint before loading it: manifest sizes, safe unpickling of every file. Collective.
+def verify(path: str) -> Dict[str, Any]:
+    """Check a checkpoint before loading it: manifest sizes and hashes, safe unpickling of every file.
 
-    The files are split between ranks; a problem found on any rank is raised on every rank (no rank is
-    left waiting in a collective). Returns the ``COMPLETE`` manifest.
+    Collective when a process group exists: the files are split between ranks, and a problem found on any
+    rank is raised on every rank (no rank is left waiting in a collective). Returns the ``COMPLETE`` manifest.
     """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = None
     meta: Dict[str, Any] = {}
     try:
         meta = read_marker(path)
-        verify_checkpoint_files(path, meta.get("files"), shard=rank, num_shards=world_size)
+        verify_checkpoint_files(path, meta.get("files"), shard=rank, num_shards=world)
     except ConfigError as e:
         error = str(e)
     errors = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
+    if world > 1:
+        errors = [None] * world
         dist.all_gather_object(errors, error)
     for e in errors:
         if e is not None:
@@ -259,9 +275,13 @@ def load(engine, path: str, tag: Optional[str] = None) -> Dict[str, Any]:
     """
     root, name = (path, tag) if tag else os.path.split(path.rstrip("/"))
     try:
-        load_path, client_state = engine.load_checkpoint(root, tag=name, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+        with weights_only_loads():
+            load_path, client_state = engine.load_checkpoint(root, tag=name, load_optimizer_states=True,
+                                                             load_lr_scheduler_states=True)
     except Exception as e:  # DeepSpeed raises assorted errors for missing/truncated shards
+        refused = refusal(path, e)
+        if refused is not None:
+            raise refused from None
         raise ConfigError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {first_line(str(e))})") from None
     if load_path is None or client_state is None or "train_state" not in client_state:
         raise ConfigError(f"checkpoint {path}: no training state found (not written by mvptr_ds?)")
@@ -281,7 +301,8 @@ def consolidated_state_dict(engine, checkpoint_path: Optional[str]) -> Dict[str,
     if engine.global_rank == 0:
         if engine.zero_optimization_stage() > 0 and checkpoint_path is not None:
             root, tag = os.path.split(checkpoint_path.rstrip("/"))
-            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+            with weights_only_loads():
+                state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
         else:
             state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     distributed.barrier()

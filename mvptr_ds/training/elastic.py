@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from mvptr_ds.config import ConfigError
 from mvptr_ds.training import distributed
+from mvptr_ds.training.safe_load import weights_only_loads
 
 UNIVERSAL = "universal"
 
@@ -102,7 +103,7 @@ def convert_to_universal(path: str, target: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=path, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
                               keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():
         ds_to_universal(args)
     shutil.rmtree(os.path.join(tmp, "tmp"), ignore_errors=True)
     if os.path.isdir(target):

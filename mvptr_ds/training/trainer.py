@@ -71,7 +71,7 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
 
     plan = None
     if resume_path is not None:
-        meta = checkpoint.verify(resume_path, info.rank, info.world_size, info.device)
+        meta = checkpoint.verify(resume_path)
         plan = elastic.plan_resume(resume_path, meta, info.world_size, zero_stage(ds_cfg))
         if plan.universal:
             elastic.ensure_universal(resume_path, info.rank)

@@ -39,3 +39,44 @@ def load_weights(directory: str) -> Tuple[Dict[str, torch.Tensor], RunConfig]:
     except Exception as e:  # safetensors raises its own error types for truncated/invalid files
         raise ConfigError(f"{wpath}: unreadable weights ({e})") from None
     return state, RunConfig.load(cpath)
+
+
+def read_model_weights(path: str, option: str) -> Tuple[Dict[str, torch.Tensor], RunConfig, str]:
+    """(fp32 state dict, config, the directory read) of any model the project wrote: the one reading path.
+
+    ``path``: a portable export (``model.safetensors`` + ``config.json``), a run directory with a ``final/``
+    one, or a DeepSpeed training checkpoint (a ``step<N>`` directory, or a run / ``checkpoints`` directory:
+    its newest complete one). A training checkpoint is verified first (manifest sizes and SHA-256, every
+    file safe-loaded; collective when a process group exists) and consolidated to fp32 with every
+    ``torch.load`` forced to weights-only. ``option`` names the flag in errors (``--init_from``, ...).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mvptr_ds.training import checkpoint
+    from mvptr_ds.training.safe_load import refusal, weights_only_loads
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"{option} {path}: no such directory")
+    for candidate in (path, os.path.join(path, "final")):
+        if os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
+            state, cfg = load_weights(candidate)
+            return state, cfg, candidate
+    try:
+        step_dir = checkpoint.resolve_resume(path, path)
+    except ConfigError as e:
+        raise ConfigError(f"{option} {path}: neither a {WEIGHTS_NAME} export nor a training checkpoint "
+                          f"({e})") from None
+    if step_dir is None:
+        raise ConfigError(f"{option} {path}: no {WEIGHTS_NAME} and no complete training checkpoint there")
+    cfg = RunConfig.load(os.path.join(step_dir, CONFIG_NAME))
+    checkpoint.verify(step_dir)
+    root, tag = os.path.split(step_dir)
+    try:
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    except Exception as e:
+        refused = refusal(step_dir, e)
+        if refused is not None:
+            raise refused from None
+        raise ConfigError(f"{option} {step_dir}: cannot be consolidated ({type(e).__name__}: {e})") from None
+    return dict(state), cfg, step_dir
