@@ -19,13 +19,19 @@
 #                 ("MB" or "MB:authors"), each into its own folder; "missing" if there is no benchmarks/throughput.py.
 #                 A "MB:authors" run measures this project's step and the authors-style baseline in one process
 #                 (both figures and their ratio), so the default runs are 32:authors 64:authors 128:authors.
+#   authors_step  the authors' own code as the baseline: python $PEER/authors_step.py $PEER/mvp_pytorch
+#                 $AUTHORS_STEP_ARGS, their pre-training step (forward + backward + AdamW) timed on the CPU with
+#                 THREADS=${OMP_NUM_THREADS:-$(nproc)}, in its own process (it imports a vendored package named
+#                 transformers; needs six, boto3, anytree). "skipped" when $PEER/authors_step.py is absent.
 #
 # Environment: CHECK_DEVICE (cuda), PYTHON (python3), WHEELS (.whl), SITE (/tmp/gpu_check_site),
 # GPU_CHECK_BUDGET (570 s), OUT (results folder; default runs/gpu_check), THROUGHPUT_RUNS, THROUGHPUT_ARGS
 # (extra arguments for every throughput run), KERNEL_BENCH_ARGS (extra arguments for kernels.py, e.g.
-# "--only attention"), TARGET_PY (3.12, for fetch).
+# "--only attention"), PEER (../shared/peer), AUTHORS_STEP_ARGS ("BATCH STEPS [HIDDEN LAYERS HEADS]";
+# cuda: "8 3", base size; cpu: "2 1 128 4 4"), TARGET_PY (3.12, for fetch).
 # Results: gpu_check.log (everything), summary.md (the table), kernels_<device>.json, throughput.tar.gz
-# (the throughput benchmark's own output folder). Exit status 0 only if every step ran and passed.
+# (the throughput benchmark's own output folder), authors_step.txt (the authors' median step time).
+# Exit status 0 only if every step ran and passed.
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600).
 set -uo pipefail
@@ -51,7 +57,7 @@ fetch() {
 case "${1:-}" in
     fetch) fetch; exit $? ;;
     "") ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected nothing, 'fetch' or --help)" >&2; exit 2 ;;
 esac
 
@@ -76,10 +82,13 @@ if [[ "$DEV" == cpu ]]; then
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"2:authors"}
     THROUGHPUT_BASE=(--device cpu --model tiny --stage 2 --precision fp32 --steps 2)
+    AUTHORS_STEP_ARGS=${AUTHORS_STEP_ARGS:-"2 1 128 4 4"}
 else
     THROUGHPUT_RUNS=${THROUGHPUT_RUNS:-"32:authors 64:authors 128:authors"}
     THROUGHPUT_BASE=(--device cuda --model base --stage 2 --precision bf16)
+    AUTHORS_STEP_ARGS=${AUTHORS_STEP_ARGS:-"8 3"}
 fi
+PEER=${PEER:-../shared/peer}
 read -r -a THROUGHPUT_EXTRA <<< "${THROUGHPUT_ARGS:-}"
 
 # step NAME MAX_SECONDS COMMAND...: run under timeout, capped by what is left of the budget; record the result.
@@ -159,6 +168,19 @@ for run in $THROUGHPUT_RUNS; do
         step "throughput:$run" 150 "$PY" benchmarks/throughput.py "${args[@]}"
     fi
 done
+
+# The authors' code itself (the MVPTR release beside this repository), timed by the peer's own script.
+if [[ ! -f "$PEER/authors_step.py" ]]; then
+    printf 'authors_step\tskipped (no %s)\t0\n' "$PEER/authors_step.py" >> "$STEPS"
+    echo "=== authors_step: skipped, no $PEER/authors_step.py (the authors' code is not beside this repository)" \
+        | tee -a "$LOG"
+else
+    read -r -a authors_args <<< "$AUTHORS_STEP_ARGS"
+    if step authors_step 120 env THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$PY" "$PEER/authors_step.py" \
+        "$PEER/mvp_pytorch" "${authors_args[@]}"; then
+        grep "^authors' step" "$LOG" | tail -n 1 | tee "$RESULTS/authors_step.txt"
+    fi
+fi
 
 if [[ -d "$WORK/throughput" ]]; then
     tar czf "$RESULTS/throughput.tar.gz" -C "$WORK" throughput
