@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,27 @@ from typing import Any, Dict, Optional, Tuple
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names it."""
+
+
+def _at_least(owner, section: str, names, low: int) -> None:
+    """Each integer field ``names`` of ``owner`` is >= ``low``, else ConfigError naming ``section.name``."""
+    for name in names:
+        value = getattr(owner, name)
+        if value < low:
+            raise ConfigError(f"{section}.{name} must be >= {low}, got {value}")
+
+
+def _in_range(owner, section: str, name: str, low: float, high: float = math.inf, low_open: bool = False,
+              high_open: bool = True, what: str = "") -> None:
+    """Float field ``name`` of ``owner`` is finite (NaN and inf refused) and in the given interval."""
+    value = getattr(owner, name)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        raise ConfigError(f"{section}.{name}={value!r}: must be a finite number {'in ' if math.isfinite(high) else ''}"
+                          f"{interval}{what}")
 
 
 OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
@@ -59,15 +81,22 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
     def validate(self) -> None:
+        _at_least(self, "model", ("hidden_size", "num_attention_heads", "intermediate_size", "text_layers",
+                                  "visual_layers", "cross_layers", "max_position_embeddings", "type_vocab_size",
+                                  "img_feature_dim"), 1)
+        for name in ("vocab_size", "only_word_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _in_range(self, "model", name, 0.0, 1.0, what=" (a dropout probability)")
+        _in_range(self, "model", "layer_norm_eps", 0.0, low_open=True)
+        _in_range(self, "model", "initializer_range", 0.0, low_open=True)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"model.kernels={self.kernels!r}: expected one of {', '.join(KERNELS)}")
-        for name in ("text_layers", "visual_layers", "cross_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.only_word_size is not None:
             if self.only_word_size > self.vocab_size:
                 raise ConfigError(
@@ -104,13 +133,12 @@ class DataConfig:
     prefetch_factor: int = 2
 
     def validate(self) -> None:
-        if not 0.0 <= self.mask_prob <= 1.0:
-            raise ConfigError(f"data.mask_prob={self.mask_prob} is not a probability")
+        _in_range(self, "data", "mask_prob", 0.0, 1.0, high_open=False, what=" (a probability)")
         for name in ("max_seq_length", "max_tag_length", "max_img_seq_length"):
             if getattr(self, name) < 3:
                 raise ConfigError(f"data.{name} must be >= 3, got {getattr(self, name)}")
-        if self.max_phrases < 0:
-            raise ConfigError(f"data.max_phrases must be >= 0, got {self.max_phrases}")
+        _at_least(self, "data", ("max_phrases", "num_workers"), 0)
+        _at_least(self, "data", ("prefetch_factor",), 1)
 
 
 WPG_NEGATIVES = ("joint", "separate")
@@ -149,6 +177,7 @@ class ObjectiveConfig:
                               f"{', '.join(ITM_NEGATIVES)}")
         if self.wpg_topk < 1:
             raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
+        _in_range(self, "objectives", "wpg_margin", 0.0)
         for name, weight in self.weights:
             if name not in OBJECTIVES:
                 raise ConfigError(f"weight given for unknown objective {name!r}")
@@ -191,13 +220,16 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"train.wandb={self.wandb!r}: expected one of {', '.join(WANDB_MODES)}")
-        for name in ("max_steps", "micro_batch", "grad_accum", "save_every", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _at_least(self, "train", ("max_steps", "micro_batch", "grad_accum", "save_every", "log_every", "keep_last",
+                                  "max_bad_steps"), 1)
+        _at_least(self, "train", ("warmup_steps",), 0)
+        _in_range(self, "train", "lr", 0.0, low_open=True)
+        _in_range(self, "train", "weight_decay", 0.0)
+        _in_range(self, "train", "adam_eps", 0.0, low_open=True)
+        _in_range(self, "train", "grad_clip", 0.0, what=" (0: no clipping)")
+        for k, beta in enumerate(self.adam_betas):
+            if not 0.0 <= beta < 1.0:  # NaN fails too
+                raise ConfigError(f"train.adam_betas[{k}]={beta!r}: must be a finite number in [0, 1)")
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "snli_ve", "refcoco")
@@ -289,13 +321,18 @@ class RunConfig:
     @classmethod
     def load(cls, path: str) -> "RunConfig":
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return cls.from_dict(d)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({_reason(e)})") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def model_config_from(spec: str) -> ModelConfig:
@@ -304,16 +341,30 @@ def model_config_from(spec: str) -> ModelConfig:
         return MODEL_PRESETS[spec]
     if spec.endswith(".json") or os.path.sep in spec:
         try:
-            with open(spec) as f:
+            with open(spec, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"--model {spec}: file not found (presets: {', '.join(MODEL_PRESETS)})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"--model {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--model {spec}: cannot be read ({_reason(e)})") from None
         if isinstance(d, dict) and "model" in d and isinstance(d["model"], dict):
             d = d["model"]  # a whole run config.json: take its model section
-        return _build(ModelConfig, d, "model.")
+        try:
+            model = _build(ModelConfig, d, "model.")
+            model.validate()
+        except ConfigError as e:
+            raise ConfigError(f"--model {spec}: {e}") from None
+        return model
     raise ConfigError(f"--model {spec!r}: unknown preset; expected one of {', '.join(MODEL_PRESETS)} or a JSON path")
+
+
+def _reason(e: BaseException) -> str:
+    """The short reason of an OSError / UnicodeDecodeError, for one-line messages."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}"
+    return e.strerror or type(e).__name__
 
 
 def _build(cls, d: Any, prefix: str):

@@ -137,6 +137,9 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
                        ("warmup_steps", int), ("save_every", int), ("log_every", int), ("keep_last", int),
                        ("seed", int), ("max_bad_steps", int), ("stop_after", int), ("lr", float)):
         if name in train_over:
+            if isinstance(train_over[name], bool):  # Fire's reading of "--lr" without a value, or of "--lr -inf"
+                raise ConfigError(f"--{name} has no value (a negative value that is not a plain number, such as "
+                                  f"-inf, must be written --{name}=VALUE)")
             try:
                 train_over[name] = kind(train_over[name])
             except (TypeError, ValueError):

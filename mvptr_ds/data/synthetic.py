@@ -94,6 +94,8 @@ class SceneSpec:
             if not ok:
                 raise ConfigError(f"--data synthetic: {key}={getattr(self, key)!r} {what}")
 
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.world_seed >= 0, "world_seed", "must be >= 0")
         need(self.images >= 1, "images", "must be >= 1")
         need(self.held_out >= 0, "held_out", "must be >= 0")
         need(self.captions_per_image >= 1, "captions_per_image", "must be >= 1")
@@ -109,7 +111,7 @@ class SceneSpec:
              f"must be in 1..attributes={self.attributes}")
         need(1 <= self.triples <= self.classes * (self.classes - 1) * self.predicates, "triples",
              "must be >= 1 and at most classes*(classes-1)*predicates")
-        need(self.noise >= 0, "noise", "must be >= 0")
+        need(0 <= self.noise < float("inf"), "noise", "must be a finite number >= 0")
         need(0 <= self.tag_miss <= 1, "tag_miss", "must be a probability")
         need(0 <= self.tag_wrong <= 1, "tag_wrong", "must be a probability")
 
