@@ -94,5 +94,5 @@ def test_shipped_ds_configs_are_valid():
             "zero2_fp16.json"} <= set(names)
     for p in root.glob("*.json"):
         precision = template_precision(json.loads(p.read_text()))
-        cfg = build_ds_config(str(p), TrainConfig(precision=precision), world_size=2)
+        cfg = build_ds_config(str(p), TrainConfig(precision=precision), world_size=2, check_device=False)
         assert cfg["train_batch_size"] == 2 * TrainConfig().micro_batch

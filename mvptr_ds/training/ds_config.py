@@ -21,6 +21,12 @@ _KNOWN_TOP_LEVEL = {
     "comms_logger", "memory_breakdown", "dump_state", "checkpoint", "data_types", "seq_parallel_communication_data_type",
     "timers", "compile", "aio", "elasticity", "monitor_config", "torch_autocast", "bfloat16",
 }
+# Keys whose value DeepSpeed reads as an object ({...}); anything else there fails deep inside DeepSpeed.
+_OBJECT_KEYS = {
+    "zero_optimization", "bf16", "bfloat16", "fp16", "amp", "flops_profiler", "activation_checkpointing",
+    "tensorboard", "wandb", "csv_monitor", "comms_logger", "checkpoint", "data_types", "compile", "aio",
+    "elasticity", "monitor_config", "torch_autocast", "timers",
+}
 _REJECTED = {
     "optimizer": "the optimizer is built by mvptr_ds (AdamW, decay groups); set --lr instead",
     "scheduler": "the schedule is built by mvptr_ds (linear warm-up/decay); set --warmup_steps instead",
@@ -38,6 +44,15 @@ def read_template(path: str) -> Dict[str, Any]:
         raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"--ds_config {path}: expected a JSON object at the top level")
+    for key in sorted(_OBJECT_KEYS & set(d)):
+        if not isinstance(d[key], dict):
+            hint = f' (e.g. "{key}": {{"enabled": true}})' if key in ("bf16", "bfloat16", "fp16", "amp") else ""
+            raise ConfigError(f"--ds_config {path}: field {key!r} must be an object, got {json.dumps(d[key])}{hint}")
+    for key in ("bf16", "bfloat16", "fp16"):
+        enabled = d.get(key, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"--ds_config {path}: field '{key}.enabled' must be true or false, got "
+                              f"{json.dumps(enabled)}")
     return d
 
 
@@ -50,10 +65,27 @@ def template_precision(template: Dict[str, Any]) -> str:
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
-def build_ds_config(path: str, train: TrainConfig, world_size: int) -> Dict[str, Any]:
+def check_device_precision(precision: str, path: str) -> None:
+    """ConfigError when DeepSpeed's accelerator of this process cannot train in ``precision`` (DeepSpeed's own
+    check, made before any process group exists): its CPU accelerator has no fp16, for instance."""
+    if precision == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported(), "fp32": True}
+    if not supported[precision]:
+        others = " or ".join(p for p in ("bf16", "fp16", "fp32") if p != precision and supported[p])
+        raise ConfigError(f"precision {precision} (--precision, or enabled by --ds_config {path}) is not supported by "
+                          f"DeepSpeed's {accelerator.device_name()} accelerator; use {others} (--precision, with a "
+                          f"ds_config that does not enable {precision})")
+
+
+def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device: bool = True) -> Dict[str, Any]:
     """Read the template at ``path`` and merge the typed training settings into it.
 
-    Raises ConfigError naming the offending key when the template is invalid or disagrees with ``train``.
+    Raises ConfigError naming the offending key when the template is invalid or disagrees with ``train``, and
+    (``check_device``) when this process's accelerator cannot train in ``train.precision``.
     """
     template = read_template(path)
     for key in template:
@@ -78,6 +110,8 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int) -> Dict[str,
     if train.precision != precision and precision != "fp32":
         raise ConfigError(
             f"--precision {train.precision} disagrees with --ds_config {path}, which enables {precision}")
+    if check_device:
+        check_device_precision(train.precision, path)
 
     expected = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
