@@ -22,6 +22,7 @@ workers) and after pickling (spawn).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, List, Optional, Union
@@ -72,7 +73,10 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
     if shard_size < 1:
         raise DataError(out, f"shard_size must be >= 1, got {shard_size}", field="shard_size")
     np_dtype = np.dtype(DTYPES[dtype])
+    if not os.path.isfile(tsv):
+        raise DataError(tsv, "file not found" if not os.path.exists(tsv) else "not a file", field="tsv")
     tsv_size = os.path.getsize(tsv)
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     settings = {"format": FORMAT, "source": os.path.abspath(tsv), "source_size": tsv_size,
                 "dtype": np_dtype.str, "shard_size": int(shard_size)}
@@ -114,12 +118,14 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
             buf_ids, buf_start, buf_count, buf_row, regions_in_shard = [], [], [], [], 0
 
         start = int(manifest["next_offset"])
+        undo = _undo_on_error(out, manifest, created, lambda: fh and fh.close())
         with tqdm(total=tsv_size, initial=start, unit="B", unit_scale=True, disable=not progress,
-                  desc=f"converting {os.path.basename(tsv)}") as bar:
+                  desc=f"converting {os.path.basename(tsv)}") as bar, undo:
             for row, _, end, image_id, feats in iter_feature_rows(tsv, start, resumed_from):
+                stored = _storable(feats, np_dtype, tsv, row, image_id)
                 if fh is None:
                     fh = open(os.path.join(out, _shard_name(shard_k) + ".bin.tmp"), "wb")
-                fh.write(feats.astype(np_dtype).tobytes())
+                fh.write(stored.tobytes())
                 buf_ids.append(image_id)
                 buf_start.append(regions_in_shard)
                 buf_count.append(feats.shape[0])
@@ -136,6 +142,42 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
     meta = read_json_no_dup(os.path.join(out, "meta.json"))
     return {"out": out, "num_images": meta["num_images"], "num_regions": meta["num_regions"],
             "shards": len(meta["shards"]), "dtype": dtype, "resumed_from_row": resumed_from}
+
+
+@contextlib.contextmanager
+def _undo_on_error(out: str, manifest: dict, created: bool, close):
+    """On a bad row, close (``close()``) and remove the uncommitted shard; when no shard was committed, also the
+    manifest (and ``out`` if this call created it), so that converting the corrected file (or with another
+    dtype) starts clean."""
+    try:
+        yield
+    except DataError:
+        close()
+        for name in os.listdir(out):
+            if name.endswith(".tmp") or (not manifest["shards"] and name == "progress.json"):
+                os.remove(os.path.join(out, name))
+        if created and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def _storable(feats: np.ndarray, np_dtype: np.dtype, tsv: str, row: int, image_id: str) -> np.ndarray:
+    """``feats`` (float32 ``[num_boxes, 2054]`` of 0-based ``row``) cast to ``np_dtype``; DataError naming the
+    row when a value is not finite, or (fp16) lies beyond the dtype's range and would be stored as inf."""
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(tsv, f"image {image_id!r}: non-finite value {float(feats[r, c])} at region {r}, column {c}",
+                        row + 1, "features")
+    with np.errstate(over="ignore"):
+        stored = feats.astype(np_dtype)
+    bad = ~np.isfinite(stored)
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(tsv, f"image {image_id!r}: value {float(feats[r, c]):g} at region {r}, column {c} is beyond "
+                        f"the {np_dtype.name} range (largest {float(np.finfo(np_dtype).max):g}) and would be stored "
+                        f"as inf; convert with --dtype float32", row + 1, "features")
+    return stored
 
 
 def _finalize(out: str, manifest: dict, np_dtype: np.dtype) -> None:

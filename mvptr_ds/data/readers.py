@@ -48,6 +48,28 @@ class MissingImageError(DataError, KeyError):
     """An image id is not in a feature store or tag file."""
 
 
+def open_data_file(path):
+    """``open(path, "rb")``; a missing or unreadable file is a :class:`DataError` naming it."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def decode_utf8(raw: bytes, path, line: int = 1, field: Optional[str] = None) -> str:
+    """``raw`` (the text of ``path`` from line ``line`` on) decoded as UTF-8; a byte that is not UTF-8 is a
+    :class:`DataError` naming its line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(path, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {column}", at, field,
+                        "line") from None
+
+
 # ---------------------------------------------------------------- sorted id index
 
 class IdIndex:
@@ -112,9 +134,9 @@ def read_lineidx(path: str, data_path: str) -> np.ndarray:
     """
     size = os.path.getsize(data_path)
     out = []
-    with open(path, "r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+    with open_data_file(path) as f:
+        for n, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, n, "offset").strip()
             if not line:
                 continue
             try:
@@ -148,8 +170,8 @@ def read_json_no_dup(path: str):
                 raise DataError(path, f"duplicate key {k!r}", field=k)
             seen[k] = v
         return seen
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    with open_data_file(path) as f:
+        text = decode_utf8(f.read(), path, field="json")
     try:
         return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
@@ -254,6 +276,8 @@ def parse_prediction_row(line: bytes, path, row: int) -> Tuple[str, dict]:
         rec = json.loads(parts[1])
     except json.JSONDecodeError as e:
         raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", row, "json") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start} of the JSON)", row, "json") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("objects"), list):
         raise DataError(path, "missing list 'objects'", row, "objects")
     for k, obj in enumerate(rec["objects"]):
@@ -273,7 +297,7 @@ class PredictionsReader:
         self.path = str(path)
         offsets, ids = [], []
         pos = 0
-        with open(self.path, "rb") as f:
+        with open_data_file(self.path) as f:
             for line in f:
                 if line.strip():
                     image_id, _ = parse_prediction_row(line, self.path, len(offsets) + 1)
@@ -357,7 +381,7 @@ class CaptionIndex:
         self.path = str(path)
         self._records: Optional[list] = None
         self._fh, self._pid = None, None
-        with open(self.path, "rb") as f:
+        with open_data_file(self.path) as f:
             first = f.read(4096).lstrip()
         if first.startswith(b"["):
             data = read_json_no_dup(self.path)

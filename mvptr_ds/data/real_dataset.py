@@ -133,6 +133,8 @@ class RealDataset:
                     unknown[t] += 1
 
         self.captions = CaptionIndex(_caption_file(self.data_dir), check=check)
+        if len(self.captions) == 0:
+            raise DataError(self.captions.path, "no caption records (the file is empty)", field="captions")
         keys = [k.decode("utf-8") for k in self.captions.image_keys]
         for k, image_id in enumerate(keys):
             for source, what in ((self.features, "region features"), (self.predictions, "tags")):

@@ -25,6 +25,7 @@ Bad rows raise :class:`~mvptr_ds.data.readers.DataError` naming the file, the ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from typing import Dict, List, Optional, Tuple
@@ -34,7 +35,7 @@ import torch
 
 from mvptr_ds.data.concepts import build_lexicon, extract_with_words, tokenize
 from mvptr_ds.data.feature_store import open_feature_store
-from mvptr_ds.data.readers import DataError, PredictionsReader, read_id2phrase
+from mvptr_ds.data.readers import DataError, PredictionsReader, decode_utf8, open_data_file, read_id2phrase
 from mvptr_ds.data.real_dataset import load_tokenizer, real_vocab_info
 from mvptr_ds.data.types import Example
 from mvptr_ds.finetune.batching import SNLI_LABELS, TaskExample
@@ -66,8 +67,16 @@ class ImageSource:
         return self._ints.setdefault(image_id, len(self._ints))
 
     def image_size(self, image_id: str) -> Tuple[float, float]:
-        row = self.predictions[image_id]
-        return float(row.get("image_w", 0) or 0), float(row.get("image_h", 0) or 0)
+        """``(image_w, image_h)`` of ``predictions.tsv`` (0 where a value is absent or 0)."""
+        rec = self.predictions[image_id]
+        size = []
+        for key in ("image_w", "image_h"):
+            value = rec.get(key) or 0
+            if not _positive(value) and value != 0:
+                raise DataError(self.predictions.path, f"{key} {value!r} of image {image_id!r} must be a positive "
+                                f"number", self.predictions.index.find(image_id) + 1, key)
+            size.append(float(value))
+        return size[0], size[1]
 
     def region_boxes(self, image_id: str, width: float, height: float) -> np.ndarray:
         """Pixel boxes ``[n, 4]`` of the kept regions, from the normalised box columns of the features."""
@@ -116,19 +125,25 @@ class TaskDataset:
         return TaskExample(ex, region_iou=iou)
 
 
+def _positive(value) -> bool:
+    """A finite number > 0 (not a bool, not a string)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
 def _load_json(path: str):
+    with open_data_file(path) as f:
+        text = decode_utf8(f.read(), path)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON ({e.msg})", e.lineno, unit="line") from None
 
 
 def _jsonl(path: str):
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open_data_file(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -165,6 +180,9 @@ def normalise_answer(answer: str) -> str:
 def read_answers(path: str) -> List[str]:
     data = _load_json(path)
     if isinstance(data, dict):
+        for answer, i in data.items():
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise DataError(path, f"id of answer {answer!r} must be an integer, got {i!r}", field=answer)
         if sorted(data.values()) != list(range(len(data))):
             raise DataError(path, "answer ids must be 0..N-1, each once", field="answers")
         data = sorted(data, key=data.get)
@@ -266,10 +284,17 @@ def _read_refs(task_dir: str) -> Tuple[str, list]:
     path = os.path.join(task_dir, "refs(unc).p")
     if not os.path.isfile(path):
         raise DataError(task_dir, "no refs.json or refs(unc).p")
-    with open(path, "rb") as f:
+    with open_data_file(path) as f:
         reader = _PlainData(f)
         reader.path = path
-        return path, reader.load()
+        try:
+            return path, reader.load()
+        except DataError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                OverflowError, UnicodeDecodeError) as e:  # what a cut or damaged pickle raises
+            raise DataError(path, f"not a readable pickle (truncated or corrupted? {type(e).__name__}: {e})",
+                            field="refs") from None
 
 
 def read_refcoco(source: ImageSource, task_dir: str, split: str) -> TaskDataset:
@@ -280,9 +305,25 @@ def read_refcoco(source: ImageSource, task_dir: str, split: str) -> TaskDataset:
         raise DataError(rpath, "expected a list of refs", field="refs")
     if not isinstance(inst, dict) or not isinstance(inst.get("annotations"), list):
         raise DataError(ipath, "expected a COCO instances file with 'annotations'", field="annotations")
-    sizes = {str(im.get("id")): (im.get("width"), im.get("height")) for im in inst.get("images", [])
-             if isinstance(im, dict)}
-    anns = {a.get("id"): (row, a) for row, a in enumerate(inst["annotations"]) if isinstance(a, dict)}
+    images = inst.get("images", [])
+    if not isinstance(images, list):
+        raise DataError(ipath, "'images' must be a list", field="images")
+    sizes = {}
+    for row, im in enumerate(images):
+        if not isinstance(im, dict):
+            raise DataError(ipath, "an image must be an object", row, "images")
+        for key in ("width", "height"):
+            if im.get(key) is not None and not _positive(im[key]):
+                raise DataError(ipath, f"{key} of image {im.get('id')!r} must be a positive number, got {im[key]!r}",
+                                row, key)
+        sizes[str(im.get("id"))] = (im.get("width"), im.get("height"))
+    anns = {}
+    for row, a in enumerate(inst["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(ipath, "an annotation must be an object", row, "annotations")
+        if isinstance(a.get("id"), bool) or not isinstance(a.get("id"), (int, str)):
+            raise DataError(ipath, f"annotation id {a.get('id')!r} must be an integer or a string", row, "id")
+        anns[a["id"]] = (row, a)
     records = []
     for row, ref in enumerate(refs):
         if not isinstance(ref, dict):
@@ -290,12 +331,13 @@ def read_refcoco(source: ImageSource, task_dir: str, split: str) -> TaskDataset:
         if ref.get("split") != split:
             continue
         image_id = _image_id(ref, ("image_id",), rpath, row, "row")
-        if ref.get("ann_id") not in anns:
+        if not isinstance(ref.get("ann_id"), (int, str)) or ref.get("ann_id") not in anns:
             raise DataError(rpath, f"ann_id {ref.get('ann_id')!r} is not in {ipath}", row, "ann_id")
         arow, ann = anns[ref["ann_id"]]
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise DataError(ipath, "expected [x, y, w, h]", arow, "bbox")
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise DataError(ipath, f"expected [x, y, w, h] of four finite numbers, got {box!r}", arow, "bbox")
         width, height = sizes.get(image_id, (None, None))
         if not width or not height:
             width, height = source.image_size(image_id) if image_id in source.predictions else (0, 0)
