@@ -34,24 +34,23 @@ def build_module(cfg: RunConfig, data: TaskData) -> FinetuneModule:
 class TaskBuilder:
     """``build(cfg, dist_info) -> RunParts`` for the training loop; keeps what it built for evaluation."""
 
-    def __init__(self):
+    def __init__(self, training: bool = True):
         self.parts = None
+        self.training = training  # False (--eval_only): the loader is never iterated, its size is not checked
 
     def __call__(self, cfg: RunConfig, info):
         import dataclasses
 
-        from mvptr_ds.data.batching import ResumableLoader
-        from mvptr_ds.pipeline import RunParts, resolve_model_config
+        from mvptr_ds.pipeline import RunParts, resolve_model_config, training_loader
 
         data = build_task_data(cfg)
-        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab))
+        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab, cfg.data))
         if data.answers:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_answers=len(data.answers)))
         cfg = cfg.validate()
+        loader = training_loader(data.train, data.collator, cfg, info,
+                                 f"{cfg.data.source} ({cfg.eval.task}, split train)", check_size=self.training)
         module = build_module(cfg, data).to(info.device)
-        loader = ResumableLoader(data.train, data.collator, micro_batch=cfg.train.micro_batch, rank=info.rank,
-                                 world_size=info.world_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                 prefetch_factor=cfg.data.prefetch_factor)
         self.parts = RunParts(config=cfg, data=data, module=module, loader=loader)
         return self.parts
 
@@ -147,13 +146,15 @@ def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, check
 def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
     """Train (unless ``eval_only``) and evaluate; returns the report written to ``<output_dir>/eval.json``."""
     from mvptr_ds import pipeline
+    from mvptr_ds.training import checkpoint as checkpoint_lib
     from mvptr_ds.training import distributed
     from mvptr_ds.training.trainer import train
 
-    builder = TaskBuilder()
+    builder = TaskBuilder(training=not eval_only)
     if eval_only:
         if not cfg.train.init_from:
             raise ConfigError("--eval_only evaluates the weights of --init_from; give it")
+        checkpoint_lib.check_output_dir(cfg.train.output_dir)  # eval.json goes there
         info = distributed.setup()
         parts = builder(cfg, info)
         for line in pipeline.init_weights(parts.module, cfg.train.init_from):

@@ -106,13 +106,21 @@ def complete_checkpoints(root: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
+def check_output_dir(output_dir: str) -> None:
+    """ConfigError when ``output_dir`` (the run folder) exists but is not a directory."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output_dir {output_dir}: exists and is not a directory; give a new or existing run folder")
+
+
 def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     """The checkpoint directory (``.../step<N>``) to resume from, or None to start fresh.
 
     ``auto``: the newest complete checkpoint of this run, if any. ``none``: start fresh. A path: either a
     ``step<N>`` directory or a ``checkpoints`` root / run directory holding some. DeepSpeed's ``latest``
     file is not needed: the ``COMPLETE`` markers decide (``latest`` may name a save that was interrupted).
+    ``output_dir`` is checked first (:func:`check_output_dir`): this runs before anything is written.
     """
+    check_output_dir(output_dir)
     if resume in (None, "", "none", "None"):
         found = complete_checkpoints(checkpoint_root(output_dir))
         if found:
@@ -286,6 +294,47 @@ def load(engine, path: str, tag: Optional[str] = None) -> Dict[str, Any]:
     if load_path is None or client_state is None or "train_state" not in client_state:
         raise ConfigError(f"checkpoint {path}: no training state found (not written by mvptr_ds?)")
     return client_state["train_state"]
+
+
+def _count(value: Any) -> Optional[int]:
+    """``value`` as a count (an int >= 0, a 0-d integer tensor included), else None."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        return None
+    return int(value)
+
+
+def restore_train_state(state: Any, path: str, loader) -> Tuple[int, int]:
+    """Check the ``train_state`` fields a resume reads, restore ``loader``'s position, return
+    ``(step, skipped_batches)``.
+
+    Every problem is one ConfigError naming the checkpoint and the field: ``step`` not a count, a
+    ``skipped_batches`` that is not one, a ``loader`` position that is malformed or lies past the end of this
+    run's data (the checkpoint was made on other, larger data), ``rng`` not a list of per-rank states.
+    """
+    where = f"checkpoint {path}: train_state"
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where} is a {type(state).__name__}, not a mapping (not written by mvptr_ds?)")
+    step = _count(state.get("step"))
+    if step is None:
+        raise ConfigError(f"{where} field 'step' must be an integer >= 0, got {state.get('step')!r:.60}")
+    skipped = _count(state.get("skipped_batches", 0))
+    if skipped is None:
+        raise ConfigError(f"{where} field 'skipped_batches' must be an integer >= 0, got "
+                          f"{state.get('skipped_batches')!r:.60}")
+    rng = state.get("rng")
+    if not (isinstance(rng, dict) or (isinstance(rng, (list, tuple)) and rng and all(isinstance(r, dict) for r in rng))):
+        raise ConfigError(f"{where} field 'rng' must be a list of per-rank RNG states, got {type(rng).__name__}")
+    saved = state.get("loader")
+    if not isinstance(saved, dict) or any(_count(saved.get(k)) is None for k in ("epoch", "position")):
+        raise ConfigError(f"{where} field 'loader' must be {{'epoch': int >= 0, 'position': int >= 0}}, "
+                          f"got {saved!r:.80}")
+    try:
+        loader.load_state_dict(saved)
+    except ValueError as e:
+        raise ConfigError(f"{where} field 'loader': {e}") from None
+    return step, skipped
 
 
 def consolidated_state_dict(engine, checkpoint_path: Optional[str]) -> Dict[str, torch.Tensor]:

@@ -99,9 +99,7 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
     torch.manual_seed(train_cfg.seed + 1000 + info.rank)  # dropout differs per rank
     if resume_path is not None:
         state = checkpoint.load(engine, resume_path, tag=elastic.UNIVERSAL if plan.universal else None)
-        step = int(state["step"])
-        skipped_batches = int(state.get("skipped_batches", 0))
-        parts.loader.load_state_dict(state["loader"])
+        step, skipped_batches = checkpoint.restore_train_state(state, resume_path, parts.loader)
         rng = elastic.rank_rng_state(state["rng"], info.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng)
