@@ -212,6 +212,9 @@ class TrainConfig:
     wandb_project: str = "mvptr_ds"
     max_bad_steps: int = 5         # consecutive non-finite steps before the run stops
     stop_after: Optional[int] = None  # leave cleanly (with a checkpoint) after this step, e.g. for a job time limit
+    # torch.use_deterministic_algorithms: the same weights run to run at any fixed thread count. None: on for
+    # CPU runs (index_put's accumulating backward otherwise sums in a thread-dependent order), off on CUDA.
+    deterministic: Optional[bool] = None
 
     def validate(self) -> None:
         if self.stage not in STAGE_OBJECTIVES:

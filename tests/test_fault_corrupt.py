@@ -48,7 +48,7 @@ def one_error(run, must_contain):
 
 def test_truncated_shard(stopped_run, tmp_path):
     run_dir = copy_run(stopped_run, tmp_path)
-    shard = run_dir / "checkpoints" / "step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = run_dir / "checkpoints" / "step2" / "mp_rank_00_model_states.pt"  # one process: stage 0, all in one
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(shard), "truncated"])

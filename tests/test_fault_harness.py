@@ -4,7 +4,8 @@ Starting ``python -m mvptr_ds.run`` costs about 9 s of imports (torch, deepspeed
 optimizer checks) before the first step; a tiny run itself takes 1-3 s. :func:`launch` forks rank processes
 from a multiprocessing *forkserver* that has imported all of that once, sets the launcher environment
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what torchrun/deepspeed set) and runs the real CLI
-entry point ``mvptr_ds.run.main`` in each. They are real processes: SIGKILL and SIGTERM work on them.
+entry point ``mvptr_ds.run.main`` in each, at torch's default thread count (nothing is pinned: the fault
+tests' exactness claims hold for what users run). They are real processes: SIGKILL and SIGTERM work on them.
 Every launch has a deadline: on expiry all its ranks are killed and the test fails (never hangs).
 
 The tests in this file check the harness itself (deadline, exit codes).
@@ -55,9 +56,6 @@ def _rank_main(argv: List[str], env: Dict[str, str], log_path: str) -> None:
         os.environ.pop(k, None)
     os.environ.update(env)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    import torch
-
-    torch.set_num_threads(1)
     from mvptr_ds.run import main
 
     try:
@@ -105,8 +103,7 @@ def launch(args: List[str], world_size: int = 1, env: Optional[Dict[str, str]] =
     start = time.perf_counter()
     for rank in range(world_size):
         rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu",
-                    "OMP_NUM_THREADS": "1", **(env or {})}
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", **(env or {})}
         path = os.path.join(log_dir, f"{stamp}_rank{rank}.log")
         p = ctx.Process(target=_rank_main, args=(list(map(str, args)), rank_env, path), daemon=False)
         p.start()

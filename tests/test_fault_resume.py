@@ -1,7 +1,8 @@
 """Kill -9 anywhere (between steps, during saves), resume, and end bit-identical to an uninterrupted run.
 
-Ranks are forked from a pre-imported server (``test_fault_harness``) so each run costs 1-3 s. CPU fp32 with
-dropout on: restored RNG states, loader position, optimizer and schedule make the runs bit-identical.
+Ranks are forked from a pre-imported server (``test_fault_harness``) so each run costs 1-3 s, at torch's default
+thread count. CPU fp32 with dropout on: restored RNG states, loader position, optimizer and schedule, and
+deterministic kernels (``train.deterministic``, on by default on CPU) make the runs bit-identical.
 """
 import json
 import os
@@ -76,6 +77,26 @@ def test_kill_and_resume_is_bit_exact(tmp_path, reference, seed):
     # keep_last=2: only the newest two complete checkpoints remain, no leftovers of the killed save
     names = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step") or n.startswith(".removing"))
     assert names == ["step4", "step6"], names
+
+
+@pytest.fixture(scope="module")
+def reference_two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference2")
+    launch(args(out), world_size=2, log_dir=str(out)).ok()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_two_ranks_kill_and_resume_is_bit_exact(tmp_path, reference_two_ranks, seed):
+    """SIGKILL of one rank (alternating) at a random point, then --resume auto on 2 ranks: same final weights."""
+    point = kill_points(seed + 100)
+    out = tmp_path / "run"
+    killed = launch(args(out), world_size=2, timeout=60, log_dir=str(tmp_path),
+                    env={"MVPTR_FAULT_INJECT": f"kill={point};kill_rank={seed % 2}"})
+    assert killed.codes[seed % 2] == -signal.SIGKILL, (point, killed.log())
+    assert not (out / "final").exists()
+    launch(args(out), world_size=2, log_dir=str(tmp_path)).ok()
+    assert_identical(reference_two_ranks, out)
 
 
 def test_two_ranks_killed_during_save_resume_exactly(tmp_path):

@@ -29,10 +29,20 @@ def train_args(out, *extra):
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
-    """A run stopped after step 2: one complete checkpoint, no ``final/`` (copied by each test)."""
+    """A run stopped after step 2: one complete checkpoint, no ``final/`` (copied by each test). One process
+    runs ZeRO stage 0: model and optimizer state in one file."""
     out = tmp_path_factory.mktemp("untrusted") / "run"
     launch(train_args(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
     assert not (out / "final").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_zero3_run(tmp_path_factory):
+    """The same with ZeRO-3 (kept at one process): the optimizer state in its own shard file."""
+    out = tmp_path_factory.mktemp("untrusted3") / "run"
+    launch(train_args(out, "--stop_after", "2", "--ds_config", "ds_configs/zero3.json"), log_dir=str(out.parent)).ok()
+    assert (out / "checkpoints" / "step2" / OPTIM).exists()
     return out
 
 
@@ -81,11 +91,12 @@ def commands(run, step, tmp_path):
 
 
 @pytest.mark.parametrize("file_name", [MODEL, OPTIM])
-def test_pickled_code_never_runs(stopped_run, tmp_path, file_name):
+def test_pickled_code_never_runs(request, tmp_path, file_name):
+    source = request.getfixturevalue("stopped_run" if file_name == MODEL else "stopped_zero3_run")
     for update in (False, True):
         case = tmp_path / ("rehashed" if update else "plain")
         case.mkdir()
-        run, step, target = tampered(stopped_run, case, file_name, update)
+        run, step, target = tampered(source, case, file_name, update)
         for name, argv in commands(run, step, case).items():
             line = one_error(launch(argv, log_dir=str(case)), str(target))
             expected = "refusing to load" if update else "modified"
@@ -113,7 +124,7 @@ def test_manifest_shape_and_confinement(stopped_run, tmp_path):
     good = json.loads(marker.read_text())
     cases = [({**good, "files": sorted(good["files"])}, "field 'files' must map file names"),
              ({**good, "files": {**good["files"], "../../x.pt": good["files"][MODEL]}}, "leaves the checkpoint folder"),
-             ({**good, "files": {k: v for k, v in good["files"].items() if k != OPTIM}}, "not listed")]
+             ({**good, "files": {k: v for k, v in good["files"].items() if k != MODEL}}, "not listed")]
     for meta, expected in cases:
         marker.write_text(json.dumps(meta))
         one_error(launch(train_args(run), log_dir=str(tmp_path)), expected)
@@ -128,14 +139,14 @@ def test_symlinked_file_is_refused(stopped_run, tmp_path):
     one_error(launch(train_args(run), log_dir=str(tmp_path)), str(target), "link")
 
 
-def test_deepspeed_readers_are_forced_weights_only(stopped_run, tmp_path):
+def test_deepspeed_readers_are_forced_weights_only(stopped_zero3_run, tmp_path):
     """Inside ``weights_only_loads`` DeepSpeed's own ``zero_to_fp32`` (which passes ``weights_only=False``)
     refuses the pickled call too: the guard does not depend on the manifest check running first."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from mvptr_ds.training.safe_load import weights_only_loads
 
-    run, step, _ = tampered(stopped_run, tmp_path, OPTIM, update_manifest=True)
+    run, step, _ = tampered(stopped_zero3_run, tmp_path, OPTIM, update_manifest=True)
     with pytest.raises(Exception, match="(?i)weights.only|Unsupported global"):
         with weights_only_loads():
             get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag="step2")

@@ -60,6 +60,19 @@ def saved_world_size(path: str, meta: Dict[str, Any]) -> int:
     return max(1, len(shards))
 
 
+def resume_stage(meta: Dict[str, Any], zero_stage: int) -> int:
+    """The ZeRO stage to resume at: this run's, unless the checkpoint's differs and one of the two is 0.
+
+    DeepSpeed converts between ZeRO stages >= 1 (through the universal checkpoint) but not from or to stage 0,
+    whose optimizer state is torch's own, replicated on every rank. Such a resume keeps the checkpoint's stage
+    (e.g. a one-process run, stage 0, continued on 4 ranks stays at stage 0).
+    """
+    saved = meta.get("zero_stage")
+    if isinstance(saved, int) and saved != zero_stage and 0 in (saved, zero_stage):
+        return saved
+    return zero_stage
+
+
 def plan_resume(path: str, meta: Dict[str, Any], world_size: int, zero_stage: int) -> ResumePlan:
     """Whether resuming ``path`` on ``world_size`` ranks with ``zero_stage`` needs the universal form."""
     old_ws = saved_world_size(path, meta)

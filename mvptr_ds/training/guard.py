@@ -9,7 +9,8 @@ all-reduced across ranks:
   for every precision (``check_grad_overflow``; by default fp32/bf16 runs skip it);
 - ZeRO-3: DeepSpeed computes the global gradient norm before each step and skips the step when it is
   not finite, in every precision;
-- stage 0 (fp32): the client optimizer's ``step`` is wrapped by :func:`guard_client_optimizer`.
+- stage 0 (fp32): the client optimizer's ``step`` is wrapped by :func:`guard_client_optimizer`, which also
+  does the clipping (one multi-tensor norm for both).
 
 A skipped step leaves the weights, the Adam moments and the schedule unchanged and increments the engine's
 ``skipped_steps`` (fp16 loss-scale overflows are counted there too); the trainer reports both kinds.
@@ -35,25 +36,37 @@ def agree(flags: List[bool], device: torch.device) -> List[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def grads_finite(params) -> bool:
-    """True when every existing ``.grad`` of ``params`` is finite (local check)."""
-    for p in params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return False
-    return True
+def clip_and_check(params, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` to total L2 norm ``max_norm`` (0: no clipping) and return that norm.
+
+    One multi-tensor pass (``torch.nn.utils.clip_grad_norm_``, foreach): the same rule as DeepSpeed's
+    ``clip_grad_norm_`` (scale by ``max_norm / (norm + 1e-6)`` when below 1) without its per-tensor loop. A
+    NaN or inf in any gradient makes the norm non-finite (so does a finite gradient whose squares overflow
+    fp32, above ~1e19: such a step would be clipped to noise).
+    """
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
 
 
-def guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
-    """Make ``optimizer.step`` a no-op when any rank has a non-finite gradient, flagging ``overflow``.
+def guard_client_optimizer(optimizer: torch.optim.Optimizer, device: torch.device,
+                           max_norm: float) -> torch.optim.Optimizer:
+    """Clip, then make ``optimizer.step`` a no-op when any rank has a non-finite gradient (``overflow``).
 
-    For ZeRO stage 0 in fp32, where DeepSpeed calls the client optimizer directly: the engine reads
-    ``optimizer.overflow`` after the step and then counts a skipped step and holds the schedule.
+    For ZeRO stage 0 in fp32, where DeepSpeed calls the client optimizer directly (the engine's own clipping
+    is then switched off, see ``trainer.build_engine``): the engine reads ``optimizer.overflow`` after the
+    step, counts a skipped step and holds the schedule, and logs ``optimizer._global_grad_norm``. The
+    gradients are already all-reduced here, so the norm and the verdict are the same on every rank.
     """
     inner = optimizer.step
 
     def step(self, *args, **kwargs):
-        bad = not grads_finite(p for g in self.param_groups for p in g["params"])
-        self.overflow = agree([bad], device)[0]
+        norm = clip_and_check([p for g in self.param_groups for p in g["params"]], max_norm)
+        self.overflow = agree([not bool(torch.isfinite(norm))], device)[0]
+        self._global_grad_norm = float(norm)
         if self.overflow:
             return None
         return inner(*args, **kwargs)
