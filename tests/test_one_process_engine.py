@@ -159,3 +159,14 @@ def test_guarded_clipping_equals_deepspeeds(tmp_path):
     assert norms[0] is not None and norms[0] > train.grad_clip  # clipping was active
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    from mvptr_ds.training.ds_config import precision_warning
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert precision_warning("bf16", "cpu").startswith("warning: --precision bf16 on a CPU without bf16")
+    assert precision_warning("fp32", "cpu") == "" and precision_warning("bf16", "cuda") == ""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert precision_warning("bf16", "cpu") == ""

@@ -156,6 +156,22 @@ def stage_note(path: str, cfg: Dict[str, Any]) -> str:
     return ONE_PROCESS_NOTE.format(stage=asked, path=path) if asked != zero_stage(cfg) else ""
 
 
+def precision_warning(precision: str, device_type: str) -> str:
+    """A warning line when bf16 is asked for on a CPU without bf16 instructions (avx512_bf16 or AMX), else "".
+
+    Measured on an AVX2-only CPU (BENCHMARKS.md): a base-size bf16 step took about 27x the fp32 one.
+    """
+    if precision != "bf16" or device_type != "cpu":
+        return ""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, name, lambda: True)() for name in probes):
+        return ""
+    return ("warning: --precision bf16 on a CPU without bf16 instructions (no avx512_bf16 or AMX): bf16 kernels "
+            "run emulated here, many times slower than fp32 (see BENCHMARKS.md); use --precision fp32 on this CPU")
+
+
 def set_zero_stage(cfg: Dict[str, Any], stage: int) -> None:
     """Set ``zero_optimization.stage`` of a built config (keys that only apply to ZeRO >= 1 are dropped at 0)."""
     zero = dict(cfg.get("zero_optimization", {}))
