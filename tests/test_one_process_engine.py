@@ -20,12 +20,13 @@ def template(tmp_path, d):
     return str(p)
 
 
-@pytest.mark.parametrize("stage,offload,world,expected", [
-    (2, False, 1, 0), (1, False, 1, 0), (2, False, 2, 2), (2, True, 1, 2), (3, False, 1, 3), (0, False, 1, 0)])
-def test_one_process_runs_stage_0(tmp_path, stage, offload, world, expected):
+@pytest.mark.parametrize("stage,offload,world,precision,expected", [
+    (2, False, 1, "fp32", 0), (1, False, 1, "fp32", 0), (2, False, 2, "fp32", 2), (2, True, 1, "fp32", 2),
+    (3, False, 1, "fp32", 3), (0, False, 1, "fp32", 0), (2, False, 1, "bf16", 2)])
+def test_one_process_runs_stage_0(tmp_path, stage, offload, world, precision, expected):
     zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
     path = template(tmp_path, {"zero_optimization": zero})
-    cfg = build_ds_config(path, TrainConfig(), world_size=world, check_device=False)
+    cfg = build_ds_config(path, TrainConfig(precision=precision), world_size=world, check_device=False)
     assert zero_stage(cfg) == expected
     note = stage_note(path, cfg)
     assert bool(note) == (expected != stage) and (not note or f"ZeRO stage {stage}" in note)
@@ -39,6 +40,14 @@ def test_default_template_on_one_process():
 @pytest.mark.parametrize("saved,now,expected", [(0, 2, 0), (2, 0, 2), (2, 3, 3), (1, 2, 2), (None, 0, 0), (0, 0, 0)])
 def test_resume_keeps_the_checkpoint_stage_across_stage_0(saved, now, expected):
     assert elastic.resume_stage({"zero_stage": saved} if saved is not None else {}, now) == expected
+
+
+def test_stage_0_checkpoint_cannot_continue_at_zero3_or_with_offload():
+    from mvptr_ds.config import ConfigError
+
+    for now, offload in ((3, False), (2, True)):
+        with pytest.raises(ConfigError, match="written at ZeRO stage 0"):
+            elastic.resume_stage({"zero_stage": 0}, now, offload)
 
 
 def _params(seed=0):
@@ -109,6 +118,7 @@ def test_cpu_step_is_deterministic_at_the_default_thread_count():
     from mvptr_ds.training.trainer import set_determinism
 
     assert set_determinism(TrainConfig(), torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled()
     try:
         cfg = RunConfig()
         cfg = dataclasses.replace(cfg, model=model_config_from("tiny"),

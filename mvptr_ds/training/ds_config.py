@@ -137,7 +137,7 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device
         cfg["fp16"].setdefault("initial_scale_power", 16)
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg["zero_allow_untested_optimizer"] = True
-    if world_size == 1 and stage in (1, 2) and offload == "none":
+    if world_size == 1 and stage in (1, 2) and offload == "none" and train.precision == "fp32":
         set_zero_stage(cfg, 0)  # see ONE_PROCESS_NOTE
     return cfg
 
@@ -145,15 +145,19 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device
 # ZeRO-1/2 partition optimizer state and gradients across ranks; one process has nothing to partition, and
 # DeepSpeed's flat-partition bookkeeping (gradient copies into buckets, per-tensor overflow and norm passes,
 # fp32 master copies) then costs more than the update itself: at the paper's size on a 2-core CPU the
-# optimizer phase took several times the plain fused AdamW. One process therefore runs stage 0 (the same
-# AdamW, clipping and non-finite guard on the whole model); ZeRO-3 and offloading templates are kept as given.
+# optimizer phase took several times the plain fused AdamW. One fp32 process therefore runs stage 0 (the same
+# fused AdamW, with clipping and the non-finite guard of ``guard.guard_client_optimizer``). bf16/fp16 runs,
+# ZeRO-3 and offloading templates are kept as given (at stage 0 DeepSpeed would wrap a half-precision run in
+# another optimizer and export bf16-rounded weights).
 ONE_PROCESS_NOTE = "one process: ZeRO stage {stage} of {path} partitions nothing here; running stage 0 (same update)"
 
 
 def stage_note(path: str, cfg: Dict[str, Any]) -> str:
     """The log line for a one-process run whose template's ZeRO stage was set to 0, else ""."""
     asked = read_template(path).get("zero_optimization", {}).get("stage", 0)
-    return ONE_PROCESS_NOTE.format(stage=asked, path=path) if asked != zero_stage(cfg) else ""
+    one_process = cfg.get("train_batch_size") == cfg.get("train_micro_batch_size_per_gpu", 0) * cfg.get(
+        "gradient_accumulation_steps", 1)
+    return ONE_PROCESS_NOTE.format(stage=asked, path=path) if one_process and asked != zero_stage(cfg) else ""
 
 
 def precision_warning(precision: str, device_type: str) -> str:
@@ -173,7 +177,7 @@ def precision_warning(precision: str, device_type: str) -> str:
 
 
 def set_zero_stage(cfg: Dict[str, Any], stage: int) -> None:
-    """Set ``zero_optimization.stage`` of a built config (keys that only apply to ZeRO >= 1 are dropped at 0)."""
+    """Set ``zero_optimization.stage`` of a built config (its other ZeRO keys are ignored by DeepSpeed at 0)."""
     zero = dict(cfg.get("zero_optimization", {}))
     zero["stage"] = stage
     cfg["zero_optimization"] = zero

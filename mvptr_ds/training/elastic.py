@@ -60,7 +60,7 @@ def saved_world_size(path: str, meta: Dict[str, Any]) -> int:
     return max(1, len(shards))
 
 
-def resume_stage(meta: Dict[str, Any], zero_stage: int) -> int:
+def resume_stage(meta: Dict[str, Any], zero_stage: int, offload: bool = False) -> int:
     """The ZeRO stage to resume at: this run's, unless the checkpoint's differs and one of the two is 0.
 
     DeepSpeed converts between ZeRO stages >= 1 (through the universal checkpoint) but not from or to stage 0,
@@ -69,6 +69,11 @@ def resume_stage(meta: Dict[str, Any], zero_stage: int) -> int:
     """
     saved = meta.get("zero_stage")
     if isinstance(saved, int) and saved != zero_stage and 0 in (saved, zero_stage):
+        if saved == 0 and (zero_stage == 3 or offload):
+            raise ConfigError(f"the checkpoint was written at ZeRO stage 0 (its optimizer state is torch's own), "
+                              f"which ZeRO stage {zero_stage}{' with offload' if offload else ''} cannot continue: "
+                              f"resume with a zero1/zero2 template (it then runs at stage 0), or start a new run "
+                              f"with --init_from the checkpoint")
         return saved
     return zero_stage
 

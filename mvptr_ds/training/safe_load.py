@@ -103,7 +103,8 @@ def manifest_entry(path: str) -> Dict[str, Any]:
 
 def _confined(folder: str, name: Any, marker: str) -> str:
     """``folder/name`` for a manifest name that stays inside ``folder`` and is no link; else ConfigError."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+    if (not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name)
+            or ".." in name.replace("\\", "/").split("/")):
         raise ConfigError(f"{marker}: file name {name!r} in the manifest leaves the checkpoint folder")
     file = os.path.join(folder, name)
     if os.path.islink(file) or not os.path.realpath(file).startswith(os.path.realpath(folder) + os.sep):
@@ -119,6 +120,8 @@ def check_manifest(path: str, manifest: Any, shard: int = 0, num_shards: int = 1
     """
     marker = os.path.join(path, "COMPLETE")
     if manifest is None:
+        print(f"warning: {marker}: no file manifest (an older marker): sizes and hashes cannot be checked",
+              file=sys.stderr)
         return
     if not isinstance(manifest, Mapping):
         raise ConfigError(f"{marker}: field 'files' must map file names to sizes and hashes, "

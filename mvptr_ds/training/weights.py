@@ -6,8 +6,9 @@ Both files are written atomically, so a crash never leaves a half-written checkp
 """
 from __future__ import annotations
 
+import glob
 import os
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,9 +69,11 @@ def read_model_weights(path: str, option: str) -> Tuple[Dict[str, torch.Tensor],
                           f"({e})") from None
     if step_dir is None:
         raise ConfigError(f"{option} {path}: no {WEIGHTS_NAME} and no complete training checkpoint there")
+    meta = checkpoint.verify(step_dir)
     cfg = RunConfig.load(os.path.join(step_dir, CONFIG_NAME))
-    checkpoint.verify(step_dir)
     root, tag = os.path.split(step_dir)
+    if not glob.glob(os.path.join(step_dir, "*optim_states.pt")):  # ZeRO stage 0 (e.g. one process)
+        return _stage0_weights(step_dir, meta), cfg, step_dir
     try:
         with weights_only_loads():
             state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
@@ -80,3 +83,22 @@ def read_model_weights(path: str, option: str) -> Tuple[Dict[str, torch.Tensor],
             raise refused from None
         raise ConfigError(f"{option} {step_dir}: cannot be consolidated ({type(e).__name__}: {e})") from None
     return dict(state), cfg, step_dir
+
+
+def _stage0_weights(step_dir: str, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO stage-0 checkpoint (verified first): the module state in its model-states file.
+
+    fp32 runs keep the weights themselves in fp32 there; a bf16/fp16 stage-0 run is refused (its fp32 master
+    copy lives in the optimizer state, which this reader does not unpack).
+    """
+    from mvptr_ds.training.safe_load import safe_torch_load
+
+    file = os.path.join(step_dir, "mp_rank_00_model_states.pt")
+    module = safe_torch_load(file).get("module")
+    if not isinstance(module, dict) or not module:
+        raise ConfigError(f"{file}: no module weights in this checkpoint")
+    low = sorted({str(v.dtype) for v in module.values() if isinstance(v, torch.Tensor) and v.dtype != torch.float32})
+    if low:
+        raise ConfigError(f"{file}: weights stored in {', '.join(low)} at ZeRO stage 0 (the fp32 master copy is in "
+                          f"the optimizer state); read the run's final/ export instead")
+    return {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
