@@ -1,11 +1,16 @@
 """Rank-0 run reporting: ``metrics.jsonl``, a tqdm progress bar and Weights & Biases (offline by default).
 
-Only rank 0 writes. W&B runs under ``<output_dir>/wandb``; with ``offline`` nothing leaves the machine (sync
+Only rank 0 writes. Each ``metrics.jsonl`` record is one complete line written with a single ``write`` to a
+file opened for appending, so neither a killed writer nor a second one ever leaves half a line in the middle
+of the file; a write cut short (a full disk) is cut back off before its error is raised. The file is fsynced with
+every checkpoint (``sync``): records newer than the checkpoint a run resumes from are dropped then anyway.
+W&B runs under ``<output_dir>/wandb``; with ``offline`` nothing leaves the machine (sync
 later with ``wandb sync``). No secret (such as ``WANDB_API_KEY``) is ever written by this module: the config
 it logs is the run config, which holds none.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -24,7 +29,8 @@ class RunLogger:
         self._wandb = None
         if not is_main:
             return
-        self._file = open(self.path, "a" if resume else "w")
+        self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if resume else os.O_TRUNC),
+                             0o644)
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                          dynamic_ncols=True, file=sys.stderr, disable=None)
         if wandb_mode != "disabled":
@@ -33,8 +39,7 @@ class RunLogger:
     def log(self, record: Dict[str, Any]) -> None:
         if not self.is_main:
             return
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
+        append_line(self._file, json.dumps(record, sort_keys=True), self.path)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self._bar is not None and "loss" in record:
@@ -45,6 +50,11 @@ class RunLogger:
         if self.is_main:
             (self._bar.write if self._bar is not None else print)(message)
 
+    def sync(self) -> None:
+        """``metrics.jsonl`` on disk (called with every checkpoint)."""
+        if self._file is not None:
+            os.fsync(self._file)
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
@@ -53,10 +63,20 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
         if self._wandb is not None:
             self._wandb.finish()
         self._bar = self._file = self._wandb = None
+
+
+def append_line(fd: int, text: str, path: str = "metrics.jsonl") -> None:
+    """Append ``text`` + newline to the O_APPEND file ``fd`` in one ``write``. A short write (the disk filled
+    up during it) is cut back off and raised as ENOSPC, so no partial line of ours stays in the file."""
+    data = (text + "\n").encode()
+    written = os.write(fd, data)
+    if written < len(data):
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)  # O_APPEND: our bytes end at the offset
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)", path)
 
 
 def _start_wandb(output_dir: str, mode: str, project: str, config: Dict[str, Any]) -> Optional[Any]:

@@ -94,8 +94,6 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
     cfg = parts.config  # vocabulary sizes resolved from the data
     if resume_path is not None:
         checkpoint.check_compatible(resume_path, cfg)
-    if info.is_main:
-        cfg.dump(os.path.join(train_cfg.output_dir, "config.json"))
     if train_cfg.init_from and resume_path is None:
         events.extend(pipeline.init_weights(
             parts.module, train_cfg.init_from,
@@ -119,6 +117,8 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
         events.append(f"resumed from {resume_path} at step {step}")
         if info.is_main:
             truncate_metrics(os.path.join(train_cfg.output_dir, "metrics.jsonl"), step)
+    if info.is_main:  # after the resume checks: a refused resume leaves the folder's config.json as it was
+        cfg.dump(os.path.join(train_cfg.output_dir, "config.json"))
 
     logger = RunLogger(train_cfg.output_dir, info.is_main, train_cfg.max_steps, step, train_cfg.wandb,
                        train_cfg.wandb_project, cfg.to_dict(), resume=resume_path is not None)
@@ -138,6 +138,7 @@ def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> Trai
             fault.wrap_checkpoint_engine(engine, step)
         path = checkpoint.save(engine, train_cfg.output_dir, step, state, cfg, train_cfg.keep_last,
                                fault.save_hook(step) if fault is not None else None)
+        logger.sync()  # metrics.jsonl on disk up to this checkpoint
         logger.event(f"checkpoint {path}")
         return path
 

