@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from conftest import REPO, clean_env, free_port, prebuild_deepspeed_ops
+from mvptr_ds.training import cleanup, lock
 from mvptr_ds.training.logging import RunLogger, append_line
 from mvptr_ds.training.trainer import truncate_metrics
 from test_fault_corrupt import one_error
@@ -86,6 +87,60 @@ def copy_run(src, tmp_path):
     return dst
 
 
+# ------------------------------------------------------------------------------------------------ 1: lock
+
+def test_second_run_on_a_busy_output_dir_is_refused(stopped_run, tmp_path):
+    """Run A trains; B (1 and 2 ranks) on the same folder: one error line naming A's pid, exit 2, no file touched
+    (A is frozen meanwhile so the folder holds still). A is SIGKILLed: its lock dies with it, a rerun resumes."""
+    out = copy_run(stopped_run, tmp_path)
+    seen = {}
+
+    def second_run(procs):
+        a = procs[0].pid
+        wait_for(lambda: len(lines(out / "metrics.jsonl")) >= 3, "run A to train past step 2")
+        os.kill(a, signal.SIGSTOP)
+        try:
+            before = snapshot(out)
+            seen["one"] = launch(args(out), log_dir=str(tmp_path), timeout=60)
+            seen["two"] = launch(args(out), world_size=2, log_dir=str(tmp_path), timeout=60)
+            seen["same"] = snapshot(out) == before
+        finally:
+            os.kill(a, signal.SIGKILL)
+        seen["pid"] = a
+
+    first = launch(args(out, "--max_steps", "1000", "--save_every", "1000"), log_dir=str(tmp_path),
+                   on_start=second_run)
+    assert first.codes == [-signal.SIGKILL], first.log()
+    line = one_error(seen["one"], [f"pid {seen['pid']}", "in use by another run", str(out)])
+    assert "--output_dir" in line
+    two = seen["two"]
+    assert two.codes == [2, 2], two.log()
+    assert [sum(x.startswith("error:") for x in log.splitlines()) for log in two.logs] == [1, 1], two.log()
+    assert f"pid {seen['pid']}" in two.logs[1]
+    assert seen["same"], "the refused run changed the folder"
+    again = launch(args(out, "--max_steps", "3"), log_dir=str(tmp_path)).ok()
+    assert f"resumed from {out / 'checkpoints' / 'step2'}" in again.logs[0], again.log()
+    assert not (out / lock.NAME).exists()  # released (and removed) at the end
+
+
+def test_lock_file_left_by_a_dead_run_is_taken_over(tmp_path):
+    """A lock file whose holder is gone (no flock held on it) does not block; a held one does, naming its pid."""
+    (tmp_path / lock.NAME).write_text("999999 elsewhere\n")
+    held = lock.acquire(str(tmp_path))
+    assert (tmp_path / lock.NAME).read_text().split()[0] == str(os.getpid())
+    pid = os.fork()
+    if pid == 0:  # another process: refused while we hold it
+        try:
+            lock.acquire(str(tmp_path))
+            os._exit(1)
+        except Exception as e:
+            os._exit(0 if f"pid {os.getppid()}" in str(e) else 3)
+    assert os.waitpid(pid, 0)[1] == 0
+    held.release()
+    assert not (tmp_path / lock.NAME).exists()
+    lock.acquire(str(tmp_path)).release()
+
+
 # ------------------------------------------------------------------------------------------------ 2: metrics
 
 def test_metrics_records_are_single_whole_line_writes(tmp_path, monkeypatch):
@@ -130,6 +185,48 @@ def test_resume_drops_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     truncate_metrics(str(path), 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ------------------------------------------------------------------------------------------------ 4: leftovers
+
+def test_no_shm_buffers_left_after_a_normal_end_or_sigterm(tmp_path):
+    """Two ranks with ``LOCAL_SIZE`` set (as the deepspeed launcher does) map DeepSpeed's shm all-reduce buffers;
+    their names are gone while the run trains, and after a normal end or a SIGTERM none is left."""
+    port = free_port()
+    env = {"LOCAL_SIZE": "2", "MASTER_PORT": str(port)}
+    launch(args(tmp_path / "a", "--max_steps", "2"), world_size=2, env=env, log_dir=str(tmp_path)).ok()
+    assert shm_files(port) == []
+
+    port = free_port()
+    env = {"LOCAL_SIZE": "2", "MASTER_PORT": str(port)}
+    out = tmp_path / "b"
+    mapped = {}
+
+    def term(procs):
+        wait_for(lambda: len(lines(out / "metrics.jsonl")) >= 1, "training")
+        with open(f"/proc/{procs[0].pid}/maps") as f:
+            mapped["maps"] = [x for x in f.read().splitlines() if f"_{port}_" in x]
+        mapped["listed"] = shm_files(port)
+        os.kill(procs[0].pid, signal.SIGTERM)
+
+    run = launch(args(out, "--max_steps", "10000", "--save_every", "10000"), world_size=2, env=env,
+                 log_dir=str(tmp_path), on_start=term)
+    assert run.codes == [0, 0], run.log()
+    # the run did create buffers (both ranks' are mapped by rank 0), already unlinked: "(deleted)"
+    assert len(mapped["maps"]) >= 2 and all(x.endswith("(deleted)") for x in mapped["maps"]), mapped
+    assert mapped["listed"] == [] and shm_files(port) == []
+
+
+def test_stale_temporaries_are_removed_under_the_lock(tmp_path):
+    for name in ("config.json.tmp123", "metrics.jsonl.tmp9", "final/.model.safetensors.tmp77",
+                 "checkpoints/step2/COMPLETE.tmp5", "checkpoints/step2/universal.tmp8/x", "keep.tmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    removed = cleanup.remove_stale_temporaries(str(tmp_path))
+    assert len(removed) == 5
+    left = sorted(os.path.relpath(os.path.join(root, f), tmp_path) for root, _, files in os.walk(tmp_path)
+                  for f in files)
+    assert left == ["keep.tmp"], left
 
 
 # ------------------------------------------------------------------------------------------------ 8: config.json

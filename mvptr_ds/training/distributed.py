@@ -2,7 +2,9 @@
 
 A plain ``python -m mvptr_ds.run`` has no launcher environment; DeepSpeed's ``init_distributed`` would then
 try MPI. ``setup`` fills in a single-process environment (rank 0 of 1, a free loopback port) first, so the
-same code path serves one process, the ``deepspeed`` launcher and ``torchrun``.
+same code path serves one process, the ``deepspeed`` launcher and ``torchrun``. Once the group is up, each
+rank unlinks the shared-memory buffer DeepSpeed's CPU all-reduce created for it (``cleanup``), so no run leaves
+one in ``/dev/shm``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from mvptr_ds.training import cleanup
+
 _LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_FILLED_IN = False  # setup wrote the launcher variables itself (a plain single-process run)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ def free_port() -> int:
 
 def setup(timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and return this rank's info."""
+    global _FILLED_IN
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        _FILLED_IN = True
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     missing = [v for v in _LAUNCH_VARS if v not in os.environ]
@@ -49,6 +56,8 @@ def setup(timeout_minutes: float = 30.0) -> DistInfo:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        barrier()  # every rank has mapped every rank's shm buffer: the names can go
+        cleanup.unlink_shm_buffer(dist.get_rank())
     local_rank = int(os.environ["LOCAL_RANK"])
     acc = get_accelerator()
     if acc.device_name() == "cuda":
@@ -57,6 +66,11 @@ def setup(timeout_minutes: float = 30.0) -> DistInfo:
     else:
         device = torch.device(acc.device_name())
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+
+
+def launched() -> bool:
+    """True in a process started by a launcher (deepspeed, torchrun: ``LOCAL_RANK`` set by it, not by setup)."""
+    return "LOCAL_RANK" in os.environ and not _FILLED_IN
 
 
 def mean_over_ranks(values: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, float]:

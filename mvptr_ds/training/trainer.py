@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
-from mvptr_ds.training import checkpoint, distributed, elastic, faults, guard
+from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, lock
 from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, set_zero_stage, stage_note,
                                          zero_stage)
 from mvptr_ds.training.guard import TrainingStopped
@@ -58,15 +58,29 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
 
 
 def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> TrainResult:
+    train_cfg = cfg.train
+    # Validate what can be validated before any process group exists, so bad input is one clear line.
+    ds_cfg = build_ds_config(train_cfg.ds_config, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    checkpoint.resolve_resume(train_cfg.resume, train_cfg.output_dir)
+    info = distributed.setup()
+    held = lock.acquire_on_rank0(train_cfg.output_dir, info.rank)  # before anything is written; collective
+    try:
+        if info.is_main:
+            cleanup.remove_stale_temporaries(train_cfg.output_dir)
+        distributed.barrier()
+        return _train_locked(cfg, build, stop, info, ds_cfg)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, info, ds_cfg: Dict) -> TrainResult:
     from mvptr_ds import pipeline
 
     build = build or pipeline.build
     train_cfg = cfg.train
-    # Validate what can be validated before any process group exists, so bad input is one clear line.
-    ds_cfg = build_ds_config(train_cfg.ds_config, train_cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # Under the lock: no other run can add or prune checkpoints from here on.
     resume_path = checkpoint.resolve_resume(train_cfg.resume, train_cfg.output_dir)
-    info = distributed.setup()
-    os.makedirs(train_cfg.output_dir, exist_ok=True)
     fault = faults.from_env(info.rank)
     events: List[str] = []
 
@@ -300,9 +314,14 @@ def truncate_metrics(path: str, step: int) -> None:
             if isinstance(record, dict) and int(record.get("step", 0)) <= step:
                 kept.append(json.dumps(record, sort_keys=True) + "\n")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def export_final(engine, cfg: RunConfig, ckpt_path: Optional[str], info) -> Optional[str]:
