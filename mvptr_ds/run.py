@@ -443,11 +443,14 @@ COMMANDS = {"train": train, "convert_original": convert_original, "convert_featu
 
 
 def main(argv=None) -> int:
+    import errno
+
     import fire
 
     from mvptr_ds.data.batching import BatchError
     from mvptr_ds.data.readers import DataError
     from mvptr_ds.training.guard import TrainingStopped
+    from mvptr_ds.training.signals import EXIT_INTERRUPTED
 
     user_errors = (ConfigError, DataError, BatchError, TrainingStopped)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -466,6 +469,15 @@ def main(argv=None) -> int:
         fire.Fire(COMMANDS, command=argv, name="mvptr_ds.run")
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C twice in training (signals.Interrupted), or once elsewhere
+        print(f"error: {str(e) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {'the disk is full' if e.errno == errno.ENOSPC else 'the disk quota is exceeded'} ({e})",
+              file=sys.stderr)
         return 2
     return 0
 

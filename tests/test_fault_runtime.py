@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from conftest import REPO, clean_env, free_port, prebuild_deepspeed_ops
-from mvptr_ds.training import cleanup, lock
+from mvptr_ds.training import cleanup, distributed, lock
+from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
 from mvptr_ds.training.trainer import truncate_metrics
 from test_fault_corrupt import one_error
@@ -187,6 +188,85 @@ def test_resume_drops_a_torn_last_line(tmp_path):
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+# ------------------------------------------------------------------------------------------------ 3: launcher
+
+def _session_alive(pgid):
+    alive = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+def test_launcher_watch(monkeypatch):
+    """No watch in a plain process (nor once ``distributed.setup`` filled in the variables itself); under a
+    launcher, the parent's exit is reported."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert LauncherWatch.from_env() is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(distributed, "_FILLED_IN", True)
+    assert LauncherWatch.from_env() is None
+    monkeypatch.setattr(distributed, "_FILLED_IN", False)
+    assert LauncherWatch.from_env().check() is None
+    read, write = os.pipe()
+    launcher = os.fork()
+    if launcher == 0:  # the "launcher": starts a rank, then exits
+        if os.fork() == 0:
+            watch = LauncherWatch.from_env()
+            os.write(write, b"started\n")
+            deadline = time.time() + 30
+            while watch.check() is None and time.time() < deadline:
+                time.sleep(0.01)
+            os.write(write, f"{watch.check()}\n".encode())
+            os._exit(0)
+        time.sleep(0.5)
+        os._exit(0)
+    os.close(write)
+    os.waitpid(launcher, 0)
+    with os.fdopen(read) as f:
+        assert f.read().splitlines() == ["started", f"the launcher (pid {launcher}) exited"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_launcher_stops_both_ranks_with_a_checkpoint(tmp_path):
+    """``kill -TERM <deepspeed>`` ends the launcher at once (it forwards nothing on one node); both ranks notice at
+    the next step boundary, save and exit; no shm buffer of the run is left; --resume auto continues."""
+    prebuild_deepspeed_ops()
+    out, port = tmp_path / "run", free_port()
+    log_path = tmp_path / "launcher.log"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "mvptr_ds" / "run.py")] + args(out, "--max_steps", "10000", "--save_every", "10000")
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_for(lambda: len(lines(out / "metrics.jsonl")) >= 2 or runner.poll() is not None,
+                 "the ranks to train", timeout=400)
+        assert runner.poll() is None, log_path.read_text()[-4000:]
+        assert shm_files(port) == []  # unlinked right after the process group started (still mapped)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(10) == -signal.SIGTERM
+        start = time.time()
+        wait_for(lambda: not _session_alive(runner.pid), "the ranks to exit", timeout=120)
+        stopped_in = time.time() - start
+    finally:
+        for pid in _session_alive(runner.pid):
+            os.kill(pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert f"the deepspeed launcher (pid {runner.pid}) exited: stopped after step" in text, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    done = complete_steps(out)
+    assert len(done) == 1 and done[0] >= 2, (done, text[-3000:])
+    assert shm_files(port) == []
+    assert stopped_in < 60, stopped_in
+    cont = launch(args(out, "--max_steps", str(done[0] + 1)), world_size=2, log_dir=str(tmp_path)).ok()
+    assert f"at step {done[0]}" in cont.logs[0]
+    assert sorted(metrics(out)) == list(range(1, done[0] + 2))
+
+
 # ------------------------------------------------------------------------------------------------ 4: leftovers
 
 def test_no_shm_buffers_left_after_a_normal_end_or_sigterm(tmp_path):
@@ -227,6 +307,32 @@ def test_stale_temporaries_are_removed_under_the_lock(tmp_path):
     left = sorted(os.path.relpath(os.path.join(root, f), tmp_path) for root, _, files in os.walk(tmp_path)
                   for f in files)
     assert left == ["keep.tmp"], left
+
+
+# ------------------------------------------------------------------------------------------------ 6: Ctrl-C twice
+
+def test_ctrl_c_twice_is_one_line_and_keeps_the_previous_checkpoint(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+
+    def interrupt_twice(procs):
+        wait_for(lambda: len(lines(out / "metrics.jsonl")) >= 3, "training past step 2")
+        os.kill(procs[0].pid, signal.SIGINT)
+        wait_for(lambda: any("fault: pausing in the save" in p.read_text() for p in log_dir.iterdir()),
+                 "the final checkpoint to start")
+        os.kill(procs[0].pid, signal.SIGINT)
+
+    run = launch(args(out, "--max_steps", "10000", "--save_every", "10000"), log_dir=str(log_dir),
+                 env={"MVPTR_FAULT_INJECT": "pause_in_save=30"}, on_start=interrupt_twice)
+    assert run.codes == [130], run.log()
+    errors = [x for x in run.logs[0].splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.logs[0], run.log()
+    assert "interrupted again during the final checkpoint" in errors[0]
+    assert f"{out / 'checkpoints' / 'step2'} is intact" in errors[0], errors[0]
+    assert complete_steps(out) == [2]
+    again = launch(args(out, "--max_steps", "3"), log_dir=str(tmp_path)).ok()
+    assert f"resumed from {out / 'checkpoints' / 'step2'}" in again.logs[0], again.log()
 
 
 # ------------------------------------------------------------------------------------------------ 8: config.json

@@ -6,6 +6,10 @@
 - ``kill=save:N:before|mid|after``: SIGKILL during the save of step N: before DeepSpeed writes anything,
   after its first file is written (the rest missing), or after all files but before the ``COMPLETE`` marker.
 - ``kill_rank=R``: only rank R kills itself (default: every rank).
+- ``enospc=save:N``: the disk fills up during the save of step N: its first file is cut short and the write
+  fails with ``OSError(ENOSPC)``, as ``write(2)`` does on a full disk. ``enospc_rank=R``: only on rank R.
+- ``pause_in_save=S``: every save sleeps S seconds after its first file (to signal a process mid-save); the
+  process prints ``fault: pausing in the save of step N`` first.
 - ``nan_loss=N,M``: the first micro batch drawn for optimizer step N (and M) gets NaN region features (a
   NaN loss through the real forward pass); ``N*K``: the first K micro batches drawn for step N (a skipped
   batch is replaced by the next one, still for step N). ``nan_grad=...``: the same, but the loss stays
@@ -17,9 +21,12 @@ The trainer asks :func:`from_env` once; with the variable unset it gets None and
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import sys
+import time
 from typing import Dict, Optional
 
 import torch
@@ -60,6 +67,9 @@ class FaultPlan:
         self.nan_loss = _counts(items.get("nan_loss", "")) if nan_here else {}
         self.nan_grad = _counts(items.get("nan_grad", "")) if nan_here else {}
         self.empty = "empty" in items and int(items["empty"]) == rank
+        enospc_rank = items.get("enospc_rank")
+        self.enospc = items.get("enospc", "") if enospc_rank is None or int(enospc_rank) == rank else ""
+        self.pause_in_save = float(items.get("pause_in_save", 0))
         self.trace = items.get("trace")
 
     def _die(self) -> None:
@@ -104,15 +114,30 @@ class FaultPlan:
         return hook
 
     def wrap_checkpoint_engine(self, engine, step: int) -> None:
-        """For ``kill=save:N:mid``: die right after the first file of the save of step N is written."""
-        if self.kill != f"save:{step}:mid":
-            return
+        """The save-time faults (``kill=save:N:mid``, ``enospc=save:N``, ``pause_in_save``) for the save of
+        ``step``: the engine's checkpoint-file writer is wrapped for this save only."""
+        kill = self.kill == f"save:{step}:mid"
+        enospc = self.enospc == f"save:{step}"
         ce = engine.checkpoint_engine
-        inner = ce.save
+        inner = getattr(ce, "_unfaulted_save", ce.save)  # the writer before any earlier save's wrapping
+        ce._unfaulted_save = inner
+        if not (kill or enospc or self.pause_in_save):
+            ce.save = inner
+            return
+        first = [True]
 
         def save(state_dict, path):
+            if enospc:
+                with open(path, "wb") as f:
+                    f.write(b"PK\x03\x04 cut short")  # the start of a zip, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
             inner(state_dict, path)
-            self._die()
+            if first[0] and self.pause_in_save:
+                print(f"fault: pausing in the save of step {step}", file=sys.stderr, flush=True)
+                time.sleep(self.pause_in_save)
+            first[0] = False
+            if kill:
+                self._die()
         ce.save = save
 
 

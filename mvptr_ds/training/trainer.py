@@ -25,7 +25,8 @@ from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, se
 from mvptr_ds.training.guard import TrainingStopped
 from mvptr_ds.training.logging import RunLogger
 from mvptr_ds.training.optim import build_optimizer, linear_schedule
-from mvptr_ds.training.signals import StopRequest
+from mvptr_ds.training.launcher import LauncherWatch
+from mvptr_ds.training.signals import Interrupted, StopRequest
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,7 +37,7 @@ class TrainResult:
     steps: int
     final_dir: Optional[str]
     last_losses: Dict[str, float]
-    stopped_by: Optional[str] = None   # "SIGTERM"/"SIGINT" when a signal ended the run early
+    stopped_by: Optional[str] = None   # "SIGTERM"/"SIGINT"/"launcher exit" when that ended the run early
 
 
 NonFiniteLossError = TrainingStopped  # the name older callers know
@@ -48,13 +49,31 @@ def train(cfg: RunConfig, build: Optional[Callable] = None) -> TrainResult:
     ``build(cfg, dist_info) -> RunParts`` assembles the resolved config, the module (whose
     ``forward(batch)`` returns an object with ``loss`` and a ``losses`` dict) and this rank's resumable
     loader; the default is pre-training (``pipeline.build``). Fine-tuning tasks pass their own.
-    SIGTERM/SIGINT end the run at the next step boundary with a checkpoint (``stopped_by`` says which).
+    SIGTERM/SIGINT, or the exit of the launcher that started this rank, end the run at the next step boundary
+    with a checkpoint (``stopped_by`` says which). A second SIGINT raises ``signals.Interrupted`` (its message
+    names the checkpoint that is intact).
     """
-    stop = StopRequest().install()
+    stop = StopRequest(LauncherWatch.from_env()).install()
     try:
         return _train(cfg, build, stop)
+    except Interrupted:
+        raise Interrupted(interrupted_message(cfg.train.output_dir, stop.saving)) from None
     finally:
         stop.restore()
+
+
+def interrupted_message(output_dir: str, saving: Optional[int]) -> str:
+    """The line for Ctrl-C pressed again while stopping: what was cut short and which checkpoint is intact."""
+    found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(output_dir))
+    if saving is None:
+        during = "before the final checkpoint"
+    elif found and found[-1][0] == saving:
+        during = f"just after the checkpoint of step {saving} was completed"
+    else:
+        during = f"during the final checkpoint (step {saving}: left incomplete, ignored on resume)"
+    kept = (f"the newest complete checkpoint {found[-1][1]} is intact: continue with --resume auto" if found
+            else "no complete checkpoint exists yet")
+    return f"interrupted again {during}; {kept}"
 
 
 def _train(cfg: RunConfig, build: Optional[Callable], stop: StopRequest) -> TrainResult:
@@ -150,8 +169,10 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
                  "skipped_batches": skipped_batches, "config": cfg.to_dict()}
         if fault is not None:
             fault.wrap_checkpoint_engine(engine, step)
+        stop.saving = step
         path = checkpoint.save(engine, train_cfg.output_dir, step, state, cfg, train_cfg.keep_last,
                                fault.save_hook(step) if fault is not None else None)
+        stop.saving = None
         logger.sync()  # metrics.jsonl on disk up to this checkpoint
         logger.event(f"checkpoint {path}")
         return path
@@ -244,7 +265,7 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
             if step % train_cfg.save_every == 0 or step == train_cfg.max_steps or stopping or signalled:
                 ckpt_path = save_now()
             if signalled and step < train_cfg.max_steps:
-                logger.event(f"received {stop.name}: stopped after step {step} with checkpoint {ckpt_path}; "
+                logger.event(f"{stop.cause}: stopped after step {step} with checkpoint {ckpt_path}; "
                              f"continue with --resume auto")
                 return TrainResult(train_cfg.output_dir, step, None, last, stopped_by=stop.name)
             if stopping and step < train_cfg.max_steps:
