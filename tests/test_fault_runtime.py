@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import REPO, clean_env, free_port, prebuild_deepspeed_ops
-from mvptr_ds.training import cleanup, distributed, lock
+from mvptr_ds.training import cleanup, distributed, lock, writes
 from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
 from mvptr_ds.training.trainer import truncate_metrics
@@ -309,6 +309,19 @@ def test_stale_temporaries_are_removed_under_the_lock(tmp_path):
     assert left == ["keep.tmp"], left
 
 
+# ------------------------------------------------------------------------------------------------ 5: non-finite weights
+
+def test_nonfinite_weights_are_not_offered_as_before_the_problem(tmp_path):
+    """--lr 1e39: the first update makes the weights inf/NaN (lr * update overflows fp32), every later loss is
+    NaN; the stop names that instead of offering a checkpoint of those weights."""
+    out = tmp_path / "r"
+    run = launch(args(out, "--lr", "1e39", "--max_bad_steps", "2", "--save_every", "100"), log_dir=str(tmp_path))
+    line = one_error(run, ["2 consecutive steps had a non-finite loss", "weights themselves are not finite",
+                           "no checkpoint from before the problem"])
+    assert "holds the weights of step" not in line
+    assert not (out / "checkpoints").exists() or complete_steps(out) == []
+
+
 # ------------------------------------------------------------------------------------------------ 6: Ctrl-C twice
 
 def test_ctrl_c_twice_is_one_line_and_keeps_the_previous_checkpoint(stopped_run, tmp_path):
@@ -333,6 +346,47 @@ def test_ctrl_c_twice_is_one_line_and_keeps_the_previous_checkpoint(stopped_run,
     assert complete_steps(out) == [2]
     again = launch(args(out, "--max_steps", "3"), log_dir=str(tmp_path)).ok()
     assert f"resumed from {out / 'checkpoints' / 'step2'}" in again.logs[0], again.log()
+
+
+# ------------------------------------------------------------------------------------------------ 7: disk full
+
+def test_torch_save_on_a_full_disk_raises_the_os_error():
+    """torch.save to a path reports "unexpected pos" on ENOSPC; the checkpoint writer keeps the OSError."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    import torch
+    with pytest.raises(OSError) as e:
+        writes.save_file({"w": torch.zeros(100000)}, "/dev/full")
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_full_disk_while_saving_is_one_line_naming_the_usable_checkpoint(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    run = launch(args(out), log_dir=str(tmp_path), env={"MVPTR_FAULT_INJECT": "enospc=save:4"})
+    step4, step2 = out / "checkpoints" / "step4", out / "checkpoints" / "step2"
+    line = one_error(run, ["the disk is full", "No space left on device", f"cannot write checkpoint {step4}",
+                           f"{step2} remains the newest complete checkpoint", "--resume auto"])
+    assert "unexpected pos" not in run.logs[0]
+    assert not step4.exists() and complete_steps(out) == [2], line
+    again = launch(args(out), log_dir=str(tmp_path)).ok()
+    assert f"resumed from {step2}" in again.logs[0]
+    assert sorted(metrics(out)) == [1, 2, 3, 4]
+
+
+def test_full_disk_on_one_rank_stops_both_without_a_hang(tmp_path):
+    out = tmp_path / "r"
+    port = free_port()
+    run = launch(args(out), world_size=2, log_dir=str(tmp_path), timeout=90,
+                 env={"MVPTR_FAULT_INJECT": "enospc=save:4;enospc_rank=1", "LOCAL_SIZE": "2",
+                      "MASTER_PORT": str(port)})
+    assert run.codes == [2, 2], run.log()
+    for log in run.logs:
+        errors = [x for x in log.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in log, run.log()
+        assert "the disk is full" in errors[0] and "rank 1" in errors[0], errors[0]
+        assert f"{out / 'checkpoints' / 'step2'} remains the newest complete checkpoint" in errors[0]
+    assert complete_steps(out) == [2] and not (out / "checkpoints" / "step4").exists()
+    assert shm_files(port) == []  # an error end leaves no shm buffer either
 
 
 # ------------------------------------------------------------------------------------------------ 8: config.json

@@ -2,12 +2,13 @@
 
 Layout: ``<output_dir>/checkpoints/step<N>/`` written by ``engine.save_checkpoint`` on every rank (model,
 optimizer shards, scheduler), plus our ``train_state`` (step, data-loader position, every rank's RNG
-states, the resolved config) in the engine's ``client_state``. After every rank has finished writing, rank 0
-writes ``step<N>/config.json`` and then ``step<N>/COMPLETE`` atomically (write, fsync, rename). ``COMPLETE``
-is a JSON manifest: step, world size, ZeRO stage and the size and SHA-256 of every file. Only checkpoints with that
-marker are ever resumed from, so a process killed at any moment (in the middle of a save included) leaves
-the previous checkpoint as the newest usable one. Pruning renames a directory out of the ``step<N>`` name
-space before deleting it, so a kill during pruning never leaves a half-deleted "complete" checkpoint.
+states, the resolved config) in the engine's ``client_state``. After every rank has finished writing (and
+fsynced, ``writes``), rank 0 writes ``step<N>/config.json``, then ``step<N>/COMPLETE`` atomically (write, fsync,
+rename), then ``latest``. ``COMPLETE`` is a JSON manifest: step, world size, ZeRO stage and the size and
+SHA-256 of every file. Only checkpoints with that marker are ever resumed from, so a process killed at any
+moment (in the middle of a save included) leaves the previous checkpoint as the newest usable one. Pruning
+renames a directory out of the ``step<N>`` name space before deleting it, so a kill during pruning never
+leaves a half-deleted "complete" checkpoint.
 
 Loading verifies the manifest (sizes, hashes) and reads every file with ``weights_only=True`` first
 (``safe_load``), checks that the checkpoint's model matches this run's, and only then lets DeepSpeed read
@@ -15,6 +16,7 @@ it, with every ``torch.load`` forced to weights-only (``safe_load.weights_only_l
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mvptr_ds.config import ConfigError, RunConfig
-from mvptr_ds.training import distributed
+from mvptr_ds.training import distributed, writes
 from mvptr_ds.training.safe_load import (first_line, manifest_entry, refusal, verify_checkpoint_files,
                                          weights_only_loads)
 
@@ -116,8 +118,9 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     """The checkpoint directory (``.../step<N>``) to resume from, or None to start fresh.
 
     ``auto``: the newest complete checkpoint of this run, if any. ``none``: start fresh. A path: either a
-    ``step<N>`` directory or a ``checkpoints`` root / run directory holding some. DeepSpeed's ``latest``
-    file is not needed: the ``COMPLETE`` markers decide (``latest`` may name a save that was interrupted).
+    ``step<N>`` directory or a ``checkpoints`` root / run directory holding some. The ``latest`` file is not
+    needed: the ``COMPLETE`` markers decide (``latest`` is written after ``COMPLETE``, but older versions let
+    DeepSpeed write it before, so it may name a save that was interrupted).
     ``output_dir`` is checked first (:func:`check_output_dir`): this runs before anything is written.
     """
     check_output_dir(output_dir)
@@ -154,31 +157,62 @@ def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config
     """Save on every rank (DeepSpeed requires it), mark complete, then prune to the newest ``keep_last``.
 
     ``train_state["rng"]`` should hold :func:`all_rng_states` (every rank's). ``fault_hook(stage)`` is the
-    test hook of ``faults.FaultPlan`` (``"before"``, ``"after"``), None in normal runs.
+    test hook of ``faults.FaultPlan`` (``"before"``, ``"after"``), None in normal runs. A write that fails on
+    any rank (a full disk, ...) stops every rank with one :class:`writes.CheckpointWriteError` naming the
+    problem and the checkpoint that remains usable; the incomplete one is removed (its space freed).
     """
     root = checkpoint_root(output_dir)
     tag = f"step{step}"
     path = os.path.join(root, tag)
-    if engine.global_rank == 0 and os.path.isdir(path):
+    main = engine.global_rank == 0
+    if main and os.path.isdir(path):
         _remove(root, path)  # an incomplete leftover of a killed save of the same step
     distributed.barrier()
     if fault_hook is not None:
         fault_hook("before")
-    engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state}, save_latest=True)
-    distributed.barrier()
-    if fault_hook is not None:
-        fault_hook("after")
-    if engine.global_rank == 0:
-        config.dump(os.path.join(path, "config.json"))
-    distributed.barrier()
-    files = _hash_files(path)
-    if engine.global_rank == 0:
-        meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
-                "files": files}
-        _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        prune(root, keep_last, step)
+
+    def write_files():
+        with writes.deferred_errors(engine):
+            # "latest" is written below, once the checkpoint is complete (DeepSpeed's names an unfinished save)
+            engine.save_checkpoint(root, tag=tag, client_state={"train_state": train_state}, save_latest=False)
+
+    failure = writes.agree_failure(writes.attempt(write_files))
+    if failure is None:
+        if fault_hook is not None:
+            fault_hook("after")
+        failure = writes.agree_failure(writes.attempt(lambda: config.dump(os.path.join(path, "config.json")))
+                                       if main else None)
+    if failure is None:
+        files = _hash_files(path)
+
+        def mark_complete():
+            meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
+                    "files": files}
+            _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            _write_atomic(os.path.join(root, "latest"), tag)
+            prune(root, keep_last, step)
+        failure = writes.agree_failure(writes.attempt(mark_complete) if main else None)
+    if failure is not None:
+        if main and os.path.isdir(path) and not os.path.isfile(os.path.join(path, COMPLETE)):
+            _remove(root, path)
+        distributed.barrier()
+        raise writes.CheckpointWriteError(_write_failure(root, path, step, failure, engine.world_size))
     distributed.barrier()
     return path
+
+
+def _write_failure(root: str, path: str, step: int, failure, world_size: int) -> str:
+    """The one line for a failed save: what went wrong, and which checkpoint remains usable."""
+    if os.path.isfile(os.path.join(path, COMPLETE)):  # only "latest" or pruning failed: the new one is usable
+        usable = f"{path} is complete and usable"
+    else:
+        older = [p for s, p in complete_checkpoints(root) if s < step]
+        usable = "the incomplete checkpoint was removed; " + (
+            f"{older[-1]} remains the newest complete checkpoint" if older
+            else "there is no complete checkpoint yet (a rerun starts from step 0)")
+    fix = "free space" if writes.is_full(failure) else "fix that"
+    return (f"cannot write checkpoint {path}: {writes.describe(failure, world_size)}; {usable}: {fix}, then "
+            f"continue with --resume auto")
 
 
 def _hash_files(path: str) -> Dict[str, Dict[str, Any]]:
@@ -217,11 +251,16 @@ def _remove(root: str, path: str) -> None:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def verify(path: str) -> Dict[str, Any]:

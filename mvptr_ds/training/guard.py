@@ -82,6 +82,22 @@ def install(engine) -> None:
         engine.optimizer.check_grad_overflow = True
 
 
+def nonfinite_weights(engine, device: torch.device):
+    """``(bad, total, first name)`` when any parameter holds a NaN/inf on any rank, else None. Collective.
+
+    Reads each rank's own copy (with ZeRO-3, its partition ``ds_tensor``), so the verdict covers the whole model.
+    """
+    names, flags = [], []
+    for name, p in engine.module.named_parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        names.append(name)
+        flags.append(t.numel() > 0 and not bool(torch.isfinite(t).all()))
+    flags = agree(flags, device)
+    bad = [n for n, f in zip(names, flags) if f]
+    return (len(bad), len(names), bad[0]) if bad else None
+
+
 def gather_ids(ids: List[int]) -> List[List[int]]:
     """Every rank's sample ids (for the log line of a skipped step). Collective."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

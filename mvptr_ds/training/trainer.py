@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
-from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, lock
+from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, lock, writes
 from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, set_zero_stage, stage_note,
                                          zero_stage)
 from mvptr_ds.training.guard import TrainingStopped
@@ -178,14 +178,27 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
         return path
 
     def give_up(what: str) -> None:
-        """Stop after ``max_bad_steps`` bad steps in a row, with a checkpoint of the untouched weights."""
+        """Stop after ``max_bad_steps`` bad steps in a row, with a checkpoint of the untouched weights (when they
+        are finite: an update that made the weights themselves non-finite is reported instead)."""
         nonlocal ckpt_path
+        head = (f"{bad_steps} consecutive steps had a non-finite {what} (limit --max_bad_steps="
+                f"{train_cfg.max_bad_steps}); stopping.")
+        bad = guard.nonfinite_weights(engine, info.device)
+        if bad:
+            found = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(train_cfg.output_dir))
+            now = [p for s, p in found if s == step]
+            older = [p for s, p in found if s < step]
+            raise TrainingStopped(
+                f"{head} The weights themselves are not finite ({bad[0]} of {bad[1]} tensors, e.g. {bad[2]}): an "
+                f"update up to step {step} made them so (is --lr {train_cfg.lr:g} too high?); no checkpoint from "
+                f"before the problem can be offered"
+                + (f"; checkpoint {now[0]} holds these weights: do not resume from it" if now else "")
+                + (f"; the newest older checkpoint, {older[-1]}, was not checked" if older else ""))
         if ckpt_path is None or not ckpt_path.endswith(f"step{step}"):
             ckpt_path = save_now()
         raise TrainingStopped(
-            f"{bad_steps} consecutive steps had a non-finite {what} (limit --max_bad_steps="
-            f"{train_cfg.max_bad_steps}); stopping. No bad step changed the weights: checkpoint {ckpt_path} holds "
-            f"the weights of step {step} (before the problem); the skipped samples are named in the log above")
+            f"{head} No bad step changed the weights: checkpoint {ckpt_path} holds the weights of step {step} "
+            f"(before the problem, checked finite); the skipped samples are named in the log above")
 
     try:
         while step < train_cfg.max_steps:
@@ -295,6 +308,7 @@ def build_engine(module: torch.nn.Module, train_cfg, ds_cfg: Dict, device: torch
     scheduler = linear_schedule(optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_cfg)
+    writes.install_writer(engine)
     guard.install(engine)
     if zero_stage(ds_cfg) == 0 and engine.dp_world_size == 1:
         # Nothing to all-reduce, but DeepSpeed's fallback would still flatten every gradient into buckets and
