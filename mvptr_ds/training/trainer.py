@@ -20,8 +20,8 @@ import torch
 
 from mvptr_ds.config import RunConfig
 from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, lock, writes
-from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, set_zero_stage, stage_note,
-                                         zero_stage)
+from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, precision_warning, set_zero_stage,
+                                         stage_note, zero_stage)
 from mvptr_ds.training.guard import TrainingStopped
 from mvptr_ds.training.logging import RunLogger
 from mvptr_ds.training.optim import build_optimizer, linear_schedule
@@ -106,7 +106,7 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
     plan = None
     if resume_path is not None:
         meta = checkpoint.verify(resume_path)
-        stage = elastic.resume_stage(meta, zero_stage(ds_cfg))
+        stage = elastic.resume_stage(meta, zero_stage(ds_cfg), offloads_optimizer(ds_cfg))
         if stage != zero_stage(ds_cfg):
             events.append(f"the checkpoint was written at ZeRO stage {stage}: continuing at stage {stage} "
                           f"(DeepSpeed converts between ZeRO stages >= 1 only)")
@@ -118,9 +118,9 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
         note = plan.describe(info.world_size, zero_stage(ds_cfg))
         if note:
             events.append(note)
-    note = stage_note(train_cfg.ds_config, ds_cfg)
-    if note:
-        events.append(note)
+    for note in (stage_note(train_cfg.ds_config, ds_cfg), precision_warning(train_cfg.precision, info.device.type)):
+        if note:
+            events.append(note)
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     parts = build(cfg, info)
@@ -318,17 +318,22 @@ def build_engine(module: torch.nn.Module, train_cfg, ds_cfg: Dict, device: torch
 
 
 def set_determinism(train_cfg, device: torch.device) -> bool:
-    """Switch ``torch.use_deterministic_algorithms`` as ``train.deterministic`` says (None: on for CPU runs).
+    """Switch ``torch.use_deterministic_algorithms`` on when ``train.deterministic`` says so (None: on for CPU runs).
 
     On CPU, without it, ``index_put_(accumulate=True)`` (the backward of the boolean-mask indexing that unpads
     tokens in every encoder) sums in a thread-dependent order: at 2 threads two runs of the same step differed
     in most gradients. With it, two runs (or a killed-and-resumed one) give identical weights at the same
-    thread count. Returns the setting.
+    thread count. Its side switch that fills fresh memory with NaN (``fill_uninitialized_memory``) is turned off:
+    it costs a pass over every new tensor and changes no result. A process-wide setting: an explicit False
+    turns it off; None on CUDA leaves whatever the caller set. Returns whether it is on.
     """
     on = train_cfg.deterministic if train_cfg.deterministic is not None else device.type == "cpu"
+    if train_cfg.deterministic is None and device.type != "cpu":
+        return torch.are_deterministic_algorithms_enabled()
     if on and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(bool(on))
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return bool(on)
 
 
