@@ -3,14 +3,12 @@ NaN gradients are skipped on every rank without touching the weights, and a stre
 """
 import json
 import os
-import pickle
-import shutil
 
 import pytest
 import torch
 
 from mvptr_ds.training.safe_load import manifest_entry
-from test_fault_harness import launch, metrics
+from test_fault_harness import copy_run, launch, metrics, one_error
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -30,28 +28,12 @@ def stopped_run(tmp_path_factory):
     return out
 
 
-def copy_run(src, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def one_error(run, must_contain):
-    """Exactly one ``error:`` line on rank 0, exit 2 on every rank, no traceback; it contains every string given."""
-    assert run.codes and all(code == 2 for code in run.codes), run.log()
-    lines = [line for line in run.logs[0].splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in run.logs[0], run.log()
-    for text in must_contain:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
-
-
 def test_truncated_shard(stopped_run, tmp_path):
     run_dir = copy_run(stopped_run, tmp_path)
     shard = run_dir / "checkpoints" / "step2" / "mp_rank_00_model_states.pt"  # one process: stage 0, all in one
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(shard), "truncated"])
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(shard), "truncated")
 
 
 def test_truncated_shard_without_manifest(stopped_run, tmp_path):
@@ -62,7 +44,7 @@ def test_truncated_shard_without_manifest(stopped_run, tmp_path):
     model = step / "mp_rank_00_model_states.pt"
     with open(model, "r+b") as f:
         f.truncate(1000)
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(model), "truncated or corrupted"])
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(model), "truncated or corrupted")
 
 
 def test_missing_latest_is_not_needed(stopped_run, tmp_path):
@@ -78,9 +60,9 @@ def test_missing_latest_and_no_complete_checkpoint(stopped_run, tmp_path):
     os.remove(root / "latest")
     os.remove(root / "step2" / "COMPLETE")
     one_error(launch(args(tmp_path / "other", "--resume", str(root)), log_dir=str(tmp_path)),
-              [str(root / "latest"), "missing"])
+              str(root / "latest"), "missing")
     one_error(launch(args(tmp_path / "other", "--resume", str(root / "step2")), log_dir=str(tmp_path)),
-              [str(root / "step2" / "COMPLETE"), "incomplete"])
+              str(root / "step2" / "COMPLETE"), "incomplete")
 
 
 def test_wrong_model_config(stopped_run, tmp_path):
@@ -90,7 +72,7 @@ def test_wrong_model_config(stopped_run, tmp_path):
                                  "text_layers": 2, "visual_layers": 2, "cross_layers": 2,
                                  "max_position_embeddings": 128}))
     line = one_error(launch(args(run_dir, "--model", str(model)), log_dir=str(tmp_path)),
-                     [str(run_dir / "checkpoints" / "step2" / "config.json"), "model.hidden_size=128"])
+                     str(run_dir / "checkpoints" / "step2" / "config.json"), "model.hidden_size=128")
     assert "64" in line
 
 
@@ -98,12 +80,12 @@ def test_corrupt_config_json(stopped_run, tmp_path):
     run_dir = copy_run(stopped_run, tmp_path)
     cfg = run_dir / "checkpoints" / "step2" / "config.json"
     cfg.write_text("{not json")
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(cfg), "truncated or modified"])
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(cfg), "truncated or modified")
     marker = run_dir / "checkpoints" / "step2" / "COMPLETE"  # edited by hand, manifest updated too
     meta = json.loads(marker.read_text())
     meta["files"]["config.json"] = manifest_entry(str(cfg))
     marker.write_text(json.dumps(meta))
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(cfg), "not valid JSON"])
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(cfg), "not valid JSON")
 
 
 class _Exploit:
@@ -126,7 +108,7 @@ def test_pickled_code_is_refused(stopped_run, tmp_path):
     meta = json.loads((step / "COMPLETE").read_text())
     meta["files"]["mp_rank_00_model_states.pt"] = manifest_entry(str(model))
     (step / "COMPLETE").write_text(json.dumps(meta))
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), [str(model), "refusing to load", "posix.system"])
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(model), "refusing to load", "posix.system")
     assert not marker.exists(), "the pickled command ran"
 
 
@@ -164,7 +146,7 @@ def test_nan_gradient_never_changes_weights(tmp_path, stage):
     launch(args(clean, *common, "--stop_after", "1"), world_size=world, log_dir=str(tmp_path)).ok()
     run = launch(args(bad, *common), world_size=world, log_dir=str(tmp_path),
                  env={"MVPTR_FAULT_INJECT": "nan_grad=2*2"})
-    one_error(run, ["2 consecutive steps had a non-finite gradient", str(bad / "checkpoints" / "step1")])
+    one_error(run, "2 consecutive steps had a non-finite gradient", str(bad / "checkpoints" / "step1"))
     grad_lines = [line for line in run.logs[0].splitlines() if "non-finite gradient; optimizer step skipped" in line]
     assert len(grad_lines) == 2 and "samples by rank [[" in grad_lines[0], run.log()
     a, b = _module_weights(clean / "checkpoints" / "step1"), _module_weights(bad / "checkpoints" / "step1")

@@ -126,6 +126,26 @@ def launch(args: List[str], world_size: int = 1, env: Optional[Dict[str, str]] =
     return result
 
 
+def one_error(run: Launch, *must_contain: str) -> str:
+    """Exactly one ``error:`` line on rank 0, exit 2 on every rank, no traceback; it contains every string given."""
+    assert run.codes and all(code == 2 for code in run.codes), run.log()
+    lines = [line for line in run.logs[0].splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in run.logs[0], run.log()
+    for text in must_contain:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def copy_run(src, tmp_path):
+    """A copy of the run folder ``src`` at ``tmp_path/run`` (tests tamper with copies of a shared run)."""
+    import shutil
+
+    dst = os.path.join(str(tmp_path), "run")
+    shutil.copytree(str(src), dst)
+    from pathlib import Path
+    return Path(dst)
+
+
 def metrics(run_dir) -> Dict[int, dict]:
     out = {}
     with open(os.path.join(str(run_dir), "metrics.jsonl")) as f:

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from test_fault_harness import launch
+from test_fault_harness import launch, one_error
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -69,15 +69,6 @@ def tampered(src, tmp_path, file_name, update_manifest):
         meta["files"][file_name] = manifest_entry(str(target))
         (step / "COMPLETE").write_text(json.dumps(meta))
     return run, step, target
-
-
-def one_error(result, *must_contain):
-    assert result.codes == [2], result.log()
-    lines = [line for line in result.logs[0].splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.logs[0], result.log()
-    for text in must_contain:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def commands(run, step, tmp_path):
