@@ -9,7 +9,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from mvptr_ds.training import cleanup, distributed, lock, writes
 from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
 from mvptr_ds.training.trainer import truncate_metrics
-from test_fault_corrupt import one_error
-from test_fault_harness import launch, metrics
+from test_fault_harness import copy_run, launch, metrics, one_error
 
 pytestmark = [pytest.mark.fault]
 
@@ -82,12 +80,6 @@ def stopped_run(tmp_path_factory):
     return out
 
 
-def copy_run(src, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst)
-    return dst
-
-
 # ------------------------------------------------------------------------------------------------ 1: lock
 
 def test_second_run_on_a_busy_output_dir_is_refused(stopped_run, tmp_path):
@@ -112,7 +104,7 @@ def test_second_run_on_a_busy_output_dir_is_refused(stopped_run, tmp_path):
     first = launch(args(out, "--max_steps", "1000", "--save_every", "1000"), log_dir=str(tmp_path),
                    on_start=second_run)
     assert first.codes == [-signal.SIGKILL], first.log()
-    line = one_error(seen["one"], [f"pid {seen['pid']}", "in use by another run", str(out)])
+    line = one_error(seen["one"], f"pid {seen['pid']}", "in use by another run", str(out))
     assert "--output_dir" in line
     two = seen["two"]
     assert two.codes == [2, 2], two.log()
@@ -316,8 +308,8 @@ def test_nonfinite_weights_are_not_offered_as_before_the_problem(tmp_path):
     NaN; the stop names that instead of offering a checkpoint of those weights."""
     out = tmp_path / "r"
     run = launch(args(out, "--lr", "1e39", "--max_bad_steps", "2", "--save_every", "100"), log_dir=str(tmp_path))
-    line = one_error(run, ["2 consecutive steps had a non-finite loss", "weights themselves are not finite",
-                           "no checkpoint from before the problem"])
+    line = one_error(run, "2 consecutive steps had a non-finite loss", "weights themselves are not finite",
+                     "no checkpoint from before the problem")
     assert "holds the weights of step" not in line
     assert not (out / "checkpoints").exists() or complete_steps(out) == []
 
@@ -364,8 +356,8 @@ def test_full_disk_while_saving_is_one_line_naming_the_usable_checkpoint(stopped
     out = copy_run(stopped_run, tmp_path)
     run = launch(args(out), log_dir=str(tmp_path), env={"MVPTR_FAULT_INJECT": "enospc=save:4"})
     step4, step2 = out / "checkpoints" / "step4", out / "checkpoints" / "step2"
-    line = one_error(run, ["the disk is full", "No space left on device", f"cannot write checkpoint {step4}",
-                           f"{step2} remains the newest complete checkpoint", "--resume auto"])
+    line = one_error(run, "the disk is full", "No space left on device", f"cannot write checkpoint {step4}",
+                     f"{step2} remains the newest complete checkpoint", "--resume auto")
     assert "unexpected pos" not in run.logs[0]
     assert not step4.exists() and complete_steps(out) == [2], line
     again = launch(args(out), log_dir=str(tmp_path)).ok()
@@ -394,5 +386,5 @@ def test_full_disk_on_one_rank_stops_both_without_a_hang(tmp_path):
 def test_refused_resume_leaves_config_json_as_it_was(stopped_run, tmp_path):
     out = copy_run(stopped_run, tmp_path)
     before = (out / "config.json").read_bytes()
-    one_error(launch(args(out, "--data", SMALLER), log_dir=str(tmp_path)), ["position must be in [0, 6)"])
+    one_error(launch(args(out, "--data", SMALLER), log_dir=str(tmp_path)), "position must be in [0, 6)")
     assert (out / "config.json").read_bytes() == before
