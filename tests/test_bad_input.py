@@ -320,8 +320,8 @@ def resume_args(out, data=RESUME_DATA):
 
 @pytest.mark.slow
 def test_resume_with_bad_train_state_or_smaller_data(tmp_path):
-    from test_fault_corrupt import one_error as launch_error
     from test_fault_harness import launch
+    from test_fault_harness import one_error as launch_error
 
     run = tmp_path / "run"
     launch(resume_args(run) + ["--stop_after", "2"], log_dir=str(tmp_path)).ok()
@@ -331,7 +331,7 @@ def test_resume_with_bad_train_state_or_smaller_data(tmp_path):
     shutil.copytree(run, smaller)
     launch_error(launch(resume_args(smaller, "synthetic:seed=3,images=6,held_out=2,captions_per_image=1"),
                         log_dir=str(tmp_path)),
-                 [f"checkpoint {smaller / 'checkpoints' / 'step2'}", "position must be in [0, 6)", "different data"])
+                 f"checkpoint {smaller / 'checkpoints' / 'step2'}", "position must be in [0, 6)", "different data")
 
     # train_state.step a string, the manifest updated to match (a consistent but wrong checkpoint)
     model = step / "mp_rank_00_model_states.pt"
@@ -343,4 +343,4 @@ def test_resume_with_bad_train_state_or_smaller_data(tmp_path):
                                      "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
     (step / "COMPLETE").write_text(json.dumps(manifest))
     launch_error(launch(resume_args(run), log_dir=str(tmp_path)),
-                 [f"checkpoint {step}", "train_state field 'step'", "'abc'"])
+                 f"checkpoint {step}", "train_state field 'step'", "'abc'")
