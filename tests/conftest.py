@@ -28,6 +28,19 @@ def prebuild_deepspeed_ops() -> None:
         _DS_OPS_BUILT = True
 
 
+def clear_stale_build_lock() -> None:
+    """Remove the JIT build lock of DeepSpeed's shm op when it is left over.
+
+    Every process that loads the op takes ``<TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm_op/lock`` for a moment,
+    even when the op is built; a rank that a test SIGKILLs inside that moment leaves the file behind, and every
+    later load then waits on it forever. Tests start processes one launch at a time after
+    :func:`prebuild_deepspeed_ops` has built the op, so a lock present between launches is such a leftover.
+    """
+    lock = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm_op", "lock")
+    if _DS_OPS_BUILT and os.path.exists(lock):
+        os.remove(lock)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,6 +59,7 @@ def clean_env(**extra) -> dict:
 def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True):
     """Run ``python -m mvptr_ds.run ARGS`` (or through ``deepspeed --num_gpus N``); return the CompletedProcess."""
     prebuild_deepspeed_ops()
+    clear_stale_build_lock()
     if launcher_procs:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(launcher_procs),
                "--master_port", str(free_port()), str(REPO / "mvptr_ds" / "run.py")] + list(args)
@@ -63,3 +77,10 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data {SHARED_DATA} not present (it ships with the project's CI, not with a clone)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_build_lock():
+    """Before every test: a build lock left by a process an earlier test killed (see clear_stale_build_lock)."""
+    clear_stale_build_lock()
+    yield

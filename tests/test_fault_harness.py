@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import prebuild_deepspeed_ops
+from conftest import clear_stale_build_lock, prebuild_deepspeed_ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
@@ -95,6 +95,7 @@ def launch(args: List[str], world_size: int = 1, env: Optional[Dict[str, str]] =
     killing every rank) when the deadline passes.
     """
     ctx = _context()
+    clear_stale_build_lock()  # a rank SIGKILLed by an earlier test may have left it
     port = str(_free_port())
     log_dir = log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mvptr_fault_{os.getpid()}")
     os.makedirs(log_dir, exist_ok=True)
