@@ -1,4 +1,5 @@
 """Shared test helpers: the repository root, ../shared/data, and running the CLI in a subprocess."""
+import glob
 import os
 import socket
 import subprocess
@@ -31,13 +32,14 @@ def prebuild_deepspeed_ops() -> None:
 def clear_stale_build_lock() -> None:
     """Remove the JIT build lock of DeepSpeed's shm op when it is left over.
 
-    Every process that loads the op takes ``<TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm_op/lock`` for a moment,
+    Every process that loads the op takes ``<TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm/lock`` for a moment,
     even when the op is built; a rank that a test SIGKILLs inside that moment leaves the file behind, and every
     later load then waits on it forever. Tests start processes one launch at a time after
     :func:`prebuild_deepspeed_ops` has built the op, so a lock present between launches is such a leftover.
     """
-    lock = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm_op", "lock")
-    if _DS_OPS_BUILT and os.path.exists(lock):
+    if not _DS_OPS_BUILT:
+        return
+    for lock in glob.glob(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm*", "lock")):
         os.remove(lock)
 
 
