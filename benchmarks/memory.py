@@ -158,7 +158,7 @@ def measure(args) -> Optional[Dict]:
     from mvptr_ds import pipeline
     from mvptr_ds.config import DataConfig, ModelConfig, RunConfig, TrainConfig, model_config_from
     from mvptr_ds.training import distributed
-    from mvptr_ds.training.ds_config import build_ds_config
+    from mvptr_ds.training.ds_config import build_ds_config, zero_stage
     from mvptr_ds.training.trainer import build_engine
 
     info = distributed.setup()
@@ -172,8 +172,9 @@ def measure(args) -> Optional[Dict]:
                     data=DataConfig(source="synthetic:images=64,held_out=0"), train=train).validate()
     torch.manual_seed(0)
     parts = pipeline.build(cfg, info)
-    engine, _ = build_engine(parts.module, parts.config.train, build_ds_config(holder[0], parts.config.train,
-                                                                              info.world_size), info.device)
+    ds_cfg = build_ds_config(holder[0], parts.config.train, info.world_size)
+    stage = zero_stage(ds_cfg)  # one fp32 process runs stage 0 whatever the template asks (ds_config.ONE_PROCESS_NOTE)
+    engine, _ = build_engine(parts.module, parts.config.train, ds_cfg, info.device)
     batches = iter(parts.loader)
     grads = 0
     for step in range(2):
@@ -190,10 +191,10 @@ def measure(args) -> Optional[Dict]:
     result = None
     if info.is_main:
         params = param_count(engine.module)
-        result = {"kind": "memory", "zero_stage": args.zero, "offload": args.offload, "world_size": info.world_size,
+        result = {"kind": "memory", "zero_stage": stage, "asked_zero_stage": args.zero, "offload": args.offload, "world_size": info.world_size,
                   "parameters": params, "micro_batch": args.micro_batch, "bucket_elements": args.bucket,
                   "model": dataclasses.asdict(model), "per_rank": every,
-                  "theory": theory(params, info.world_size, args.zero),
+                  "theory": theory(params, info.world_size, stage),
                   "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) + f"  (x{info.world_size} ranks)",
                   **environment(info.device)}
         name = f"memory_z{args.zero}{'_offload' if args.offload else ''}_w{info.world_size}.json"

@@ -100,14 +100,18 @@ def test_realistic_lengths_fall_in_their_ranges(setting):
     assert ds[3].caption_ids == ds[3].caption_ids  # seeded per sample id
 
 
-def test_memory_one_rank_matches_zero_theory(tmp_path):
+def test_memory_one_rank_runs_stage_0_and_matches_its_theory(tmp_path):
+    """A ZeRO-2 template on one fp32 process runs stage 0 (nothing to partition): the benchmark must say so and
+    hold stage 0's model states (no fp32 master copy), not report the asked-for stage."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            str(REPO / "benchmarks" / "memory.py"), "--zero", "2", "--model", "tiny", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "memory_z2_w1.json").read_text())
     (rank,) = result["per_rank"]
+    assert (result["asked_zero_stage"], result["zero_stage"]) == (2, 0)
     theory = result["theory"]
+    assert theory["master_bytes"] == 0 and theory["optimizer_state_bytes"] == 2 * theory["param_bytes"]
     for key in ("param_bytes", "optimizer_state_bytes", "master_bytes"):
         assert rank[key] == pytest.approx(theory[key], rel=0.01), key
     assert rank["grad_bytes"] >= 0.99 * theory["grad_bytes"]
