@@ -164,6 +164,13 @@ class ObjectiveConfig:
     itm_negatives: str = "hardest"
     # Beyond the release, off by default: contrastive negatives and ITM hard negatives from all ranks.
     global_negatives: bool = False
+    # Corrections of the release, on by default (``--recipe release`` turns them off):
+    # captions of the same image are never each other's negatives (VSC's softmax, ITM's mined negative, WPG's
+    # negative image); the release treats every other pair of the batch as a negative, even one showing the
+    # same image.
+    exclude_same_image: bool = True
+    # VSC's temperature e^tau capped at 100 (tau clamped at ln 100, as CLIP); the release leaves it uncapped.
+    cap_logit_scale: bool = True
 
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, 1.0)
@@ -212,6 +219,9 @@ class TrainConfig:
     wandb_project: str = "mvptr_ds"
     max_bad_steps: int = 5         # consecutive non-finite steps before the run stops
     stop_after: Optional[int] = None  # leave cleanly (with a checkpoint) after this step, e.g. for a job time limit
+    # Weight decay on VSC's temperature logit_scale. Off (a correction): decay pulls the learned temperature
+    # towards e^0 = 1. The release decays it (its no-decay list names only biases and LayerNorm parameters).
+    decay_logit_scale: bool = False
     # torch.use_deterministic_algorithms: the same weights run to run at any fixed thread count. None: on for
     # CPU runs (index_put's accumulating backward otherwise sums in a thread-dependent order), off on CUDA.
     deterministic: Optional[bool] = None
@@ -336,6 +346,37 @@ class RunConfig:
             return cls.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+# ``--recipe NAME``: a named set of settings applied over the defaults (or a ``--config`` file) before the
+# options given on the command line, which win. Each recipe names every setting where the project departs
+# from the authors' release, so switching recipes never leaves one behind:
+# * "release": the authors' released code exactly: the three corrections off, and each choice that goes
+#   beyond the release (WPG's negative encoding, ITM's negatives, global negatives, loss weights, the
+#   objectives of the stage) at the release's value.
+# * "project" (the defaults): the same, with the corrections on.
+# The README's recipe table lists these settings with the reason for each correction.
+_RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
+    "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negatives": "separate",
+                   "global_negatives": False},
+}
+RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "release": {"objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": False,
+                               "cap_logit_scale": False},
+                "train": {"decay_logit_scale": True}},
+    "project": {"objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": True,
+                               "cap_logit_scale": True},
+                "train": {"decay_logit_scale": False}},
+}
+
+
+def apply_recipe(cfg: RunConfig, name: str) -> RunConfig:
+    """``cfg`` with the settings of recipe ``name`` (see ``RECIPES``); ConfigError naming the known recipes."""
+    if name not in RECIPES:
+        raise ConfigError(f"--recipe {name!r}: expected one of {', '.join(RECIPES)}")
+    sections = {section: dataclasses.replace(getattr(cfg, section), **values)
+                for section, values in RECIPES[name].items()}
+    return dataclasses.replace(cfg, **sections)
 
 
 def model_config_from(spec: str) -> ModelConfig:

@@ -96,3 +96,18 @@ def test_shipped_ds_configs_are_valid():
         precision = template_precision(json.loads(p.read_text()))
         cfg = build_ds_config(str(p), TrainConfig(precision=precision), world_size=2, check_device=False)
         assert cfg["train_batch_size"] == 2 * TrainConfig().micro_batch
+
+
+def test_recipes_switch_every_correction():
+    from mvptr_ds.config import RECIPES, apply_recipe
+
+    release = apply_recipe(RunConfig(objectives=ObjectiveConfig(itm_negatives="random", weights=(("wpg", 2.0),))),
+                           "release").validate()
+    assert (release.objectives.exclude_same_image, release.objectives.cap_logit_scale,
+            release.train.decay_logit_scale) == (False, False, True)
+    assert (release.objectives.itm_negatives, release.objectives.weights) == ("hardest", ())
+    # "project" is the defaults, whatever came before; both recipes name the same settings.
+    assert apply_recipe(release, "project") == RunConfig()
+    assert {s: set(v) for s, v in RECIPES["release"].items()} == {s: set(v) for s, v in RECIPES["project"].items()}
+    with pytest.raises(ConfigError, match="--recipe 'paper': expected one of release, project"):
+        apply_recipe(RunConfig(), "paper")
