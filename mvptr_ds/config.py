@@ -215,8 +215,13 @@ class TrainConfig:
     resume: str = "auto"           # "auto" | "none" | a checkpoint directory
     init_from: Optional[str] = None
     seed: int = 42
-    wandb: str = "offline"
-    wandb_project: str = "mvptr_ds"
+    # Weights & Biases. None: what the standard variables say (WANDB_MODE, WANDB_PROJECT, WANDB_RUN_GROUP,
+    # WANDB_NAME), else offline, project "mvptr_ds", no group, the output folder's name. A resumed run continues
+    # the same W&B run (its id is kept in the output folder).
+    wandb: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_group: Optional[str] = None
+    run_name: Optional[str] = None
     max_bad_steps: int = 5         # consecutive non-finite steps before the run stops
     stop_after: Optional[int] = None  # leave cleanly (with a checkpoint) after this step, e.g. for a job time limit
     # Weight decay on VSC's temperature logit_scale. Off (a correction): decay pulls the learned temperature
@@ -231,7 +236,7 @@ class TrainConfig:
             raise ConfigError(f"train.stage={self.stage!r}: expected 1 or 2")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.wandb not in WANDB_MODES:
+        if self.wandb is not None and self.wandb not in WANDB_MODES:
             raise ConfigError(f"train.wandb={self.wandb!r}: expected one of {', '.join(WANDB_MODES)}")
         _at_least(self, "train", ("max_steps", "micro_batch", "grad_accum", "save_every", "log_every", "keep_last",
                                   "max_bad_steps"), 1)

@@ -43,6 +43,9 @@ def train(stage: Optional[int] = None,
           init_from: Optional[str] = None,
           seed: Optional[int] = None,
           wandb: Optional[str] = None,
+          wandb_project: Optional[str] = None,
+          wandb_group: Optional[str] = None,
+          run_name: Optional[str] = None,
           precision: Optional[str] = None,
           kernels: Optional[str] = None,
           tokenizer: Optional[str] = None,
@@ -78,7 +81,10 @@ def train(stage: Optional[int] = None,
         resume: "auto" (newest complete checkpoint in output_dir, if any), "none", or a checkpoint path.
         init_from: initial weights (e.g. a stage-1 run or its final/ folder); new weights are reported by name.
         seed: seed of weights, data order, corruption and dropout (default {seed}).
-        wandb: offline (default; no network), online or disabled.
+        wandb: offline (default, unless WANDB_MODE says otherwise; no network), online or disabled.
+        wandb_project: W&B project (default: WANDB_PROJECT, else mvptr_ds).
+        wandb_group: W&B run group (default: WANDB_RUN_GROUP, else none).
+        run_name: W&B run name (default: WANDB_NAME, else the output folder's name).
         precision: fp32, bf16 or fp16; default: what the ds_config enables, else fp32.
         kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), triton or torch.
         tokenizer: local Hugging Face tokenizer directory for real data (BERT uncased).
@@ -114,7 +120,8 @@ def train(stage: Optional[int] = None,
 def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_config=None, output_dir=None,
                        max_steps=None, micro_batch=None, grad_accum=None, lr=None, warmup_steps=None,
                        save_every=None, log_every=None, keep_last=None, resume=None, init_from=None, seed=None,
-                       wandb=None, precision=None, kernels=None, tokenizer=None, global_negatives=None,
+                       wandb=None, wandb_project=None, wandb_group=None, run_name=None, precision=None,
+                       kernels=None, tokenizer=None, global_negatives=None,
                        itm_negatives=None, wpg_negatives=None, loss_weights=None, max_bad_steps=None,
                        stop_after=None, config=None) -> RunConfig:
     """The validated RunConfig of ``train``'s options: given options override ``config``, else the defaults."""
@@ -132,7 +139,8 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
     train_over = given(stage=stage, output_dir=output_dir, max_steps=max_steps, micro_batch=micro_batch,
                        grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, save_every=save_every,
                        log_every=log_every, keep_last=keep_last, resume=resume, init_from=init_from, seed=seed,
-                       wandb=wandb, max_bad_steps=max_bad_steps, stop_after=stop_after)
+                       wandb=wandb, wandb_project=wandb_project, wandb_group=wandb_group, run_name=run_name,
+                       max_bad_steps=max_bad_steps, stop_after=stop_after)
     for name, kind in (("stage", int), ("max_steps", int), ("micro_batch", int), ("grad_accum", int),
                        ("warmup_steps", int), ("save_every", int), ("log_every", int), ("keep_last", int),
                        ("seed", int), ("max_bad_steps", int), ("stop_after", int), ("lr", float)):
@@ -145,7 +153,7 @@ def pretraining_config(stage=None, objectives=None, model=None, data=None, ds_co
             except (TypeError, ValueError):
                 raise ConfigError(f"--{name} {train_over[name]!r} is not {'an integer' if kind is int else 'a number'}"
                                   " (a value with spaces or a stray word on the command line lands here too)") from None
-    for name in ("resume", "wandb"):
+    for name in ("resume", "wandb", "wandb_project", "wandb_group", "run_name"):
         if name in train_over:
             train_over[name] = str(train_over[name])
     ds_path = resolve_path(ds_config if ds_config is not None else base.train.ds_config)
