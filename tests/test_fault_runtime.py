@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from conftest import REPO, clean_env, free_port, prebuild_deepspeed_ops
+from mvptr_ds.config import TrainConfig
 from mvptr_ds.training import cleanup, distributed, lock, writes
 from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
@@ -143,7 +144,7 @@ def test_metrics_records_are_single_whole_line_writes(tmp_path, monkeypatch):
     calls = []
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: calls.append(bytes(data)) or real_write(fd, data))
-    log = RunLogger(str(tmp_path), True, 10, 0, "disabled", "p", {}, resume=False)
+    log = RunLogger(str(tmp_path), True, 10, 0, TrainConfig(wandb="disabled"), {}, resume=False)
     log.log({"step": 1, "loss": 0.5})
     log.close()
     assert calls == [b'{"loss": 0.5, "step": 1}\n']

@@ -4,9 +4,7 @@ Only rank 0 writes. Each ``metrics.jsonl`` record is one complete line written w
 file opened for appending, so neither a killed writer nor a second one ever leaves half a line in the middle
 of the file; a write cut short (a full disk) is cut back off before its error is raised. The file is fsynced with
 every checkpoint (``sync``): records newer than the checkpoint a run resumes from are dropped then anyway.
-W&B runs under ``<output_dir>/wandb``; with ``offline`` nothing leaves the machine (sync
-later with ``wandb sync``). No secret (such as ``WANDB_API_KEY``) is ever written by this module: the config
-it logs is the run config, which holds none.
+W&B: one run per output folder across resumes (:mod:`~mvptr_ds.training.wandb_run`).
 """
 from __future__ import annotations
 
@@ -14,14 +12,16 @@ import errno
 import json
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from tqdm import tqdm
 
+from mvptr_ds.training import wandb_run
+
 
 class RunLogger:
-    def __init__(self, output_dir: str, is_main: bool, total_steps: int, initial_step: int,
-                 wandb_mode: str, wandb_project: str, config: Dict[str, Any], resume: bool):
+    def __init__(self, output_dir: str, is_main: bool, total_steps: int, initial_step: int, train_cfg,
+                 config: Dict[str, Any], resume: bool):
         self.is_main = is_main
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = None
@@ -33,8 +33,7 @@ class RunLogger:
                              0o644)
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                          dynamic_ncols=True, file=sys.stderr, disable=None)
-        if wandb_mode != "disabled":
-            self._wandb = _start_wandb(output_dir, wandb_mode, wandb_project, config)
+        self._wandb = wandb_run.start(output_dir, train_cfg, config, resumed=resume)
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.is_main:
@@ -77,13 +76,3 @@ def append_line(fd: int, text: str, path: str = "metrics.jsonl") -> None:
     if written < len(data):
         os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)  # O_APPEND: our bytes end at the offset
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)", path)
-
-
-def _start_wandb(output_dir: str, mode: str, project: str, config: Dict[str, Any]) -> Optional[Any]:
-    import wandb
-
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
-        os.environ.setdefault(var, os.path.join(output_dir, "wandb", f".{sub}"))
-    os.makedirs(os.path.join(output_dir, "wandb"), exist_ok=True)
-    return wandb.init(project=project, dir=output_dir, mode=mode, config=config,
-                      name=os.path.basename(os.path.abspath(output_dir)), reinit="finish_previous")

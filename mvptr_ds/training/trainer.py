@@ -153,8 +153,8 @@ def _train_locked(cfg: RunConfig, build: Optional[Callable], stop: StopRequest, 
     if info.is_main:  # after the resume checks: a refused resume leaves the folder's config.json as it was
         cfg.dump(os.path.join(train_cfg.output_dir, "config.json"))
 
-    logger = RunLogger(train_cfg.output_dir, info.is_main, train_cfg.max_steps, step, train_cfg.wandb,
-                       train_cfg.wandb_project, cfg.to_dict(), resume=resume_path is not None)
+    logger = RunLogger(train_cfg.output_dir, info.is_main, train_cfg.max_steps, step, train_cfg, cfg.to_dict(),
+                       resume=resume_path is not None)
     for line in events:
         logger.event(line)
 
