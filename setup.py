@@ -14,7 +14,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["mvptr_ds", "mvptr_ds.*"]),
-    package_data={"mvptr_ds": ["data/assets/*.json"]},
+    package_data={"mvptr_ds": ["data/assets/*.json", "ds_configs/*.json"]},
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.16",

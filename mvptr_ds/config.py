@@ -1,44 +1,19 @@
-"""Typed configuration: the one place where every default lives.
+"""Typed configuration: the one place where every default, and every option's description, lives.
 
-The CLI (``mvptr_ds/run.py``), the JSON presets, the run folder's ``config.json`` and every checkpoint
-share these dataclasses. ``RunConfig.from_dict`` rejects unknown keys and values of the wrong type with
-a message that names the key, so a typo never passes silently.
+The command line (``mvptr_ds/run.py``) generates its options from these dataclasses' fields (declared with
+:func:`~mvptr_ds.config_types.option`: default and help text in one place); the JSON presets, the run
+folder's ``config.json`` and every checkpoint share them. ``RunConfig.from_dict`` rejects unknown keys and
+values of the wrong type with a message that names the key, so a typo never passes silently.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or inconsistent; the message names it."""
-
-
-def _at_least(owner, section: str, names, low: int) -> None:
-    """Each integer field ``names`` of ``owner`` is >= ``low``, else ConfigError naming ``section.name``."""
-    for name in names:
-        value = getattr(owner, name)
-        if value < low:
-            raise ConfigError(f"{section}.{name} must be >= {low}, got {value}")
-
-
-def _in_range(owner, section: str, name: str, low: float, high: float = math.inf, low_open: bool = False,
-              high_open: bool = True, what: str = "") -> None:
-    """Float field ``name`` of ``owner`` is finite (NaN and inf refused) and in the given interval."""
-    value = getattr(owner, name)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
-        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
-        raise ConfigError(f"{section}.{name}={value!r}: must be a finite number {'in ' if math.isfinite(high) else ''}"
-                          f"{interval}{what}")
-
+from mvptr_ds.config_types import ConfigError, at_least, build, in_range, option, reason
 
 OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
 # Objectives each stage can run. Stage 1 has no cross-modal encoder, so only MCR applies.
@@ -47,50 +22,61 @@ DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "triton", "torch", "eager")
 WANDB_MODES = ("offline", "online", "disabled")
+WPG_NEGATIVES = ("joint", "separate")
+ITM_NEGATIVES = ("hardest", "sampled", "random")
+FINETUNE_TASKS = ("retrieval", "vqa", "snli_ve", "refcoco")
+RESUME_KEYWORDS = ("auto", "none")
+DEFAULT_MODEL = "tiny"  # the model preset of the training commands when neither --model nor --config names one
+
+
+def _words(values) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of the MVPTR network (MVPTR.md section 1).
+    """Sizes of the MVPTR network (MVPTR.md section 1); chosen on the command line by ``--model`` (a preset or a
+    JSON file of these fields), of which only ``kernels`` and ``activation_checkpointing`` are options."""
 
-    ``vocab_size`` (rows of the shared word/concept/tag table) and ``only_word_size`` (rows below it are
-    word pieces; the MLM/MCR decoders predict over them) are properties of the data's tokenizer and
-    concept vocabulary: ``None`` means "take them from the data" when the run is assembled.
-    """
-
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    text_layers: int = 6
-    visual_layers: int = 6
-    cross_layers: int = 6
-    vocab_size: Optional[int] = None
-    only_word_size: Optional[int] = None
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    img_feature_dim: int = 2054
-    use_img_layernorm: bool = True
-    initializer_range: float = 0.02
-    # "auto": fused Triton kernels on CUDA, the PyTorch reference elsewhere; "eager": the authors' way
-    # (additive -10000 mask, explicit softmax), kept for the baseline benchmark.
-    kernels: str = "auto"
-    # Recompute each encoder layer in backward (non-reentrant torch.utils.checkpoint).
-    activation_checkpointing: bool = False
+    hidden_size: int = option(768, "Width of every encoder layer.", cli=False)
+    num_attention_heads: int = option(12, "Attention heads per layer.", cli=False)
+    intermediate_size: int = option(3072, "Width of the feed-forward layers.", cli=False)
+    text_layers: int = option(6, "Layers of the uni-modal text encoder.", cli=False)
+    visual_layers: int = option(6, "Layers of the uni-modal visual encoder.", cli=False)
+    cross_layers: int = option(6, "Layers of the cross-modal encoder (stage 2).", cli=False)
+    vocab_size: Optional[int] = option(
+        None, "Rows of the shared word/concept/tag table; None: taken from the data's tokenizer and concept "
+        "vocabulary when the run is assembled.", cli=False)
+    only_word_size: Optional[int] = option(
+        None, "Rows below it are word pieces (the MLM/MCR decoders predict over them); None: from the data.",
+        cli=False)
+    max_position_embeddings: int = option(512, "Longest stream the position table holds.", cli=False)
+    type_vocab_size: int = option(2, "Token type embeddings.", cli=False)
+    layer_norm_eps: float = option(1e-12, "LayerNorm epsilon.", cli=False)
+    hidden_dropout: float = option(0.1, "Dropout of hidden states.", cli=False)
+    attention_dropout: float = option(0.1, "Dropout of attention probabilities.", cli=False)
+    img_feature_dim: int = option(2054, "Region feature size (VinVL: 2048 + 6 box coordinates).", cli=False)
+    use_img_layernorm: bool = option(True, "LayerNorm after the region projection.", cli=False)
+    initializer_range: float = option(0.02, "Standard deviation of the initial weights.", cli=False)
+    kernels: str = option(
+        "auto", "Attention and embedding kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), "
+        "triton, torch, or eager (the authors' additive -10000 mask and explicit softmax, for the baseline "
+        "benchmark).")
+    activation_checkpointing: bool = option(
+        False, "Recompute each encoder layer in backward (non-reentrant torch.utils.checkpoint): less memory, "
+        "about a third more compute.")
 
     def validate(self) -> None:
-        _at_least(self, "model", ("hidden_size", "num_attention_heads", "intermediate_size", "text_layers",
-                                  "visual_layers", "cross_layers", "max_position_embeddings", "type_vocab_size",
-                                  "img_feature_dim"), 1)
+        at_least(self, "model", ("hidden_size", "num_attention_heads", "intermediate_size", "text_layers",
+                                 "visual_layers", "cross_layers", "max_position_embeddings", "type_vocab_size",
+                                 "img_feature_dim"), 1)
         for name in ("vocab_size", "only_word_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("hidden_dropout", "attention_dropout"):
-            _in_range(self, "model", name, 0.0, 1.0, what=" (a dropout probability)")
-        _in_range(self, "model", "layer_norm_eps", 0.0, low_open=True)
-        _in_range(self, "model", "initializer_range", 0.0, low_open=True)
+            in_range(self, "model", name, 0.0, 1.0, what=" (a dropout probability)")
+        in_range(self, "model", "layer_norm_eps", 0.0, low_open=True)
+        in_range(self, "model", "initializer_range", 0.0, low_open=True)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -120,57 +106,84 @@ MODEL_PRESETS: Dict[str, ModelConfig] = {
 class DataConfig:
     """Where examples come from and how they are cut into batches (MVPTR.md section 2)."""
 
-    # "synthetic" or "synthetic:key=value,..." for the built-in scene world; otherwise a data directory.
-    source: str = "synthetic"
-    # Local Hugging Face tokenizer directory for real data (BERT uncased); unused by the synthetic world.
-    tokenizer: Optional[str] = None
-    max_seq_length: int = 35       # word pieces of the caption, [CLS]/[SEP] included
-    max_phrases: int = 5           # concept ids appended to the text stream
-    max_tag_length: int = 20       # visual stream [CLS] tags [SEP]
-    max_img_seq_length: int = 50   # regions
-    mask_prob: float = 0.15        # MLM / MCR / concept corruption rate (80% [MASK], 10% random, 10% kept)
-    num_workers: int = 0
-    prefetch_factor: int = 2
+    source: str = option(
+        "synthetic", 'Training data: "synthetic" (the built-in scene world; options as in '
+        '"synthetic:seed=3,images=200,captions_per_image=2") or a data directory in the real formats (README).',
+        flag="data", metavar="SOURCE")
+    tokenizer: Optional[str] = option(
+        None, "Local Hugging Face tokenizer directory for real data (BERT uncased); the built-in world has its "
+        "own.", metavar="DIR")
+    max_seq_length: int = option(35, "Word pieces of a caption, [CLS] and [SEP] included.")
+    max_phrases: int = option(5, "Concept ids appended to the text stream.")
+    max_tag_length: int = option(20, "Length of the visual stream's [CLS] tags [SEP].")
+    max_img_seq_length: int = option(50, "Regions per image.")
+    mask_prob: float = option(
+        0.15, "Corruption rate of MLM, MCR and concepts (80% [MASK], 10% random, 10% kept).")
+    num_workers: int = option(0, "DataLoader worker processes per rank.")
+    prefetch_factor: int = option(2, "Batches each worker prepares ahead.")
 
     def validate(self) -> None:
-        _in_range(self, "data", "mask_prob", 0.0, 1.0, high_open=False, what=" (a probability)")
+        in_range(self, "data", "mask_prob", 0.0, 1.0, high_open=False, what=" (a probability)")
         for name in ("max_seq_length", "max_tag_length", "max_img_seq_length"):
             if getattr(self, name) < 3:
                 raise ConfigError(f"data.{name} must be >= 3, got {getattr(self, name)}")
-        _at_least(self, "data", ("max_phrases", "num_workers"), 0)
-        _at_least(self, "data", ("prefetch_factor",), 1)
+        at_least(self, "data", ("max_phrases", "num_workers"), 0)
+        at_least(self, "data", ("prefetch_factor",), 1)
 
 
-WPG_NEGATIVES = ("joint", "separate")
-ITM_NEGATIVES = ("hardest", "sampled", "random")
+def parse_objectives(text: str) -> Tuple[str, ...]:
+    """``"mcr, VSC"`` -> ``("mcr", "vsc")`` (names are checked by ``RunConfig.validate``)."""
+    return tuple(x.strip().lower() for x in str(text).split(",") if x.strip())
+
+
+def parse_loss_weights(text: str) -> Tuple[Tuple[str, float], ...]:
+    """``"wpg=3,itm=0.5"`` -> ``(("itm", 0.5), ("wpg", 3.0))``; a name given twice keeps its last value.
+
+    Raises ConfigError naming the item when it is malformed or not a number; names and ranges are checked by
+    ``ObjectiveConfig.validate``.
+    """
+    out = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        name, eq, weight = part.partition("=")
+        if not eq:
+            raise ConfigError(f"--loss_weights: {part!r} is not NAME=WEIGHT (e.g. wpg=3)")
+        try:
+            out[name.strip().lower()] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--loss_weights: weight of {name.strip()!r} is {weight!r}, not a number") from None
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which losses run and with what weights (MVPTR.md section 3). All weights are 1 in the release."""
 
-    names: Tuple[str, ...] = ()    # empty: the stage's default
-    weights: Tuple[Tuple[str, float], ...] = ()
-    wpg_margin: float = 0.2
-    wpg_topk: int = 3
-    # Whose cross-modal states score WPG's negative s(i, j): "separate" reuses the two positive encodings (the
-    # release; also what configs written before this option meant), "joint" encodes (caption i, image j)
-    # together (one extra cross-modal pass; beyond the release: with "separate" WPG is met by a sequence-level
-    # shortcut and grounding does not learn on the built-in world, see objectives/wpg.py).
-    wpg_negatives: str = "separate"
-    # ITM negatives: "hardest" in-batch (the release), "sampled" with probability softmax(scale * S) over
-    # the other images' pairs (as ALBEF: near uniform early, near the hardest once S is sharp), or "random"
-    # (uniform over the other images' pairs; what a small model trained from scratch learns from fastest).
-    itm_negatives: str = "hardest"
-    # Beyond the release, off by default: contrastive negatives and ITM hard negatives from all ranks.
-    global_negatives: bool = False
-    # Corrections of the release, on by default (``--recipe release`` turns them off):
-    # captions of the same image are never each other's negatives (VSC's softmax, ITM's mined negative, WPG's
-    # negative image); the release treats every other pair of the batch as a negative, even one showing the
-    # same image.
-    exclude_same_image: bool = True
-    # VSC's temperature e^tau capped at 100 (tau clamped at ln 100, as CLIP); the release leaves it uncapped.
-    cap_logit_scale: bool = True
+    names: Tuple[str, ...] = option(
+        (), f"Comma list out of {','.join(OBJECTIVES)}; empty: the stage's (1: mcr; 2: all five).",
+        flag="objectives", parse=parse_objectives, metavar="LIST")
+    weights: Tuple[Tuple[str, float], ...] = option(
+        (), 'Loss weights, e.g. "wpg=3" or "mlm=0.5,mcr=0.5" (no spaces); objectives not named weigh 1 (the '
+        "release weighs all five 1). Replaces the weights of --config.", flag="loss_weights",
+        parse=parse_loss_weights, metavar="NAME=W,...")
+    wpg_margin: float = option(0.2, "Hinge margin of weakly-supervised phrase grounding (WPG).")
+    wpg_topk: int = option(3, "Regions each phrase is scored on in WPG.")
+    wpg_negatives: str = option(
+        "separate", "Whose cross-modal states score WPG's negative (caption i, image j): separate (the release) "
+        "reuses the two positive encodings, where a sequence-level shortcut meets the hinge; joint encodes the "
+        "pair together (one extra cross-modal pass; phrase grounding learns, see objectives/wpg.py).")
+    itm_negatives: str = option(
+        "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
+        "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
+        "from scratch, like the built-in demo's, learns from fastest).")
+    global_negatives: bool = option(
+        False, "Contrastive negatives and ITM hard negatives from all ranks (beyond the release).")
+    exclude_same_image: bool = option(
+        True, "Captions of the same image are never each other's negatives (VSC's softmax, ITM's mined "
+        "negative, WPG's negative image); the release treats every other pair of the batch as a negative, even "
+        "one showing the same image (a correction of the release; --recipe release turns it off).")
+    cap_logit_scale: bool = option(
+        True, "VSC's temperature e^tau capped at 100 (tau clamped at ln 100, as CLIP); the release leaves it "
+        "uncapped (a correction of the release).")
 
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, 1.0)
@@ -184,7 +197,7 @@ class ObjectiveConfig:
                               f"{', '.join(ITM_NEGATIVES)}")
         if self.wpg_topk < 1:
             raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
-        _in_range(self, "objectives", "wpg_margin", 0.0)
+        in_range(self, "objectives", "wpg_margin", 0.0)
         for name, weight in self.weights:
             if name not in OBJECTIVES:
                 raise ConfigError(f"weight given for unknown objective {name!r}")
@@ -192,44 +205,63 @@ class ObjectiveConfig:
                 raise ConfigError(f"objectives.weights: weight of {name!r} must be a finite number >= 0, got {weight}")
 
 
+def parse_resume(text: str) -> str:
+    """auto / none in any case (``--resume None`` means none), else a checkpoint path as given."""
+    return text.lower() if text.lower() in RESUME_KEYWORDS else text
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training run: engine, schedule, cadence, outputs."""
 
-    stage: int = 2
-    output_dir: str = "runs/mvptr"
-    ds_config: str = "ds_configs/zero2.json"
-    max_steps: int = 200
-    micro_batch: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    adam_betas: Tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 10.0
-    precision: str = "fp32"
-    save_every: int = 100
-    log_every: int = 10
-    keep_last: int = 3
-    resume: str = "auto"           # "auto" | "none" | a checkpoint directory
-    init_from: Optional[str] = None
-    seed: int = 42
-    # Weights & Biases. None: what the standard variables say (WANDB_MODE, WANDB_PROJECT, WANDB_RUN_GROUP,
-    # WANDB_NAME), else offline, project "mvptr_ds", no group, the output folder's name. A resumed run continues
-    # the same W&B run (its id is kept in the output folder).
-    wandb: Optional[str] = None
-    wandb_project: Optional[str] = None
-    wandb_group: Optional[str] = None
-    run_name: Optional[str] = None
-    max_bad_steps: int = 5         # consecutive non-finite steps before the run stops
-    stop_after: Optional[int] = None  # leave cleanly (with a checkpoint) after this step, e.g. for a job time limit
-    # Weight decay on VSC's temperature logit_scale. Off (a correction): decay pulls the learned temperature
-    # towards e^0 = 1. The release decays it (its no-decay list names only biases and LayerNorm parameters).
-    decay_logit_scale: bool = False
-    # torch.use_deterministic_algorithms: the same weights run to run at any fixed thread count. None: on for
-    # CPU runs (index_put's accumulating backward otherwise sums in a thread-dependent order), off on CUDA.
-    deterministic: Optional[bool] = None
+    stage: int = option(
+        2, "1: the uni-modal encoders only, with masked concept recovering (the cross-modal encoder is not run); "
+        "2: the whole model with VSC, ITM, MLM, WPG and MCR (the released recipe).")
+    output_dir: str = option(
+        "runs/mvptr", "Run folder: config.json, metrics.jsonl, checkpoints/, final/, wandb/.", short="-o",
+        metavar="DIR")
+    ds_config: str = option(
+        "zero2", "DeepSpeed template (ZeRO stage, precision, offload): a shipped one by name (zero1, zero2, "
+        "zero2_bf16, zero2_fp16, zero2_offload, zero3, zero3_bf16) or a JSON path; batch sizes and lr come "
+        "from the options.", metavar="NAME|PATH")
+    max_steps: int = option(200, "Optimizer steps to train for.")
+    micro_batch: int = option(16, "Examples per rank per forward pass.")
+    grad_accum: int = option(1, "Micro batches per optimizer step.")
+    lr: float = option(5e-5, "Peak learning rate of AdamW.")
+    warmup_steps: int = option(20, "Linear warm-up steps, then linear decay to 0 at max_steps.")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
+    adam_betas: Tuple[float, float] = option((0.9, 0.999), "AdamW betas.", metavar="B1,B2")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(10.0, "Gradient norm clipping (0: none).")
+    precision: str = option(
+        "fp32", f"{_words(PRECISIONS)}; on the command line, when not given: what --ds_config enables.")
+    save_every: int = option(100, "Checkpoint every N steps (and at the end).")
+    log_every: int = option(10, "Log metrics every N steps.")
+    keep_last: int = option(3, "Keep the newest K checkpoints.")
+    resume: str = option(
+        "auto", "auto (the newest complete checkpoint in output_dir, if any), none (start afresh), or a "
+        "checkpoint path.", parse=parse_resume, metavar="auto|none|PATH")
+    init_from: Optional[str] = option(
+        None, "Initial weights (a run, its final/ folder or a checkpoint); new weights are reported by name.",
+        metavar="PATH")
+    seed: int = option(42, "Seed of weights, data order, corruption and dropout.")
+    wandb: Optional[str] = option(
+        None, f"Weights & Biases: {_words(WANDB_MODES)} (offline needs no network); not given: WANDB_MODE, else "
+        "offline. A resumed run continues the same W&B run (its id is kept in the output folder).")
+    wandb_project: Optional[str] = option(None, "W&B project; not given: WANDB_PROJECT, else mvptr_ds.")
+    wandb_group: Optional[str] = option(None, "W&B run group; not given: WANDB_RUN_GROUP, else none.")
+    run_name: Optional[str] = option(None, "W&B run name; not given: WANDB_NAME, else the output folder's name.")
+    max_bad_steps: int = option(5, "Consecutive non-finite batches tolerated before the run stops.")
+    decay_logit_scale: bool = option(
+        False, "Weight decay on VSC's temperature logit_scale; off (a correction): decay pulls the learned "
+        "temperature towards e^0 = 1. The release decays it (its no-decay list names only biases and LayerNorm "
+        "parameters).")
+    stop_after: Optional[int] = option(
+        None, "Leave cleanly after this step, with a checkpoint (e.g. a job's time limit); the schedule still "
+        "runs to max_steps when the run is continued with --resume auto.")
+    deterministic: Optional[bool] = option(
+        None, "torch.use_deterministic_algorithms (the same weights run to run at a fixed thread count); not "
+        "given: on for CPU runs, off on CUDA.")
 
     def validate(self) -> None:
         if self.stage not in STAGE_OBJECTIVES:
@@ -238,44 +270,45 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.wandb is not None and self.wandb not in WANDB_MODES:
             raise ConfigError(f"train.wandb={self.wandb!r}: expected one of {', '.join(WANDB_MODES)}")
-        _at_least(self, "train", ("max_steps", "micro_batch", "grad_accum", "save_every", "log_every", "keep_last",
-                                  "max_bad_steps"), 1)
-        _at_least(self, "train", ("warmup_steps",), 0)
-        _in_range(self, "train", "lr", 0.0, low_open=True)
-        _in_range(self, "train", "weight_decay", 0.0)
-        _in_range(self, "train", "adam_eps", 0.0, low_open=True)
-        _in_range(self, "train", "grad_clip", 0.0, what=" (0: no clipping)")
+        at_least(self, "train", ("max_steps", "micro_batch", "grad_accum", "save_every", "log_every", "keep_last",
+                                 "max_bad_steps"), 1)
+        at_least(self, "train", ("warmup_steps",), 0)
+        in_range(self, "train", "lr", 0.0, low_open=True)
+        in_range(self, "train", "weight_decay", 0.0)
+        in_range(self, "train", "adam_eps", 0.0, low_open=True)
+        in_range(self, "train", "grad_clip", 0.0, what=" (0: no clipping)")
         for k, beta in enumerate(self.adam_betas):
             if not 0.0 <= beta < 1.0:  # NaN fails too
                 raise ConfigError(f"train.adam_betas[{k}]={beta!r}: must be a finite number in [0, 1)")
 
 
-TASKS = ("pretrain", "retrieval", "vqa", "snli_ve", "refcoco")
-
-
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation and downstream-task settings (MVPTR.md section 4)."""
+    """Evaluation and fine-tuning settings (MVPTR.md section 4)."""
 
-    task: str = "pretrain"         # what the run trains: pre-training or one downstream task
-    rerank_captions: int = 128     # retrieval: captions per image re-ranked by ITM
-    rerank_images: int = 64        # retrieval: images per caption re-ranked by ITM
-    batch_size: int = 64           # evaluation batch size
-    num_answers: int = 3129        # VQA answer vocabulary (taken from the data when it says otherwise)
-    head_dropout: float = 0.3      # VQA head dropout
-    # Fine-tuning (``finetune`` command): evaluation data when it is not the training source's own split
-    # (the built-in world's held-out images; a real directory's ``eval_split`` files), the split name
-    # (None: the task's usual one, TASK_EVAL_SPLITS) and the cross-modal layer the referring head reads.
-    eval_data: Optional[str] = None
-    eval_split: Optional[str] = None
-    ref_layer: int = 3
+    finetune_task: Optional[str] = option(
+        None, f"The downstream task fine-tuned: {_words(FINETUNE_TASKS)}; none when pre-training.", flag="task")
+    rerank_captions: int = option(
+        128, "Retrieval: captions per image re-ranked by ITM (0: the contrastive ranking alone).")
+    rerank_images: int = option(
+        64, "Retrieval: images per caption re-ranked by ITM (0: the contrastive ranking alone).")
+    batch_size: int = option(64, "Evaluation batch size.", flag="eval_batch_size")
+    num_answers: int = option(3129, "VQA answer vocabulary (taken from the data).", cli=False)
+    head_dropout: float = option(0.3, "Dropout before the VQA and SNLI-VE heads.")
+    eval_data: Optional[str] = option(
+        None, "Evaluation data when not the training source's own evaluation split (the built-in world's "
+        "held-out images, a data directory's --eval_split files).", metavar="SOURCE")
+    eval_split: Optional[str] = option(
+        None, "Split of the evaluation files; not given: the task's usual one (val for vqa and refcoco, dev for "
+        "snli_ve; retrieval evaluates the whole --eval_data directory).")
+    ref_layer: int = option(3, "Cross-modal layer whose states the referring-expression head reads.")
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"eval.task={self.task!r}: expected one of {', '.join(TASKS)}")
-        for name in ("rerank_captions", "rerank_images", "batch_size", "num_answers", "ref_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_task is not None and self.finetune_task not in FINETUNE_TASKS:
+            raise ConfigError(f"eval.finetune_task={self.finetune_task!r}: expected one of "
+                              f"{', '.join(FINETUNE_TASKS)}")
+        at_least(self, "eval", ("rerank_captions", "rerank_images"), 0)
+        at_least(self, "eval", ("batch_size", "num_answers", "ref_layer"), 1)
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"eval.head_dropout={self.head_dropout} must be in [0, 1)")
 
@@ -326,7 +359,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
-        return _build(cls, d, "").validate()
+        return build(cls, d, "").validate()
 
     def dump(self, path: str) -> None:
         """Write the resolved config as JSON (atomically: a crash never leaves half a file)."""
@@ -346,7 +379,7 @@ class RunConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({_reason(e)})") from None
+            raise ConfigError(f"{path}: cannot be read ({reason(e)})") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -397,71 +430,13 @@ def model_config_from(spec: str) -> ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--model {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--model {spec}: cannot be read ({_reason(e)})") from None
+            raise ConfigError(f"--model {spec}: cannot be read ({reason(e)})") from None
         if isinstance(d, dict) and "model" in d and isinstance(d["model"], dict):
             d = d["model"]  # a whole run config.json: take its model section
         try:
-            model = _build(ModelConfig, d, "model.")
+            model = build(ModelConfig, d, "model.")
             model.validate()
         except ConfigError as e:
             raise ConfigError(f"--model {spec}: {e}") from None
         return model
     raise ConfigError(f"--model {spec!r}: unknown preset; expected one of {', '.join(MODEL_PRESETS)} or a JSON path")
-
-
-def _reason(e: BaseException) -> str:
-    """The short reason of an OSError / UnicodeDecodeError, for one-line messages."""
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}"
-    return e.strerror or type(e).__name__
-
-
-def _build(cls, d: Any, prefix: str):
-    """Construct dataclass ``cls`` from a plain dict, recursively, checking keys and types."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected an object, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in d.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp, v, key: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, v, key + ".")
-    if origin is typing.Union:  # Optional[X]
-        if v is None:
-            return None
-        return _coerce([a for a in args if a is not type(None)][0], v, key)
-    if origin is tuple:
-        if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {v!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], x, key) for x in v)
-        if len(args) != len(v):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(v)}")
-        return tuple(_coerce(a, x, key) for a, x in zip(args, v))
-    if tp is bool:
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, int) and v in (0, 1):
-            return bool(v)
-        raise ConfigError(f"{key}: expected true/false, got {v!r}")
-    if tp is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{key}: expected an integer, got {v!r}")
-        return v
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {v!r}")
-        return float(v)
-    if tp is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{key}: expected a string, got {v!r}")
-        return v
-    return v

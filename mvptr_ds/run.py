@@ -219,11 +219,9 @@ def parse_objectives(value) -> tuple:
 
 
 def resolve_path(path: str) -> str:
-    """A relative path as given if it exists, else relative to the repository (for ds_configs/ defaults)."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return os.path.abspath(path)
-    candidate = os.path.join(_REPO_ROOT, path)
-    return candidate if os.path.exists(candidate) else path
+    from mvptr_ds import ds_configs
+
+    return ds_configs.resolve(path)
 
 
 def convert_original(src: str, dst: str, config: Optional[str] = None, strict: bool = True):
@@ -329,10 +327,10 @@ def evaluate(checkpoint: str, output: Optional[str] = None, data: Optional[str] 
     from mvptr_ds.config import EvalConfig
     from mvptr_ds.evaluation.evaluate import evaluate as run_evaluation
 
-    base = EvalConfig()
-    eval_cfg = dataclasses.replace(
-        base, rerank_captions=int(rerank_captions or base.rerank_captions),
-        rerank_images=int(rerank_images or base.rerank_images), batch_size=int(batch_size or base.batch_size))
+    given = {k: int(v) for k, v in dict(rerank_captions=rerank_captions, rerank_images=rerank_images,
+                                         batch_size=batch_size).items() if v is not None}
+    eval_cfg = dataclasses.replace(EvalConfig(), **given)
+    eval_cfg.validate()
     result = run_evaluation(str(checkpoint), data=data, tasks=tasks, output=output, eval_cfg=eval_cfg,
                             max_images=max_images, show_progress=bool(progress))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -106,7 +106,7 @@ def _read(task: str, directory: str, split: str, cfg: RunConfig, answers: List[s
 
 
 def build_task_data(cfg: RunConfig) -> TaskData:
-    task = cfg.eval.task
+    task = cfg.eval.finetune_task
     if is_synthetic(cfg.data.source):
         return _synthetic(cfg, task)
     if not os.path.isdir(cfg.data.source):

@@ -27,7 +27,7 @@ METRICS = {"vqa": "vqa_soft_accuracy", "snli_ve": "accuracy", "refcoco": "iou50_
 
 
 def build_module(cfg: RunConfig, data: TaskData) -> FinetuneModule:
-    return FinetuneModule(cfg.model, cfg.eval.task, num_answers=len(data.answers),
+    return FinetuneModule(cfg.model, cfg.eval.finetune_task, num_answers=len(data.answers),
                           head_dropout=cfg.eval.head_dropout, ref_layer=cfg.eval.ref_layer)
 
 
@@ -49,7 +49,7 @@ class TaskBuilder:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_answers=len(data.answers)))
         cfg = cfg.validate()
         loader = training_loader(data.train, data.collator, cfg, info,
-                                 f"{cfg.data.source} ({cfg.eval.task}, split train)", check_size=self.training)
+                                 f"{cfg.data.source} ({cfg.eval.finetune_task}, split train)", check_size=self.training)
         module = build_module(cfg, data).to(info.device)
         self.parts = RunParts(config=cfg, data=data, module=module, loader=loader)
         return self.parts
@@ -126,13 +126,13 @@ def load_final(cfg: RunConfig, data: TaskData, weights_dir: str, device) -> Fine
     module = build_module(cfg, data)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{weights_dir}: weights do not fit the {cfg.eval.task} model (missing "
+        raise ConfigError(f"{weights_dir}: weights do not fit the {cfg.eval.finetune_task} model (missing "
                           f"{missing[:3]}, unexpected {unexpected[:3]})")
     return module.to(device)
 
 
 def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, checkpoint: Optional[str]) -> str:
-    report = {"task": cfg.eval.task, cfg.eval.task: result, "checkpoint": checkpoint, "data": cfg.data.source,
+    report = {"task": cfg.eval.finetune_task, cfg.eval.finetune_task: result, "checkpoint": checkpoint, "data": cfg.data.source,
               "eval_data": data.eval_source}
     path = os.path.join(cfg.train.output_dir, "eval.json")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
@@ -170,7 +170,7 @@ def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
         module = load_final(cfg, builder.parts.data, checkpoint, device)
     metrics = evaluate(module, builder.parts.data, cfg, device)
     rank, _ = _rank_world()
-    report = {"task": cfg.eval.task, cfg.eval.task: metrics, "checkpoint": checkpoint}
+    report = {"task": cfg.eval.finetune_task, cfg.eval.finetune_task: metrics, "checkpoint": checkpoint}
     if rank == 0:
         report["report"] = write_report(cfg, metrics, builder.parts.data, checkpoint)
     return report
@@ -183,12 +183,12 @@ def finetune_config(task: str, eval_data=None, eval_split=None, weight_decay=Non
     given, and the task settings in ``eval``."""
     import dataclasses
 
-    from mvptr_ds.config import TASK_TRAIN_DEFAULTS, TASKS
+    from mvptr_ds.config import FINETUNE_TASKS, TASK_TRAIN_DEFAULTS
     from mvptr_ds.run import pretraining_config
 
     task = str(task)
-    if task not in TASKS or task == "pretrain":
-        raise ConfigError(f"--task {task!r}: expected one of {', '.join(t for t in TASKS if t != 'pretrain')}")
+    if task not in FINETUNE_TASKS:
+        raise ConfigError(f"--task {task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
     config_file = train_options.get("config")
     defaults = TASK_TRAIN_DEFAULTS[task]
     if train_options.get("lr") is None and not config_file:
@@ -209,4 +209,4 @@ def finetune_config(task: str, eval_data=None, eval_split=None, weight_decay=Non
         if k in given:
             given[k] = str(given[k])
     train = cfg.train if weight_decay is None else dataclasses.replace(cfg.train, weight_decay=float(weight_decay))
-    return dataclasses.replace(cfg, train=train, eval=dataclasses.replace(cfg.eval, task=task, **given)).validate()
+    return dataclasses.replace(cfg, train=train, eval=dataclasses.replace(cfg.eval, finetune_task=task, **given)).validate()

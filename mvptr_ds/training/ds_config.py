@@ -11,6 +11,7 @@ import copy
 import json
 from typing import Any, Dict
 
+from mvptr_ds import ds_configs
 from mvptr_ds.config import ConfigError, TrainConfig
 
 _KNOWN_TOP_LEVEL = {
@@ -35,6 +36,8 @@ _REJECTED = {
 
 
 def read_template(path: str) -> Dict[str, Any]:
+    """The template ``path`` names (a JSON file, or a shipped template's name: ``mvptr_ds.ds_configs.resolve``)."""
+    path = ds_configs.resolve(path)
     try:
         with open(path) as f:
             d = json.load(f)
