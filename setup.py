@@ -3,11 +3,15 @@
 torch is required without a pin so that a GPU user keeps the CUDA build they already have; CPU machines
 install a CPU build first (``make install`` does, see README) so that pip never pulls a CUDA build.
 """
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "(.+?)"', open("mvptr_ds/__init__.py").read()).group(1)  # its one home
 
 setup(
     name="mvptr_ds",
-    version="0.1.0",
+    version=VERSION,
     description="MVPTR vision-language pre-training and fine-tuning at scale on DeepSpeed",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
@@ -23,7 +27,6 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
-        "fire",
         "wandb",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],

@@ -31,7 +31,7 @@ from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives  # noqa: E402
-from mvptr_ds.run import parse_loss_weights  # noqa: E402
+from mvptr_ds.config import parse_loss_weights  # noqa: E402
 from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
 
 

@@ -61,7 +61,7 @@ class ModelConfig:
     kernels: str = option(
         "auto", "Attention and embedding kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), "
         "triton, torch, or eager (the authors' additive -10000 mask and explicit softmax, for the baseline "
-        "benchmark).")
+        "benchmark).", metavar="|".join(KERNELS))
     activation_checkpointing: bool = option(
         False, "Recompute each encoder layer in backward (non-reentrant torch.utils.checkpoint): less memory, "
         "about a third more compute.")
@@ -170,11 +170,12 @@ class ObjectiveConfig:
     wpg_negatives: str = option(
         "separate", "Whose cross-modal states score WPG's negative (caption i, image j): separate (the release) "
         "reuses the two positive encodings, where a sequence-level shortcut meets the hinge; joint encodes the "
-        "pair together (one extra cross-modal pass; phrase grounding learns, see objectives/wpg.py).")
+        "pair together (one extra cross-modal pass; phrase grounding learns, see objectives/wpg.py).",
+        metavar="|".join(WPG_NEGATIVES))
     itm_negatives: str = option(
         "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
         "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
-        "from scratch, like the built-in demo's, learns from fastest).")
+        "from scratch, like the built-in demo's, learns from fastest).", metavar="|".join(ITM_NEGATIVES))
     global_negatives: bool = option(
         False, "Contrastive negatives and ITM hard negatives from all ranks (beyond the release).")
     exclude_same_image: bool = option(
@@ -234,7 +235,8 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "AdamW epsilon.")
     grad_clip: float = option(10.0, "Gradient norm clipping (0: none).")
     precision: str = option(
-        "fp32", f"{_words(PRECISIONS)}; on the command line, when not given: what --ds_config enables.")
+        "fp32", "Training precision (bf16/fp16 blocks of the DeepSpeed config are set from it).",
+        metavar="|".join(PRECISIONS))
     save_every: int = option(100, "Checkpoint every N steps (and at the end).")
     log_every: int = option(10, "Log metrics every N steps.")
     keep_last: int = option(3, "Keep the newest K checkpoints.")
@@ -247,7 +249,8 @@ class TrainConfig:
     seed: int = option(42, "Seed of weights, data order, corruption and dropout.")
     wandb: Optional[str] = option(
         None, f"Weights & Biases: {_words(WANDB_MODES)} (offline needs no network); not given: WANDB_MODE, else "
-        "offline. A resumed run continues the same W&B run (its id is kept in the output folder).")
+        "offline. A resumed run continues the same W&B run (its id is kept in the output folder).",
+        metavar="|".join(WANDB_MODES))
     wandb_project: Optional[str] = option(None, "W&B project; not given: WANDB_PROJECT, else mvptr_ds.")
     wandb_group: Optional[str] = option(None, "W&B run group; not given: WANDB_RUN_GROUP, else none.")
     run_name: Optional[str] = option(None, "W&B run name; not given: WANDB_NAME, else the output folder's name.")
@@ -287,7 +290,8 @@ class EvalConfig:
     """Evaluation and fine-tuning settings (MVPTR.md section 4)."""
 
     finetune_task: Optional[str] = option(
-        None, f"The downstream task fine-tuned: {_words(FINETUNE_TASKS)}; none when pre-training.", flag="task")
+        None, "The downstream task a finetune run trains (none: pre-training).", flag="task",
+        metavar="|".join(FINETUNE_TASKS))
     rerank_captions: int = option(
         128, "Retrieval: captions per image re-ranked by ITM (0: the contrastive ranking alone).")
     rerank_images: int = option(

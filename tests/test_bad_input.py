@@ -107,9 +107,9 @@ def test_position_table_must_hold_the_longest_stream(capsys, tmp_path):
     ("objectives", "wpg_margin", -0.2, "objectives.wpg_margin=-0.2"),
 ])
 def test_config_file_ranges(capsys, tmp_path, section, key, value, expected):
-    from mvptr_ds.run import pretraining_config
+    from mvptr_ds.run import config_of
 
-    cfg = pretraining_config().to_dict()
+    cfg = config_of([]).to_dict()
     cfg[section][key] = value
     path = write_json(tmp_path / "config.json", cfg)
     train_error(capsys, tmp_path, ["--config", path], str(path), expected)

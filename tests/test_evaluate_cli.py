@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 def test_evaluate_cli_end_to_end(trained):
     out = trained / "eval.json"
     proc = run_cli(["evaluate", "--checkpoint", str(trained / "s2" / "final"), "--output", str(out),
-                    "--noprogress"], timeout=300)
+                    "--no_progress"], timeout=300)
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout)["retrieval"] == result["retrieval"]
     ret, gr = result["retrieval"], result["grounding"]

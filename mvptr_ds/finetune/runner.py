@@ -174,39 +174,3 @@ def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
     if rank == 0:
         report["report"] = write_report(cfg, metrics, builder.parts.data, checkpoint)
     return report
-
-
-def finetune_config(task: str, eval_data=None, eval_split=None, weight_decay=None, eval_batch_size=None,
-                    ref_layer=None, head_dropout=None, **train_options) -> RunConfig:
-    """The validated RunConfig of the ``finetune`` command: pre-training's options (``run.pretraining_config``)
-    at stage 2, the task's release defaults (``config.TASK_TRAIN_DEFAULTS``) for lr / weight decay unless
-    given, and the task settings in ``eval``."""
-    import dataclasses
-
-    from mvptr_ds.config import FINETUNE_TASKS, TASK_TRAIN_DEFAULTS
-    from mvptr_ds.run import pretraining_config
-
-    task = str(task)
-    if task not in FINETUNE_TASKS:
-        raise ConfigError(f"--task {task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
-    config_file = train_options.get("config")
-    defaults = TASK_TRAIN_DEFAULTS[task]
-    if train_options.get("lr") is None and not config_file:
-        train_options["lr"] = defaults["lr"]
-    if train_options.get("output_dir") is None and not config_file:
-        train_options["output_dir"] = f"runs/finetune_{task}"
-    cfg = pretraining_config(stage=2, objectives="vsc,itm" if task == "retrieval" else None, **train_options)
-    if weight_decay is None and not config_file:
-        weight_decay = defaults.get("weight_decay", cfg.train.weight_decay)
-    given = {k: v for k, v in dict(eval_data=eval_data, eval_split=eval_split, batch_size=eval_batch_size,
-                                   ref_layer=ref_layer, head_dropout=head_dropout).items() if v is not None}
-    for k in ("batch_size", "ref_layer"):
-        if k in given:
-            given[k] = int(given[k])
-    if "head_dropout" in given:
-        given["head_dropout"] = float(given["head_dropout"])
-    for k in ("eval_data", "eval_split"):
-        if k in given:
-            given[k] = str(given[k])
-    train = cfg.train if weight_decay is None else dataclasses.replace(cfg.train, weight_decay=float(weight_decay))
-    return dataclasses.replace(cfg, train=train, eval=dataclasses.replace(cfg.eval, finetune_task=task, **given)).validate()
