@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mvptr_ds.data.feature_store import (FeatureStore, TsvFeatureStore, convert_features,
-                                         open_feature_store)
+                                         open_feature_store, write_store)
 from mvptr_ds.data.readers import FEATURE_DIM, DataError, encode_feature_row, write_lineidx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +149,26 @@ def test_conversion_is_deterministic(tmp_path):
     assert files == sorted(p for p in os.listdir(tmp_path / "b") if p != "progress.json")
     for p in files:
         assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes(), p
+
+
+def test_write_store_gives_the_converters_files(tmp_path):
+    """Pairs written directly make the same shard and index files as the TSV converted; bad input is refused."""
+    rows = make_rows(17, seed=7)
+    write_tsv(tmp_path / "features.tsv", rows)
+    convert_features(str(tmp_path / "features.tsv"), str(tmp_path / "a"), shard_size=5, progress=False)
+    summary = write_store(iter(rows), str(tmp_path / "b"), shard_size=5, source="pairs")
+    assert summary["num_images"] == 17 and summary["shards"] == 4
+    files = sorted(p for p in os.listdir(tmp_path / "a") if p not in ("progress.json", "meta.json"))
+    assert files == sorted(p for p in os.listdir(tmp_path / "b") if p not in ("progress.json", "meta.json"))
+    for p in files:
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes(), p
+    assert json.load(open(tmp_path / "b" / "meta.json"))["source"] == "pairs"
+    with pytest.raises(DataError, match="not an empty folder"):
+        write_store(iter(rows), str(tmp_path / "b"))
+    bad = rows[:3] + [("nan_image", np.full((2, FEATURE_DIM), np.nan, np.float32))]
+    with pytest.raises(DataError) as e:
+        write_store(iter(bad), str(tmp_path / "c"), source="pairs")
+    assert "pairs" in str(e.value) and "nan_image" in str(e.value) and "4" in str(e.value)
 
 
 class _Reads:

@@ -1,4 +1,4 @@
-"""Region features keyed by image id: a memory-mapped store, the TSV slow path, and the converter.
+"""Region features keyed by image id: a memory-mapped store, its writers, and the choice of reader.
 
 Store layout (``convert_features(tsv, out)`` writes it, :class:`FeatureStore` reads it)::
 
@@ -12,26 +12,27 @@ Store layout (``convert_features(tsv, out)`` writes it, :class:`FeatureStore` re
       meta.json             {"format", "dtype", "dim", "num_images", "num_regions", "shards"}: its
                             presence marks a complete store
 
+``write_store(pairs, out)`` writes the same layout from ``(image_id, features)`` pairs of any origin.
 The converter streams the TSV (one row in memory), writes each shard to ``*.tmp`` and renames it when
 complete, then commits ``progress.json`` (byte offset and row where the next shard starts). Killed at
 any point and re-run with the same arguments, it resumes after the last committed shard.
 
 :class:`FeatureStore` opens shards with ``np.memmap`` on first access in each process, so memory does
 not grow with the corpus, ranks only touch pages they read, and it works after ``fork`` (DataLoader
-workers) and after pickling (spawn).
+workers) and after pickling (spawn). The TSV slow path (:class:`TsvFeatureStore`) is in ``tsv_store``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .readers import (FEATURE_DIM, DataError, IdIndex, MissingImageError, decode_feature_row,
-                      iter_feature_rows, read_feature_ids, read_json_no_dup, read_lineidx,
-                      scan_line_offsets, write_lineidx)
+from .readers import (FEATURE_DIM, DataError, IdIndex, MissingImageError, iter_feature_rows,
+                      read_json_no_dup)
+from .tsv_store import TsvFeatureStore
 
 FORMAT = "mvptr_ds.feature_store.v1"
 DTYPES = {"float16": "<f2", "fp16": "<f2", "float32": "<f4", "fp32": "<f4"}
@@ -93,48 +94,28 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
     resumed_from = int(manifest["next_row"])
 
     if not manifest["done"]:
-        shard_k = len(manifest["shards"])
-        buf_ids, buf_start, buf_count, buf_row = [], [], [], []
-        fh, regions_in_shard = None, 0
+        shard: Optional[_ShardWriter] = None
 
         def commit(next_offset: int, next_row: int) -> None:
-            nonlocal fh, buf_ids, buf_start, buf_count, buf_row, shard_k, regions_in_shard
-            name = _shard_name(shard_k)
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
-            fh = None
-            np.savez(os.path.join(out, name + ".idx.tmp.npz"),
-                     ids=np.array([i.encode("utf-8") for i in buf_ids], dtype=bytes),
-                     start=np.asarray(buf_start, np.int64), count=np.asarray(buf_count, np.int64),
-                     row=np.asarray(buf_row, np.int64))
-            os.replace(os.path.join(out, name + ".idx.tmp.npz"), os.path.join(out, name + ".idx.npz"))
-            os.replace(os.path.join(out, name + ".bin.tmp"), os.path.join(out, name + ".bin"))
-            manifest["shards"].append({"name": name, "num_images": len(buf_ids),
-                                       "num_regions": regions_in_shard})
+            nonlocal shard
+            manifest["shards"].append(shard.commit())
             manifest["next_offset"], manifest["next_row"] = next_offset, next_row
             _atomic_json(manifest_path, manifest)
-            shard_k += 1
-            buf_ids, buf_start, buf_count, buf_row, regions_in_shard = [], [], [], [], 0
+            shard = None
 
         start = int(manifest["next_offset"])
-        undo = _undo_on_error(out, manifest, created, lambda: fh and fh.close())
+        undo = _undo_on_error(out, manifest, created, lambda: shard and shard.close())
         with tqdm(total=tsv_size, initial=start, unit="B", unit_scale=True, disable=not progress,
                   desc=f"converting {os.path.basename(tsv)}") as bar, undo:
             for row, _, end, image_id, feats in iter_feature_rows(tsv, start, resumed_from):
                 stored = _storable(feats, np_dtype, tsv, row, image_id)
-                if fh is None:
-                    fh = open(os.path.join(out, _shard_name(shard_k) + ".bin.tmp"), "wb")
-                fh.write(stored.tobytes())
-                buf_ids.append(image_id)
-                buf_start.append(regions_in_shard)
-                buf_count.append(feats.shape[0])
-                buf_row.append(row)
-                regions_in_shard += feats.shape[0]
+                if shard is None:
+                    shard = _ShardWriter(out, len(manifest["shards"]))
+                shard.add(image_id, stored, row)
                 bar.update(end - bar.n)
-                if len(buf_ids) == shard_size:
+                if len(shard) == shard_size:
                     commit(end, row + 1)
-            if fh is not None:
+            if shard is not None:
                 commit(tsv_size, row + 1)
         _finalize(out, manifest, np_dtype)
         manifest["done"] = True
@@ -142,6 +123,83 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
     meta = read_json_no_dup(os.path.join(out, "meta.json"))
     return {"out": out, "num_images": meta["num_images"], "num_regions": meta["num_regions"],
             "shards": len(meta["shards"]), "dtype": dtype, "resumed_from_row": resumed_from}
+
+
+def write_store(images: Iterable[Tuple[str, np.ndarray]], out: str, dtype: str = "float16",
+                shard_size: int = 4096, source: str = "generated") -> dict:
+    """Write a store into the new folder ``out`` from ``(image_id, [num_boxes, 2054])`` pairs of any origin
+    (another extractor's files, generated data): the layout and checks of :func:`convert_features`, whose
+    resume it lacks (an interrupted call leaves no ``meta.json``; delete ``out`` and call again).
+
+    ``source`` names the origin in errors and ``meta.json``. Returns the summary of :func:`convert_features`.
+    """
+    if dtype not in DTYPES:
+        raise DataError(out, f"dtype {dtype!r}: expected one of float16, float32", field="dtype")
+    if shard_size < 1:
+        raise DataError(out, f"shard_size must be >= 1, got {shard_size}", field="shard_size")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(out, "exists and is not an empty folder", field="out")
+    os.makedirs(out, exist_ok=True)
+    np_dtype = np.dtype(DTYPES[dtype])
+    manifest = {"format": FORMAT, "source": source, "dtype": np_dtype.str, "shard_size": int(shard_size),
+                "shards": [], "done": False}
+    shard: Optional[_ShardWriter] = None
+    for row, (image_id, feats) in enumerate(images):
+        stored = _storable(np.asarray(feats, np.float32), np_dtype, source, row, str(image_id))
+        shard = shard or _ShardWriter(out, len(manifest["shards"]))
+        shard.add(str(image_id), stored, row)
+        if len(shard) == shard_size:
+            manifest["shards"].append(shard.commit())
+            shard = None
+    if shard is not None:
+        manifest["shards"].append(shard.commit())
+    _finalize(out, manifest, np_dtype)
+    manifest["done"] = True
+    _atomic_json(os.path.join(out, "progress.json"), manifest)
+    meta = read_json_no_dup(os.path.join(out, "meta.json"))
+    return {"out": out, "num_images": meta["num_images"], "num_regions": meta["num_regions"],
+            "shards": len(meta["shards"]), "dtype": dtype, "resumed_from_row": 0}
+
+
+class _ShardWriter:
+    """Shard ``k`` of a store being written: regions streamed into ``.bin.tmp`` image by image; ``commit()``
+    writes its index and renames both into place, so a shard file exists only complete."""
+
+    def __init__(self, out: str, k: int):
+        self.out, self.name = out, _shard_name(k)
+        self.fh = open(os.path.join(out, self.name + ".bin.tmp"), "wb")
+        self.ids: List[str] = []
+        self.start: List[int] = []
+        self.count: List[int] = []
+        self.rows: List[int] = []
+        self.regions = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, image_id: str, stored: np.ndarray, row: int) -> None:
+        self.fh.write(stored.tobytes())
+        self.ids.append(image_id)
+        self.start.append(self.regions)
+        self.count.append(stored.shape[0])
+        self.rows.append(row)
+        self.regions += stored.shape[0]
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def commit(self) -> dict:
+        """Finish the shard; returns its manifest entry."""
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        path = os.path.join(self.out, self.name)
+        np.savez(path + ".idx.tmp.npz", ids=np.array([i.encode("utf-8") for i in self.ids], dtype=bytes),
+                 start=np.asarray(self.start, np.int64), count=np.asarray(self.count, np.int64),
+                 row=np.asarray(self.rows, np.int64))
+        os.replace(path + ".idx.tmp.npz", path + ".idx.npz")
+        os.replace(path + ".bin.tmp", path + ".bin")
+        return {"name": self.name, "num_images": len(self.ids), "num_regions": self.regions}
 
 
 @contextlib.contextmanager
@@ -224,8 +282,9 @@ class FeatureStore:
 
     def _index(self):
         if self._keys is None:
-            self._keys = np.load(os.path.join(self.path, "index_ids.npy"), mmap_mode="r")
-            self._loc = np.load(os.path.join(self.path, "index_loc.npy"), mmap_mode="r")
+            # plain ndarray views of the maps: np.memmap's own __getitem__ costs ~10 us per lookup
+            self._keys = np.load(os.path.join(self.path, "index_ids.npy"), mmap_mode="r").view(np.ndarray)
+            self._loc = np.load(os.path.join(self.path, "index_loc.npy"), mmap_mode="r").view(np.ndarray)
         return self._keys, self._loc
 
     def _find(self, image_id: str) -> int:
@@ -240,7 +299,7 @@ class FeatureStore:
         if k not in self._maps:
             fn = os.path.join(self.path, self.meta["shards"][k] + ".bin")
             n = os.path.getsize(fn) // (self.dtype.itemsize * FEATURE_DIM)
-            self._maps[k] = (np.memmap(fn, dtype=self.dtype, mode="r", shape=(n, FEATURE_DIM))
+            self._maps[k] = (np.memmap(fn, dtype=self.dtype, mode="r", shape=(n, FEATURE_DIM)).view(np.ndarray)
                              if n else np.zeros((0, FEATURE_DIM), self.dtype))
         return self._maps[k]
 
@@ -275,97 +334,6 @@ class FeatureStore:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.update(_keys=None, _loc=None, _maps={}, _pid=None)
-        return state
-
-
-class TsvFeatureStore:
-    """The slow path: the :class:`FeatureStore` interface directly on ``features.tsv``.
-
-    Uses ``features.lineidx`` next to the TSV (built with a progress bar and written there when
-    missing) and ``imageid2idx.json`` when present; otherwise reads each row's id once. Each access
-    seeks to the row and base64-decodes it.
-    """
-
-    def __init__(self, tsv_path: str, lineidx: Optional[str] = None, imageid2idx: Optional[str] = None,
-                 progress: bool = True):
-        self.path = str(tsv_path)
-        if not os.path.isfile(self.path):
-            raise DataError(self.path, "feature TSV not found", field="path")
-        base = os.path.splitext(self.path)[0]
-        lineidx = lineidx or base + ".lineidx"
-        if os.path.exists(lineidx):
-            self.offsets = read_lineidx(lineidx, self.path)
-            with open(self.path, "rb") as f:                 # a stale index would drop the rows after it
-                f.seek(int(self.offsets[-1]) if len(self.offsets) else 0)
-                f.readline() if len(self.offsets) else None
-                if f.read().strip():
-                    raise DataError(lineidx, f"lists {len(self.offsets)} rows but {self.path} has more (stale "
-                                    "lineidx? delete it to rebuild)", len(self.offsets), "offset", "line")
-        else:
-            self.offsets = scan_line_offsets(self.path, progress=progress)
-            try:
-                write_lineidx(lineidx, self.offsets)
-            except OSError:
-                pass  # read-only data directory: keep the index in memory only
-        if imageid2idx is None:
-            cand = os.path.join(os.path.dirname(self.path), "imageid2idx.json")
-            imageid2idx = cand if os.path.exists(cand) else None
-        if imageid2idx:
-            table = read_json_no_dup(imageid2idx)
-            ids, rows = [], []
-            for k, v in table.items():
-                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(self.offsets):
-                    raise DataError(imageid2idx, f"row {v!r} is not a row of {self.path} "
-                                    f"({len(self.offsets)} rows)", field=k)
-                ids.append(str(k))
-                rows.append(v)
-            if len(ids) != len(self.offsets):
-                raise DataError(imageid2idx, f"{len(ids)} ids for {len(self.offsets)} rows of {self.path}",
-                                field="json")
-            if len(set(rows)) != len(rows):
-                raise DataError(imageid2idx, "two image ids point at the same row", field="json")
-            self.index = IdIndex(ids, np.asarray(rows), imageid2idx, "entry")
-        else:
-            ids = read_feature_ids(self.path, self.offsets)
-            self.index = IdIndex(ids, np.arange(len(ids)), self.path)
-        self._fh, self._pid = None, None
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __contains__(self, image_id) -> bool:
-        return self.index.find(str(image_id)) >= 0
-
-    def ids(self) -> List[str]:
-        return self.index.ids()
-
-    def _row(self, image_id: str):
-        row = self.index.find(str(image_id))
-        if row < 0:
-            raise MissingImageError(self.path, f"image id {image_id!r} is not in the file", field="image_id")
-        if self._fh is None or self._pid != os.getpid():
-            self._fh, self._pid = open(self.path, "rb"), os.getpid()
-        off = int(self.offsets[row])
-        if off > 0:
-            self._fh.seek(off - 1)
-            if self._fh.read(1) != b"\n":
-                raise DataError(self.path, f"lineidx offset {off} is not the start of a line", row + 1, "offset")
-        self._fh.seek(off)
-        got, feats = decode_feature_row(self._fh.readline(), self.path, row + 1)
-        if got != str(image_id):
-            raise DataError(self.path, f"row holds image {got!r}, the index says {image_id!r}", row + 1,
-                            "image_id")
-        return feats
-
-    def num_boxes(self, image_id: str) -> int:
-        return int(self._row(image_id).shape[0])
-
-    def __getitem__(self, image_id: str) -> np.ndarray:
-        return np.array(self._row(image_id), dtype=np.float32)  # [num_boxes, 2054]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fh"] = None
         return state
 
 
