@@ -10,7 +10,8 @@ import pytest
 from mvptr_ds.data.export import synth, write_real_formats
 from mvptr_ds.data.feature_store import FeatureStore, convert_features
 from mvptr_ds.data.readers import DataError, read_id2phrase
-from mvptr_ds.data.real_dataset import RealDataset, load_tokenizer, real_vocab_info
+from mvptr_ds.data.batching import Collator
+from mvptr_ds.data.real_dataset import RealDataset, _Pieces, load_tokenizer, real_vocab_info
 from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -35,9 +36,9 @@ def _same(a, b, exact=True):
     assert a.caption_ids == b.caption_ids and a.tag_ids == b.tag_ids
     assert a.concept_ids == b.concept_ids
     assert [sorted(x) for x in a.concept_word_links] == [sorted(x) for x in b.concept_word_links]
-    assert a.regions.dtype == np.float32 and a.regions.shape == b.regions.shape
-    want = b.regions if exact else b.regions.astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(a.regions, want)
+    # fp16 as a converted fp16 store holds them (converted on the device), else float32
+    assert a.regions.dtype == (np.float32 if exact else np.float16) and a.regions.shape == b.regions.shape
+    np.testing.assert_array_equal(a.regions, b.regions.astype(a.regions.dtype))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -55,6 +56,54 @@ def test_round_trip_through_converted_store(world, written, tmp_path, dtype):
     assert isinstance(ds.features, FeatureStore) and len(ds) == len(world.captions)
     for i in range(len(ds)):
         _same(ds[i], world.example(i), exact=dtype == "float32")
+
+
+def test_pieces_match_the_tokenizer_call(written):
+    """The Rust backend path gives the ids and offsets of ``tokenizer(text, truncation=True, max_length=L)``."""
+    tok = load_tokenizer(str(written / "tokenizer"))
+    pieces = _Pieces(tok)
+    assert pieces.backend is not None
+    texts = ["a red cup on the table near two bikes", "", "Dogs, cats! and birds' nests", "x " * 80]
+    for text in texts:
+        for limit in (1, 3, 33, 500):
+            enc = tok(text, add_special_tokens=False, truncation=True, max_length=limit, return_offsets_mapping=True)
+            ids, offsets = pieces(text, limit)
+            assert list(ids) == list(enc["input_ids"]) and [tuple(o) for o in offsets] == \
+                [tuple(o) for o in enc["offset_mapping"]], (text, limit)
+    tok("a b c", add_special_tokens=False, truncation=True, max_length=1)   # truncation left on the shared backend
+    assert len(pieces("a b c", 10)[0]) == 3                                 # does not reach the private copy
+
+
+def test_fp16_store_batch_gives_the_fp32_loss(written, tmp_path):
+    """Batches of an fp16 store stay fp16 on the host; converted by the trainer's ``batch.to(device, dtype)``
+    they give exactly the loss of the same features converted to float32 on the host."""
+    import dataclasses
+
+    import torch
+
+    from mvptr_ds.config import DataConfig, RunConfig, TrainConfig, model_config_from
+    from mvptr_ds.objectives import build_pretraining_module
+    from mvptr_ds.pipeline import resolve_model_config
+
+    convert_features(str(written / "features.tsv"), str(tmp_path / "features"), progress=False)
+    for name in ("predictions.tsv", "captions.jsonl", "id2phrase.json", "tokenizer"):
+        os.symlink(written / name, tmp_path / name)
+    ds = RealDataset(str(tmp_path), str(tmp_path / "tokenizer"))
+    examples = [ds[i] for i in range(6)]
+    collator = Collator(ds.vocab_info, ("mlm", "mcr", "vsc", "itm", "wpg"))
+    half = collator(examples)
+    full = collator([dataclasses.replace(e, regions=e.regions.astype(np.float32)) for e in examples])
+    assert half.region_feats.dtype == torch.float16 and full.region_feats.dtype == torch.float32
+    assert torch.equal(half.region_feats.float(), full.region_feats)
+    cfg = RunConfig(model=model_config_from("tiny"), data=DataConfig(source=str(tmp_path)),
+                    train=TrainConfig(wandb="disabled"))
+    model_cfg = resolve_model_config(cfg.model, ds.vocab_info, cfg.data)
+    torch.manual_seed(0)
+    module = build_pretraining_module(model_cfg, ("mlm", "mcr", "vsc", "itm", "wpg"), cfg.objectives).eval()
+    with torch.no_grad():
+        a = module(half.to("cpu", dtype=torch.float32)).loss
+        b = module(full.to("cpu", dtype=torch.float32)).loss
+    assert torch.isfinite(a) and a.item() == b.item()
 
 
 def test_tsv_slow_path_and_vocab_info(world, written):

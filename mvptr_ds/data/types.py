@@ -24,7 +24,8 @@ class Example:
     ``concept_word_links``: for each concept, indices into ``caption_ids`` of the words it came from
     (so corrupting a word always masks the concepts linked to it).
     ``tag_ids``: object-tag word pieces without [CLS]/[SEP].
-    ``regions``: float32 ``[num_regions, img_feature_dim]`` (2048-d ROI feature + 6 box values).
+    ``regions``: ``[num_regions, img_feature_dim]`` (2048-d ROI feature + 6 box values), float32, or float16
+    as a converted store holds them (batched as fp16 and converted on the device).
     ``concept_regions``: ground-truth region index per concept (-1 unknown); None when the data has none.
     """
 
@@ -51,7 +52,7 @@ class Batch:
     phrase_mask: torch.Tensor       # [B, Lt] bool, True at concept positions
     tag_ids: torch.Tensor           # [B, Lg] long, after corruption
     tag_mask: torch.Tensor          # [B, Lg] bool
-    region_feats: torch.Tensor      # [B, Lr, img_feature_dim] float
+    region_feats: torch.Tensor      # [B, Lr, img_feature_dim] float32, or float16 when every example's is
     region_mask: torch.Tensor       # [B, Lr] bool
     image_ids: torch.Tensor         # [B] long; pairs that share an image are never each other's negatives
     sample_ids: torch.Tensor        # [B] long; named in logs when a step is skipped
