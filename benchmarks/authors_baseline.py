@@ -57,7 +57,8 @@ def pad_fixed(batch: Batch, text_len: int, tag_len: int, region_len: int) -> Bat
         batch,
         text_ids=pad(batch.text_ids, text_len, 0), text_mask=pad(batch.text_mask, text_len, False),
         phrase_mask=pad(batch.phrase_mask, text_len, False), mlm_labels=pad(batch.mlm_labels, text_len, -1),
-        wpg_pick=pad(batch.wpg_pick, text_len, 0.0),
+        wpg_pick_positive=pad(batch.wpg_pick_positive, text_len, 0.0),
+        wpg_pick_negative=pad(batch.wpg_pick_negative, text_len, 0.0),
         phrase_regions=None if batch.phrase_regions is None else pad(batch.phrase_regions, text_len, -1),
         tag_ids=pad(batch.tag_ids, tag_len, 0), tag_mask=pad(batch.tag_mask, tag_len, False),
         mcr_labels=pad(batch.mcr_labels, tag_len, -1),
@@ -74,7 +75,7 @@ def _pair_score(phrases: torch.Tensor, regions: torch.Tensor, pick: torch.Tensor
 
 
 def wpg_loss_per_sample(outputs, batch: Batch, margin: float = 0.2, topk: int = 3,
-                        negative_cross=None) -> LossOutput:
+                        negative_cross=None, exclude_same_image: bool = True) -> LossOutput:
     """WPG as the authors compute it: a Python loop over pairs, several host syncs each. Same value as
     ``objectives.wpg.wpg_loss`` (same pairs scored, same picks; ``negative_cross`` as there)."""
     lt = batch.text_mask.shape[1]
@@ -82,20 +83,20 @@ def wpg_loss_per_sample(outputs, batch: Batch, margin: float = 0.2, topk: int = 
     phrase_mask, region_mask = batch.phrase_mask.bool(), batch.region_mask.bool()
     hinges, pos, neg = [], [], []
     for i in range(batch.size):
-        j = int(batch.wpg_negative[i].item())
-        if j < 0 or int(batch.image_ids[j].item()) == int(batch.image_ids[i].item()):
+        j = int(batch.wpg_negative_pair[i].item())
+        if j < 0 or (exclude_same_image and int(batch.image_ids[j].item()) == int(batch.image_ids[i].item())):
             continue
         if not bool(phrase_mask[i].any().item()) or not bool(region_mask[i].any().item()) \
                 or not bool(region_mask[j].any().item()):
             continue
         phrases = cross[i, :lt][phrase_mask[i]]  # (P, H)
-        pick = batch.wpg_pick[i][phrase_mask[i]]  # (P,)
+        pick, pick_neg = batch.wpg_pick_positive[i][phrase_mask[i]], batch.wpg_pick_negative[i][phrase_mask[i]]
         s_pos = _pair_score(phrases, cross[i, lt:][region_mask[i]], pick, topk)
         if negative_cross is None:
-            s_neg = _pair_score(phrases, cross[j, lt:][region_mask[j]], pick, topk)
+            s_neg = _pair_score(phrases, cross[j, lt:][region_mask[j]], pick_neg, topk)
         else:
             s_neg = _pair_score(negative_cross[i, :lt][phrase_mask[i]], negative_cross[i, lt:][region_mask[j]],
-                                pick, topk)
+                                pick_neg, topk)
         hinges.append((margin + s_neg - s_pos).clamp(min=0))
         pos.append(s_pos.detach())
         neg.append(s_neg.detach())
@@ -123,7 +124,8 @@ class AuthorsStyleModule(PretrainingModule):
         if name == "wpg":
             return wpg_loss_per_sample(outputs, batch, margin=self.objective_cfg.wpg_margin,
                                        topk=self.objective_cfg.wpg_topk,
-                                       negative_cross=self.wpg_negative_cross(outputs, batch))
+                                       negative_cross=self.wpg_negative_cross(outputs, batch),
+                                       exclude_same_image=self.objective_cfg.exclude_same_image)
         return super().compute(name, outputs, batch)
 
 

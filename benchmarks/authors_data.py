@@ -69,7 +69,7 @@ AUTHORS_IDS = IdSpace(vocab_size=AUTHORS_VOCAB_SIZE, only_word_size=AUTHORS_ONLY
 def ids_of_vocab(vocab) -> IdSpace:
     """The id space of an mvptr_ds ``VocabInfo`` (e.g. the scene world's), for drawing samples in it."""
     return IdSpace(vocab_size=vocab.vocab_size, only_word_size=vocab.only_word_size,
-                   word_range=tuple(vocab.random_word_range), concept_range=tuple(vocab.concept_range),
+                   word_range=tuple(vocab.real_word_range), concept_range=tuple(vocab.concept_range),
                    pad_id=vocab.pad_id, cls_id=vocab.cls_id, sep_id=vocab.sep_id, mask_id=vocab.mask_id)
 
 

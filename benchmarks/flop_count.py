@@ -146,7 +146,7 @@ class FlopCounter:
         if "wpg" in self.objectives:
             phrases = batch.phrase_mask.bool().sum(dim=1)  # (B,)
             reg = region_mask.sum(dim=1)  # (B,)
-            neg = batch.wpg_negative.clamp(min=0)
+            neg = batch.wpg_negative_pair.clamp(min=0)
             req = int((2 * phrases * (reg + reg[neg]) * h).sum())
             lt, lr = batch.phrase_mask.shape[1], region_mask.shape[1]
             out.add("wpg", req, 2 * 2 * b * lt * lr * h)

@@ -267,7 +267,7 @@ def data_bundle_for_build(bundle):
     import mvptr_ds.data.pipeline as data_pipeline
 
     original = data_pipeline.build_data
-    data_pipeline.build_data = lambda data_cfg, objectives: bundle
+    data_pipeline.build_data = lambda data_cfg, objectives, *args, **kwargs: bundle
     try:
         yield
     finally:

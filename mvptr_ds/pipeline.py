@@ -77,7 +77,7 @@ def build(cfg: RunConfig, info) -> RunParts:
     from mvptr_ds.objectives import build_pretraining_module
     from mvptr_ds.training.gather import global_gather_fn
 
-    data = build_data(cfg.data, cfg.objective_names)
+    data = build_data(cfg.data, cfg.objective_names, cfg.objectives.exclude_same_image)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab, cfg.data)).validate()
     loader = training_loader(data.train, data.collator, cfg, info)
     gather = global_gather_fn() if cfg.objectives.global_negatives else None

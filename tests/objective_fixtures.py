@@ -70,8 +70,9 @@ def make_batch(image_ids: Sequence[int], text_lens: Sequence[int], num_phrases: 
     return Batch(text_ids=text_ids, text_mask=text_mask, phrase_mask=phrase_mask, tag_ids=tag_ids,
                  tag_mask=tag_mask, region_feats=feats, region_mask=region_mask,
                  image_ids=torch.tensor(list(image_ids)), sample_ids=torch.arange(b), mlm_labels=mlm,
-                 mcr_labels=mcr, wpg_negative=torch.tensor(list(wpg_negative)),
-                 wpg_pick=torch.rand(b, lt, generator=g))
+                 mcr_labels=mcr, wpg_negative_pair=torch.tensor(list(wpg_negative)),
+                 wpg_pick_positive=torch.rand(b, lt, generator=g), wpg_pick_negative=torch.rand(b, lt, generator=g),
+                 itm_text_side=torch.arange(b) < (b + 1) // 2, itm_negative_draw=torch.rand(b, 2, generator=g))
 
 
 def fake_outputs(batch: Batch, hidden: int = 8, seed: int = 1, with_cross: bool = True) -> Outputs:

@@ -49,8 +49,8 @@ def test_layout_and_padding_without_corruption():
     assert torch.equal(batch.region_feats[0], torch.from_numpy(a.regions))
     assert batch.image_ids.tolist() == [1, 2] and batch.sample_ids.tolist() == [1, 2]
     assert (batch.mlm_labels == -1).all() and (batch.mcr_labels == -1).all()
-    assert batch.wpg_negative.tolist() == [1, 0]
-    assert batch.wpg_pick.shape == (2, 8)
+    assert batch.wpg_negative_pair.tolist() == [1, 0]
+    assert batch.wpg_pick_positive.shape == (2, 8)
     for f in ("text_mask", "phrase_mask", "tag_mask", "region_mask"):
         assert getattr(batch, f).dtype == torch.bool
     assert collate([b]).phrase_regions is None  # no example carries ground truth
@@ -70,6 +70,17 @@ def test_truncation_is_counted():
     assert collate.counters.caption_words == 6 and collate.counters.samples == 2
 
 
+def test_concepts_fill_the_slots_a_short_caption_leaves_free():
+    """The release's rule: concepts up to max_phrases + max_seq_length - 2 - words, so the text stream holds at
+    most max_seq_length + max_phrases positions."""
+    collate = Collator(VOCAB, ALL, max_seq_length=6, max_phrases=2, max_tag_length=4, max_img_seq_length=3)
+    short, full = _example(1, n_words=1, n_concepts=9), _example(2, n_words=6, n_concepts=9)
+    batch, counts = collate.collate([short, full])
+    assert batch.phrase_mask.sum(1).tolist() == [2 + 4 - 1, 2]  # 3 caption slots unused by the short one
+    assert batch.text_mask.sum(1).tolist() == [6 + 2, 6 + 2]
+    assert counts.concepts == (9 - 5) + (9 - 2) and counts.caption_words == 2
+
+
 @pytest.mark.parametrize("bad, words", [
     ([], "empty batch"),
     ([_example(1), _example(2, dim=9)], "sample 2: field 'regions' has width 9"),
@@ -85,10 +96,10 @@ def test_collate_errors_name_the_sample_and_field(bad, words):
 
 def test_wpg_negative_never_shares_the_image():
     batch = Collator(VOCAB, ALL)([_example(1, image=5), _example(2, image=5), _example(3, image=6)])
-    assert batch.wpg_negative.tolist() == [2, 2, batch.wpg_negative[2].item()]
-    assert batch.wpg_negative[2].item() in (0, 1)
+    assert batch.wpg_negative_pair.tolist() == [2, 2, batch.wpg_negative_pair[2].item()]
+    assert batch.wpg_negative_pair[2].item() in (0, 1)
     alone = Collator(VOCAB, ALL)([_example(1, image=5), _example(2, image=5)])
-    assert alone.wpg_negative.tolist() == [-1, -1]
+    assert alone.wpg_negative_pair.tolist() == [-1, -1]
 
 
 def _batches(world, n, **kw):
@@ -148,7 +159,7 @@ def test_two_ranks_are_disjoint_and_complete(world):
                 assert torch.equal(half.text_ids[i, :n], s.text_ids[off + i, :n])
                 m = int(half.tag_mask[i].sum())
                 assert torch.equal(half.mcr_labels[i, :m], s.mcr_labels[off + i, :m])
-    assert not torch.equal(r0[0].wpg_pick, r1[0].wpg_pick)  # per-batch draws differ per rank
+    assert not torch.equal(r0[0].wpg_pick_positive, r1[0].wpg_pick_positive)  # per-batch draws differ per rank
 
 
 def _run(world, state, world_size, steps, micro_batch=3):
@@ -215,7 +226,7 @@ def test_build_data_bundle():
     assert isinstance(bundle, DataBundle) and len(bundle.train) == 24 and len(bundle.held_out) == 6
     assert bundle.vocab == bundle.world.vocab
     batch = bundle.collator([bundle.train[i] for i in range(4)], BatchContext(seed=1))
-    assert (batch.mlm_labels == -1).all() and int(batch.phrase_mask.sum(1).max()) <= 3
+    assert (batch.mlm_labels == -1).all() and int(batch.text_mask.sum(1).max()) <= 35 + 3
     with pytest.raises(ConfigError, match="'/data/coco'"):
         build_data(DataConfig(source="/data/coco"), ALL)
     with pytest.raises(ConfigError, match="unknown key 'imgs'"):

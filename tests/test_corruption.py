@@ -20,7 +20,7 @@ def _gen(seed=0):
 
 def test_word_masking_statistics():
     ids = _gen(1).integers(5, 600, N)
-    out = corruption.mask_tokens(ids, _gen(2), 0.15, VOCAB.mask_id, VOCAB.random_word_range)
+    out = corruption.mask_tokens(ids, _gen(2), 0.15, VOCAB.mask_id, VOCAB.real_word_range)
     sel = out.selected
     assert abs(sel.mean() - 0.15) < 2e-3
     masked = (out.ids == VOCAB.mask_id) & sel
@@ -33,7 +33,7 @@ def test_word_masking_statistics():
     assert abs(kept.sum() / n - 0.1) < TOL
     assert np.array_equal(out.ids[~sel], ids[~sel])
     assert np.array_equal(out.labels[sel], ids[sel]) and (out.labels[~sel] == -1).all()
-    assert out.ids[random].min() >= 5 and out.ids[random].max() < 600  # never a special token
+    assert out.ids[random].min() >= 5 and out.ids[random].max() < 600  # inside the range given
     assert out.ids.dtype == out.labels.dtype == np.int64
 
 
@@ -106,15 +106,42 @@ def test_wpg_negatives_pick_other_images_uniformly():
     counts = np.zeros((6, 6))
     gen = _gen(10)
     for _ in range(3000):
-        neg = corruption.wpg_negatives(image_ids, gen)
+        neg = corruption.wpg_negative_pairs(image_ids, gen)
         assert (image_ids[neg] != image_ids).all()
         counts[np.arange(6), neg] += 1
     # Row 0 (image 7) picks among indices 2..5 uniformly.
     assert counts[0, :2].sum() == 0 and (abs(counts[0, 2:] / 3000 - 0.25) < 0.04).all()
-    assert corruption.wpg_negatives(np.array([3, 3, 3]), gen).tolist() == [-1, -1, -1]
-    assert corruption.wpg_negatives(np.array([3]), gen).tolist() == [-1]
+    assert corruption.wpg_negative_pairs(np.array([3, 3, 3]), gen).tolist() == [-1, -1, -1]
+    assert corruption.wpg_negative_pairs(np.array([3]), gen).tolist() == [-1]
     picks = corruption.wpg_picks(4, 9, gen)
     assert picks.shape == (4, 9) and picks.dtype == np.float32 and (picks >= 0).all() and (picks < 1).all()
+
+
+def test_release_wpg_negatives_are_any_other_pair_and_itm_splits_half():
+    image_ids = np.array([7, 7, 8])
+    gen = _gen(11)
+    seen = np.zeros((3, 3))
+    for _ in range(600):
+        neg = corruption.wpg_negative_pairs(image_ids, gen, exclude_same_image=False)
+        seen[np.arange(3), neg] += 1
+    assert (np.diag(seen) == 0).all() and seen[0, 1] > 200  # the other caption of image 7 is a negative too
+    assert corruption.wpg_negative_pairs(np.array([3]), gen, exclude_same_image=False).tolist() == [-1]
+    sides = np.stack([corruption.itm_text_side(5, gen) for _ in range(1000)])
+    assert (sides.sum(1) == 2).all() and (abs(sides.mean(0) - 0.4) < 0.06).all()  # B // 2 rows, any of them
+
+
+def test_random_words_come_from_the_whole_word_vocabulary(world):
+    """The release draws the 10% random replacements from every word piece (its tokenizer's whole vocabulary)."""
+    collate = Collator(world.vocab, ("mlm", "mcr"), mask_prob=1.0)
+    examples = [world.train[i] for i in range(len(world.train))]
+    drawn = []
+    for epoch in range(4):
+        batch = collate(examples, BatchContext(seed=2, epoch=epoch))
+        words = batch.mlm_labels != -1
+        replaced = words & (batch.text_ids != world.vocab.mask_id) & (batch.text_ids != batch.mlm_labels)
+        drawn.append(batch.text_ids[replaced])
+    drawn = torch.cat(drawn)
+    assert drawn.min() < world.vocab.real_word_range[0] and drawn.max() < world.vocab.only_word_size
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +166,7 @@ def test_collated_scene_batches_mask_linked_concepts_and_never_regions(world):
             assert np.array_equal(feats[i, :n], ex.regions)
     assert seen_linked > 100
     labels = batch.mlm_labels[batch.mlm_labels != -1]
-    assert (labels >= world.vocab.random_word_range[0]).all() and (labels < world.vocab.only_word_size).all()
+    assert (labels >= world.vocab.real_word_range[0]).all() and (labels < world.vocab.only_word_size).all()
 
 
 def test_corruption_of_a_sample_does_not_depend_on_its_batch(world):

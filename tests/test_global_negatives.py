@@ -168,7 +168,7 @@ def test_global_itm_equals_in_process_emulation(ranks):
     te = torch.cat([c[1].text_embed for c in cases]).detach()
     ve = torch.cat([c[1].visual_embed for c in cases]).detach()
     ids = torch.cat([c[0].image_ids for c in cases])
-    _, image_idx, _ = negative_pairs(te[:B] @ ve.t(), ve[:B] @ te.t(), ids[:B], ids, 0)
+    _, image_idx, _ = negative_pairs(te[:B] @ ve.t(), ve[:B] @ te.t(), ids[:B], ids, 0, cases[0][0].itm_text_side)
     assert int(image_idx[0]) >= B
     # And rank 1's own gradient received a contribution from rank 0's loss (through the gather's backward).
     assert cases[1][1].visual.grad.abs().sum() > 0

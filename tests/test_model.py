@@ -32,7 +32,9 @@ def make_batch(text_lens=(6, 4, 3), tag_lens=(4, 3, 5), region_lens=(2, 5, 1), s
     return Batch(text_ids=text_ids, text_mask=text_mask, phrase_mask=torch.zeros_like(text_mask),
                  tag_ids=tag_ids, tag_mask=tag_mask, region_feats=feats, region_mask=region_mask,
                  image_ids=ar(b), sample_ids=ar(b), mlm_labels=neg1, mcr_labels=torch.full((b, lg), -1),
-                 wpg_negative=torch.full((b,), -1), wpg_pick=torch.zeros(b, lt))
+                 wpg_negative_pair=torch.full((b,), -1), wpg_pick_positive=torch.zeros(b, lt),
+                 wpg_pick_negative=torch.zeros(b, lt), itm_text_side=ar(b) < (b + 1) // 2,
+                 itm_negative_draw=torch.zeros(b, 2))
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,8 @@ def test_mlm_mcr_no_masked_tokens_give_exact_zero():
 
 # ---- VSC --------------------------------------------------------------------------------------------
 
-def np_vsc(t, v, ids, tau):
-    s = min(math.exp(tau), 100.0) * (np.asarray(t, np.float64) @ np.asarray(v, np.float64).T)
+def np_vsc(t, v, ids, tau, cap=True):
+    s = (min(math.exp(tau), 100.0) if cap else math.exp(tau)) * (np.asarray(t, np.float64) @ np.asarray(v, np.float64).T)
     total = 0.0
     for m in (s, s.T):
         for i in range(len(ids)):
@@ -171,6 +171,18 @@ def test_vsc_logit_scale_is_capped_at_100():
     assert out.loss.item() == pytest.approx(np_vsc(t.numpy(), v.numpy(), [0, 1, 2], math.log(100)), rel=1e-5)
     out.loss.backward()
     assert tau.grad.item() == 0.0
+    release = vsc_loss(t, v, torch.tensor([0, 1, 2]), tau, cap_scale=False)  # the release: e^10, not capped
+    assert release.metrics["scale"].item() == pytest.approx(math.exp(10.0), rel=1e-5)
+    assert release.loss.item() == pytest.approx(np_vsc(t.numpy(), v.numpy(), [0, 1, 2], 10.0, cap=False), rel=1e-4)
+
+
+def test_vsc_release_treats_same_image_pairs_as_negatives():
+    g = torch.Generator().manual_seed(3)
+    t = nn.functional.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    v = nn.functional.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    tau = torch.tensor(math.log(1 / 0.07))
+    out = vsc_loss(t, v, torch.tensor([7, 7, 2, 9, 2]), tau, exclude_same_image=False)
+    assert out.loss.item() == pytest.approx(np_vsc(t.numpy(), v.numpy(), list(range(5)), tau.item()), rel=1e-5)
 
 
 class Identity1:
@@ -207,8 +219,12 @@ def test_itm_hardest_negatives_by_direction_and_same_image_excluded():
                         [0.7, 0.1, 0.9, 0.2],    # column 2 = image 2 vs texts: text 1 (0.6) closest -> text 1
                         [0.1, 0.4, 0.3, 0.9]])   # column 3 = image 3: text 0 (0.5) closest -> text 0
     ids = torch.tensor([4, 4, 5, 6])
-    text_idx, image_idx, valid = negative_pairs(sim, sim.t(), ids, ids, 0)
+    side = torch.tensor([True, True, False, False])
+    text_idx, image_idx, valid = negative_pairs(sim, sim.t(), ids, ids, 0, side)
     assert text_idx.tolist() == [0, 1, 1, 0] and image_idx.tolist() == [3, 2, 2, 3] and valid.all()
+    # The release (S - 2I): text 0's hardest is image 1, which shows its own image.
+    text_idx, image_idx, valid = negative_pairs(sim, sim.t(), ids, ids, 0, side, exclude_same_image=False)
+    assert image_idx.tolist()[:2] == [1, 2] and valid.all()
 
 
 def test_itm_exact_value_reuses_unimodal_states_and_no_grad_through_choice():
@@ -221,7 +237,8 @@ def test_itm_exact_value_reuses_unimodal_states_and_no_grad_through_choice():
         s = outs.text_embed @ outs.visual_embed.t()
         s_ex = s - 10 * torch.eye(3)
         hard_img, hard_txt = s_ex.argmax(1), s_ex.argmax(0)
-        rows = [(0, int(hard_img[0])), (1, int(hard_img[1])), (int(hard_txt[2]), 2)]  # ceil(3/2) = 2 text rows
+        side = batch.itm_text_side.tolist()
+        rows = [(i, int(hard_img[i])) if side[i] else (int(hard_txt[i]), i) for i in range(3)]
         regions = outs.visual[:, outs.num_tags:]
         neg = torch.stack([outs.text[ti, 0] + regions[ii, 0] for ti, ii in rows])
         logits = head(torch.cat([outs.pooled, neg]))

@@ -1,8 +1,10 @@
 """PretrainingModule on a tiny real MVPTRModel: which parts run, which get gradients, the weighted sum."""
+import dataclasses
+
 import pytest
 import torch
 
-from mvptr_ds.config import OBJECTIVES, ConfigError, ObjectiveConfig
+from mvptr_ds.config import MODEL_PRESETS, OBJECTIVES, ConfigError, ObjectiveConfig
 from mvptr_ds.model.mvptr import MVPTRModel
 from mvptr_ds.objectives import PretrainingModule, build_pretraining_module
 from objective_fixtures import TINY, make_batch
@@ -86,3 +88,17 @@ def test_bad_objective_choices_raise():
         build_pretraining_module(TINY, ["mcr", "itc"], ObjectiveConfig())
     with pytest.raises(ConfigError, match="cross-modal"):
         PretrainingModule(MVPTRModel(TINY, with_cross=False), ["mlm"], ObjectiveConfig())
+
+
+def test_logit_scale_decays_only_in_the_release():
+    from mvptr_ds.training.optim import decay_groups
+
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=50, only_word_size=40)
+    module = build_pretraining_module(cfg, ("mcr", "vsc", "itm", "mlm", "wpg"), ObjectiveConfig())
+    names = {id(p): n for n, p in module.named_parameters()}
+    for release in (False, True):
+        decayed, plain = ([names[id(p)] for p in g["params"]] for g in decay_groups(module, 0.01, release))
+        assert ("backbone.logit_scale" in decayed) == release and ("backbone.logit_scale" in plain) != release
+        assert all(n.endswith("bias") or "LayerNorm" in n or "layernorm" in n for n in plain
+                   if n != "backbone.logit_scale")
+        assert "backbone.txt_proj.weight" in decayed and "heads.mlm.bias" in plain

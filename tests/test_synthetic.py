@@ -70,7 +70,7 @@ def test_vocabulary_layout(world):
     assert isinstance(v, VocabInfo)
     assert v.only_word_size == len(world.tokenizer) and v.concept_range == (v.only_word_size, v.vocab_size)
     assert sorted(world.concepts) == list(range(*v.concept_range))
-    assert v.random_word_range == (len(SPECIAL_TOKENS), v.only_word_size)
+    assert v.real_word_range == (len(SPECIAL_TOKENS), v.only_word_size)
     assert (v.pad_id, v.mask_id) == (0, world.tokenizer.mask_id)
     assert v.vocab_size < 1000  # small table for the tiny model
     lengths = {len(t) for t in world.concepts.values()}

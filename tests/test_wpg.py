@@ -10,7 +10,7 @@ from mvptr_ds.data.types import Batch
 from mvptr_ds.objectives import wpg_loss
 
 
-def wpg_batch(phrase_mask, region_mask, image_ids, negative, pick):
+def wpg_batch(phrase_mask, region_mask, image_ids, negative, pick, pick_negative=None):
     phrase_mask = torch.tensor(phrase_mask, dtype=torch.bool)
     region_mask = torch.tensor(region_mask, dtype=torch.bool)
     b, lt = phrase_mask.shape
@@ -19,8 +19,11 @@ def wpg_batch(phrase_mask, region_mask, image_ids, negative, pick):
     return Batch(text_ids=z, text_mask=torch.ones(b, lt, dtype=torch.bool), phrase_mask=phrase_mask,
                  tag_ids=z[:, :2], tag_mask=torch.ones(b, 2, dtype=torch.bool), region_feats=torch.zeros(b, lr, 3),
                  region_mask=region_mask, image_ids=torch.tensor(image_ids), sample_ids=torch.arange(b),
-                 mlm_labels=z - 1, mcr_labels=z[:, :2] - 1, wpg_negative=torch.tensor(negative),
-                 wpg_pick=torch.as_tensor(pick, dtype=torch.float32))
+                 mlm_labels=z - 1, mcr_labels=z[:, :2] - 1, wpg_negative_pair=torch.tensor(negative),
+                 wpg_pick_positive=torch.as_tensor(pick, dtype=torch.float32),
+                 wpg_pick_negative=torch.as_tensor(pick if pick_negative is None else pick_negative,
+                                                   dtype=torch.float32),
+                 itm_text_side=torch.zeros(b, dtype=torch.bool), itm_negative_draw=torch.zeros(b, 2))
 
 
 def test_wpg_hand_checked_value():
@@ -39,18 +42,18 @@ def test_wpg_hand_checked_value():
     assert cross.grad[:, 0].abs().max() == 0  # [CLS] is not a phrase
 
 
-def loop_reference(cross, batch, margin, topk):
+def loop_reference(cross, batch, margin, topk, exclude_same_image=True):
     """The straightforward per-sample computation (what the authors' loop does, without its defects)."""
     lt = batch.phrase_mask.shape[1]
     hinges = []
     for i in range(cross.shape[0]):
-        j = int(batch.wpg_negative[i])
+        j = int(batch.wpg_negative_pair[i])
         phrases = cross[i, :lt][batch.phrase_mask[i]]
-        picks = batch.wpg_pick[i][batch.phrase_mask[i]]
-        if len(phrases) == 0 or j < 0 or batch.image_ids[j] == batch.image_ids[i]:
+        if len(phrases) == 0 or j < 0 or (exclude_same_image and batch.image_ids[j] == batch.image_ids[i]):
             continue
 
-        def score(owner):
+        def score(owner, pick):
+            picks = pick[i][batch.phrase_mask[i]]
             regions = cross[owner, lt:][batch.region_mask[owner]]
             if len(regions) == 0:
                 return None
@@ -59,7 +62,7 @@ def loop_reference(cross, batch, margin, topk):
             top = cos.topk(k, dim=-1).values
             return torch.stack([top[p, min(int(picks[p] * k), k - 1)] for p in range(len(phrases))]).mean()
 
-        s_pos, s_neg = score(i), score(j)
+        s_pos, s_neg = score(i, batch.wpg_pick_positive), score(j, batch.wpg_pick_negative)
         if s_pos is None or s_neg is None:
             continue
         hinges.append(torch.clamp(margin + s_neg - s_pos, min=0))
@@ -77,7 +80,7 @@ def random_case(seed):
     image_ids = [0, 1, 2, 3, 1, 4]
     negative = [1, 0, 4, 2, 1, -1]                             # row 4 -> row 1 shares its image; row 5 none
     batch = wpg_batch(phrase_mask.tolist(), region_mask.tolist(), image_ids, negative,
-                      torch.rand(b, lt, generator=g))
+                      torch.rand(b, lt, generator=g), torch.rand(b, lt, generator=g))
     cross = torch.randn(b, lt + lr, h, generator=g)
     cross[:, lt:] *= region_mask[..., None]                    # padded regions are zeros, as in the model
     return cross.requires_grad_(), batch
@@ -96,10 +99,23 @@ def test_wpg_vectorised_equals_loop(seed, topk):
     assert out.metrics["pairs"].item() == 2  # rows 0 and 2; 1 no phrase, 3 no region, 4 same image, 5 none
 
 
+def test_wpg_release_scores_same_image_negatives_and_picks_independently():
+    cross, batch = random_case(0)
+    out = wpg_loss(SimpleNamespace(cross=cross), batch, topk=3, exclude_same_image=False)
+    ref = loop_reference(cross, batch, 0.2, 3, exclude_same_image=False)
+    assert out.metrics["pairs"].item() == 3  # row 4, whose negative shows its own image, counts too
+    assert out.loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    # The negative's pick is its own: changing it changes s(i, j) only.
+    batch.wpg_pick_negative = 0.999 - batch.wpg_pick_negative
+    moved = wpg_loss(SimpleNamespace(cross=cross), batch, topk=3, exclude_same_image=False)
+    assert moved.metrics["pos"].item() == pytest.approx(out.metrics["pos"].item(), abs=1e-7)
+    assert moved.metrics["neg"].item() != pytest.approx(out.metrics["neg"].item(), abs=1e-4)
+
+
 def test_wpg_same_image_negative_is_not_scored():
     cross, batch = random_case(0)
     before = wpg_loss(SimpleNamespace(cross=cross), batch).metrics["pairs"].item()
-    batch.wpg_negative[0] = 0  # its own pair: same image
+    batch.wpg_negative_pair[0] = 0  # its own pair: same image
     after = wpg_loss(SimpleNamespace(cross=cross), batch).metrics["pairs"].item()
     assert after == before - 1
 
@@ -110,13 +126,13 @@ def test_wpg_degenerate_batches(case):
     if case == "no_phrases":
         batch.phrase_mask[:] = False
     elif case == "no_negative":
-        batch.wpg_negative[:] = -1
+        batch.wpg_negative_pair[:] = -1
     elif case == "one_region":
         batch.region_mask[:] = False
         batch.region_mask[:, 0] = True
     else:
         batch = wpg_batch(batch.phrase_mask.tolist(), [[]] * 6, batch.image_ids.tolist(),
-                          batch.wpg_negative.tolist(), batch.wpg_pick)
+                          batch.wpg_negative_pair.tolist(), batch.wpg_pick_positive, batch.wpg_pick_negative)
         cross = cross[:, :batch.phrase_mask.shape[1]].detach().requires_grad_()
     out = wpg_loss(SimpleNamespace(cross=cross), batch)
     assert torch.isfinite(out.loss) and out.loss.requires_grad

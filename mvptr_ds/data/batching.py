@@ -3,14 +3,17 @@
 Collate (:class:`Collator`), per sample, in this order:
 
 1. truncate: caption words to ``max_seq_length - 2`` (the text stream's ``[CLS]``/``[SEP]`` come out of
-   ``max_seq_length``, as in MVPTR.md section 2), concepts (and their links and regions) to
-   ``max_phrases``, tag words to ``max_tag_length - 2``, regions to ``max_img_seq_length`` (a concept whose
-   true region was cut gets region -1). Every cut is counted in :class:`TruncationCounts`; nothing is
-   dropped silently.
+   ``max_seq_length``, as in MVPTR.md section 2); concepts (and their links and regions) to the slots the
+   caption leaves free, ``max_phrases + max_seq_length - 2 - words`` (the release's rule: the text stream
+   holds at most ``max_seq_length + max_phrases`` positions, a short caption leaves room for more concepts);
+   tag words to ``max_tag_length - 2``; regions to ``max_img_seq_length`` (a concept whose true region was
+   cut gets region -1). Every cut is counted in :class:`TruncationCounts`; nothing is dropped silently.
 2. corrupt with a generator seeded by ``(seed, epoch, sample_id)`` (``corruption.corrupt_sample``).
 3. lay out ``[CLS] words concepts [SEP]`` and ``[CLS] tags [SEP]``, pad every stream to the batch's
-   longest, and draw the WPG negatives and picks from a generator seeded by ``(seed, epoch, global
-   position of the micro batch)`` (not the rank: the draws follow the batch whichever rank processes it).
+   longest, and draw WPG's negative pairs and top-k picks and ITM's text/image split and negative draws
+   (used by its sampled and random negatives) from a generator seeded
+   by ``(seed, epoch, global position of the micro batch)`` (not the rank: the draws follow the batch
+   whichever rank processes it).
 
 Order (:func:`step_plan`): epoch ``e`` has one global permutation of the dataset, seeded by ``(seed, e)``.
 Step ``t`` consumes the global slice ``[position, position + micro_batch * world_size)`` of the stream
@@ -71,12 +74,13 @@ class Collator:
     """``collator(examples, ctx) -> Batch``; ``collate`` also returns this batch's :class:`TruncationCounts`.
 
     ``objectives`` decides what is corrupted: caption words and concepts when it holds ``"mlm"``, tag words
-    when it holds ``"mcr"``. ``counters`` accumulates the truncations of every ``__call__``.
+    when it holds ``"mcr"``. ``exclude_same_image``: WPG's negative pair never shows the row's image
+    (``ObjectiveConfig.exclude_same_image``). ``counters`` accumulates the truncations of every ``__call__``.
     """
 
     def __init__(self, vocab: VocabInfo, objectives: Sequence[str], max_seq_length: int = 35,
                  max_phrases: int = 5, max_tag_length: int = 20, max_img_seq_length: int = 50,
-                 mask_prob: float = 0.15):
+                 mask_prob: float = 0.15, exclude_same_image: bool = True):
         if min(max_seq_length, max_tag_length) < 3 or max_img_seq_length < 1 or max_phrases < 0:
             raise ValueError(f"Collator: max_seq_length={max_seq_length} and max_tag_length={max_tag_length} "
                              f"must be >= 3, max_img_seq_length={max_img_seq_length} >= 1, "
@@ -89,13 +93,15 @@ class Collator:
         self.max_tags = max_tag_length - 2
         self.max_regions = max_img_seq_length
         self.mask_prob = mask_prob
+        self.exclude_same_image = exclude_same_image
         self.counters = TruncationCounts()
 
     @classmethod
-    def from_config(cls, data_cfg, vocab: VocabInfo, objectives: Sequence[str]) -> "Collator":
+    def from_config(cls, data_cfg, vocab: VocabInfo, objectives: Sequence[str],
+                    exclude_same_image: bool = True) -> "Collator":
         """Limits and mask rate from a :class:`~mvptr_ds.config.DataConfig`."""
         return cls(vocab, objectives, data_cfg.max_seq_length, data_cfg.max_phrases, data_cfg.max_tag_length,
-                   data_cfg.max_img_seq_length, data_cfg.mask_prob)
+                   data_cfg.max_img_seq_length, data_cfg.mask_prob, exclude_same_image)
 
     def __call__(self, examples: Sequence[Example], ctx: BatchContext = BatchContext()) -> Batch:
         batch, counts = self.collate(examples, ctx)
@@ -141,7 +147,11 @@ class Collator:
             feats[i, r["regions"].shape[0]:] = 0
         gen = corruption.batch_generator(ctx.seed, ctx.epoch, ctx.position)
         image_ids = np.array([ex.image_id for ex in examples], dtype=np.int64)
-        wpg_negative = corruption.wpg_negatives(image_ids, gen)
+        wpg_negative = corruption.wpg_negative_pairs(image_ids, gen, self.exclude_same_image)
+        pick_positive = corruption.wpg_picks(B, Lt, gen)
+        pick_negative = corruption.wpg_picks(B, Lt, gen)
+        text_side = corruption.itm_text_side(B, gen)
+        itm_draw = gen.random((B, 2), dtype=np.float32)
         has_regions = any(ex.concept_regions is not None for ex in examples)
         t = torch.from_numpy
         batch = Batch(
@@ -156,8 +166,11 @@ class Collator:
             sample_ids=torch.tensor([ex.sample_id for ex in examples], dtype=torch.long),
             mlm_labels=t(mlm_labels),
             mcr_labels=t(mcr_labels),
-            wpg_negative=t(wpg_negative),
-            wpg_pick=t(corruption.wpg_picks(B, Lt, gen)),
+            wpg_negative_pair=t(wpg_negative),
+            wpg_pick_positive=t(pick_positive),
+            wpg_pick_negative=t(pick_negative),
+            itm_text_side=t(text_side),
+            itm_negative_draw=t(itm_draw),
             phrase_regions=t(phrase_regions) if has_regions else None,
         )
         return batch, counts
@@ -190,11 +203,12 @@ class Collator:
         """One example, truncated and corrupted, as unpadded rows."""
         self._check(ex, feat_dim)
         words = ex.caption_ids[:self.max_words]
-        concepts = ex.concept_ids[:self.max_phrases]
-        links = ex.concept_word_links[:self.max_phrases]
+        slots = self.max_phrases + self.max_words - len(words)  # concepts fill what the caption leaves free
+        concepts = ex.concept_ids[:slots]
+        links = ex.concept_word_links[:slots]
         tags = ex.tag_ids[:self.max_tags]
         regions = ex.regions[:self.max_regions]
-        targets = list(ex.concept_regions[:self.max_phrases]) if ex.concept_regions is not None else [-1] * len(concepts)
+        targets = list(ex.concept_regions[:slots]) if ex.concept_regions is not None else [-1] * len(concepts)
         lost = sum(1 for t in targets if t >= regions.shape[0])
         targets = [t if t < regions.shape[0] else -1 for t in targets]
         cut = TruncationCounts(samples=1, caption_words=len(ex.caption_ids) - len(words),

@@ -4,12 +4,14 @@ Pure functions of their inputs and an explicit ``numpy.random.Generator``; nothi
 RNG. (numpy, not torch: a sample's draws are a handful of tiny arrays, and numpy's per-call cost is about ten
 times lower, which is what decides loader throughput.) The loader seeds one generator per sample from
 ``(seed, epoch, sample_id)`` (:func:`sample_generator`), so a sample's corruption does not depend on the
-batch it lands in or the world size, and one generator per batch from ``(seed, epoch, position, rank)``
-(:func:`batch_generator`) for the WPG negatives and picks.
+batch it lands in or the world size, and one generator per micro batch from ``(seed, epoch, global
+position)`` (:func:`batch_generator`: not the rank) for the batch-level draws: WPG's negative pairs and
+top-k picks, ITM's split of the rows between text-side and image-side negatives and its negative draws.
 
 * Word pieces (caption words for MLM, tag words for MCR): each selected with probability ``mask_prob``;
-  a selected piece becomes ``[MASK]`` (80%), a random word id from ``VocabInfo.random_word_range`` (10%), or
-  stays (10%); its label is the original id, every other label is -1.
+  a selected piece becomes ``[MASK]`` (80%), a random word piece, any id in ``[0, only_word_size)`` as the
+  release draws it from the whole tokenizer vocabulary (10%), or stays (10%); its label is the original
+  id, every other label is -1.
 * Concepts: a concept linked to a selected caption word is always ``[MASK]`` (the word must not leak
   through it); every other concept is selected with probability ``mask_prob`` and becomes ``[MASK]`` (80%),
   a random concept id from ``VocabInfo.concept_range`` (10%; kept when that range is empty), or stays
@@ -125,7 +127,7 @@ def corrupt_sample(caption_ids: np.ndarray, concept_ids: np.ndarray, links: Sequ
     without ``mcr`` the tags do. Draw order: caption, concepts, tags.
     """
     if mlm:
-        words = mask_tokens(caption_ids, gen, mask_prob, vocab.mask_id, vocab.random_word_range)
+        words = mask_tokens(caption_ids, gen, mask_prob, vocab.mask_id, (0, vocab.only_word_size))
         caption_out, mlm_labels = words.ids, words.labels
         concepts_out = corrupt_concepts(concept_ids, links, words.selected, gen, mask_prob, vocab.mask_id,
                                         vocab.concept_range)
@@ -133,25 +135,36 @@ def corrupt_sample(caption_ids: np.ndarray, concept_ids: np.ndarray, links: Sequ
         caption_out, mlm_labels = caption_ids, np.full_like(caption_ids, IGNORE)
         concepts_out = concept_ids
     if mcr:
-        tags = mask_tokens(tag_ids, gen, mask_prob, vocab.mask_id, vocab.random_word_range)
+        tags = mask_tokens(tag_ids, gen, mask_prob, vocab.mask_id, (0, vocab.only_word_size))
         tags_out, mcr_labels = tags.ids, tags.labels
     else:
         tags_out, mcr_labels = tag_ids, np.full_like(tag_ids, IGNORE)
     return CorruptedSample(caption_out, mlm_labels, concepts_out, tags_out, mcr_labels)
 
 
-def wpg_negatives(image_ids: np.ndarray, gen: np.random.Generator) -> np.ndarray:
-    """For each pair ``i`` of ``image_ids`` ``[B]``, a uniformly random in-batch index ``j`` whose image differs.
+def wpg_negative_pairs(image_ids: np.ndarray, gen: np.random.Generator, exclude_same_image: bool = True
+                       ) -> np.ndarray:
+    """For each pair ``i`` of ``image_ids`` ``[B]``, a uniformly random other in-batch pair ``j`` whose image is
+    WPG's negative: with ``exclude_same_image`` (the correction) one whose image differs from i's, else any
+    ``j != i`` (the release's ``random.choice`` over the other pairs).
 
-    Returns ``[B]`` int64, -1 where every pair of the batch shows the same image as ``i``.
+    Returns ``[B]`` int64, -1 where no pair qualifies (a batch of one; every pair showing i's image).
     """
     b = image_ids.shape[0]
-    other = image_ids[:, None] != image_ids[None, :]            # [B, B]
-    score = np.where(other, gen.random((b, b)), -1.0)
+    allowed = image_ids[:, None] != image_ids[None, :] if exclude_same_image else ~np.eye(b, dtype=bool)  # [B, B]
+    score = np.where(allowed, gen.random((b, b)), -1.0)
     best = score.argmax(axis=1) if b else np.zeros(0, dtype=np.int64)
-    return np.where(other.any(axis=1), best, -1).astype(np.int64)
+    return np.where(allowed.any(axis=1), best, -1).astype(np.int64)
 
 
 def wpg_picks(batch_size: int, length: int, gen: np.random.Generator) -> np.ndarray:
     """Uniform ``[0, 1)`` draws ``[B, L]`` float32: which of a phrase's top-k regions WPG takes."""
     return gen.random((batch_size, length), dtype=np.float32)
+
+
+def itm_text_side(batch_size: int, gen: np.random.Generator) -> np.ndarray:
+    """``[B]`` bool: the rows whose text gets a mined negative image (the others: their image gets a negative
+    text). ``B // 2`` rows chosen uniformly at random, as the release's ``randperm`` split."""
+    side = np.zeros(batch_size, dtype=bool)
+    side[gen.permutation(batch_size)[:batch_size // 2]] = True
+    return side

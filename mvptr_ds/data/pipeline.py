@@ -38,17 +38,20 @@ def is_synthetic(source: str) -> bool:
     return source == "synthetic" or source.startswith("synthetic:")
 
 
-def build_data(data_cfg: DataConfig, objectives: Sequence[str]) -> DataBundle:
-    """Datasets, vocabulary and collator for ``data_cfg.source``; ``objectives`` decides the corruption."""
+def build_data(data_cfg: DataConfig, objectives: Sequence[str], exclude_same_image: bool = True) -> DataBundle:
+    """Datasets, vocabulary and collator for ``data_cfg.source``; ``objectives`` decides the corruption,
+    ``exclude_same_image`` WPG's negative pairs (``ObjectiveConfig.exclude_same_image``)."""
     data_cfg.validate()
     if is_synthetic(data_cfg.source):
         world = SceneWorld(parse_synthetic_source(data_cfg.source))
         return DataBundle(train=world.train, held_out=world.held_out, vocab=world.vocab,
-                          collator=Collator.from_config(data_cfg, world.vocab, objectives), world=world)
-    return build_directory_data(data_cfg, objectives)
+                          collator=Collator.from_config(data_cfg, world.vocab, objectives, exclude_same_image),
+                          world=world)
+    return build_directory_data(data_cfg, objectives, exclude_same_image)
 
 
-def build_directory_data(data_cfg: DataConfig, objectives: Sequence[str]) -> DataBundle:
+def build_directory_data(data_cfg: DataConfig, objectives: Sequence[str], exclude_same_image: bool = True
+                         ) -> DataBundle:
     """Real data from a directory of VinVL features, tags, captions and concepts (MVPTR.md section 5).
 
     The layout is documented in :mod:`mvptr_ds.data.real_dataset`. The tokenizer is ``data_cfg.tokenizer``
@@ -71,4 +74,4 @@ def build_directory_data(data_cfg: DataConfig, objectives: Sequence[str]) -> Dat
                           max_phrases=data_cfg.max_phrases, max_tag_length=data_cfg.max_tag_length,
                           max_img_seq_length=data_cfg.max_img_seq_length)
     return DataBundle(train=dataset, held_out=[], vocab=dataset.vocab_info,
-                      collator=Collator.from_config(data_cfg, dataset.vocab_info, objectives))
+                      collator=Collator.from_config(data_cfg, dataset.vocab_info, objectives, exclude_same_image))

@@ -58,8 +58,11 @@ class Batch:
     sample_ids: torch.Tensor        # [B] long; named in logs when a step is skipped
     mlm_labels: torch.Tensor        # [B, Lt] long, original word id at corrupted caption words, else -1
     mcr_labels: torch.Tensor        # [B, Lg] long, original word id at corrupted tag pieces, else -1
-    wpg_negative: torch.Tensor      # [B] long, in-batch index of the pair whose image is the WPG negative (-1: none)
-    wpg_pick: torch.Tensor          # [B, Lt] float in [0, 1): which of a phrase's top-k regions to take
+    wpg_negative_pair: torch.Tensor  # [B] long, in-batch index of the pair whose image is WPG's negative (-1: none)
+    wpg_pick_positive: torch.Tensor  # [B, Lt] float in [0, 1): which of a phrase's top-k regions s(i, i) takes
+    wpg_pick_negative: torch.Tensor  # [B, Lt] float in [0, 1): the same for s(i, j), drawn independently
+    itm_text_side: torch.Tensor     # [B] bool: ITM pairs this row's text with a mined image (else its image with a text)
+    itm_negative_draw: torch.Tensor  # [B, 2] float in [0, 1): ITM's sampled/random negative (text side, image side)
     phrase_regions: Optional[torch.Tensor] = None  # [B, Lt] long, true region of each concept (-1 unknown)
 
     @property

@@ -5,9 +5,10 @@ One embedding table holds words, object-tag words and concepts (MVPTR.md section
 * ids ``< only_word_size`` are word pieces (the MLM/MCR decoders predict over them);
 * concept ids live above them; ``concept_range`` is the ``[start, end)`` that random concept
   replacement draws from;
-* ``word_range`` is the ``[start, end)`` that random *word* replacement draws from: real words only,
-  never ``[PAD]``/``[CLS]``/``[SEP]``/``[MASK]``/``[UNK]`` (for BERT uncased that is ``(999, 30522)``, the
-  first real piece after the ``[unusedN]`` block).
+* ``word_range`` is the ``[start, end)`` of the real words: never ``[PAD]``/``[CLS]``/``[SEP]``/``[MASK]``/
+  ``[UNK]`` (for BERT uncased that is ``(999, 30522)``, the first real piece after the ``[unusedN]`` block);
+  generated samples draw their words from it. (Random word replacement in corruption draws from every word
+  piece, ``[0, only_word_size)``, as the release does.)
 
 :class:`WordTokenizer` is the synthetic world's tokenizer: one id per lower-cased whitespace-separated
 word, special tokens first (``[PAD]`` = 0, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``), then the words in the
@@ -28,7 +29,7 @@ class VocabInfo:
     ``vocab_size``: rows of the table. ``only_word_size``: ids below it are word pieces; concept ids are
     ``>= only_word_size`` (single-word concepts may reuse word ids in vocabularies that do so, like the
     authors'). ``concept_range``: ``[start, end)`` of random concept replacement. ``word_range``:
-    ``[start, end)`` of random word replacement; ``None`` means ``(max special id + 1, only_word_size)``.
+    ``[start, end)`` of the real words; ``None`` means ``(max special id + 1, only_word_size)``.
     """
 
     vocab_size: int
@@ -51,14 +52,14 @@ class VocabInfo:
         lo, hi = self.concept_range
         if not 0 <= lo <= hi <= self.vocab_size:
             raise ValueError(f"VocabInfo: concept_range={self.concept_range} is not inside [0, {self.vocab_size})")
-        wlo, whi = self.random_word_range
+        wlo, whi = self.real_word_range
         if not 0 <= wlo < whi <= self.only_word_size:
-            raise ValueError(f"VocabInfo: word_range={self.random_word_range} is empty or not inside "
+            raise ValueError(f"VocabInfo: word_range={self.real_word_range} is empty or not inside "
                              f"[0, only_word_size={self.only_word_size})")
 
     @property
-    def random_word_range(self) -> Tuple[int, int]:
-        """``[start, end)`` of the ids that random word replacement may produce."""
+    def real_word_range(self) -> Tuple[int, int]:
+        """``[start, end)`` of the real words (no special or unused tokens)."""
         if self.word_range is not None:
             return tuple(self.word_range)
         return (max(self.pad_id, self.cls_id, self.sep_id, self.mask_id) + 1, self.only_word_size)

@@ -28,7 +28,8 @@ METRICS = {"vqa": "vqa_soft_accuracy", "snli_ve": "accuracy", "refcoco": "iou50_
 
 def build_module(cfg: RunConfig, data: TaskData) -> FinetuneModule:
     return FinetuneModule(cfg.model, cfg.eval.finetune_task, num_answers=len(data.answers),
-                          head_dropout=cfg.eval.head_dropout, ref_layer=cfg.eval.ref_layer)
+                          head_dropout=cfg.eval.head_dropout, ref_layer=cfg.eval.ref_layer,
+                          objective_cfg=cfg.objectives)
 
 
 class TaskBuilder:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mvptr_ds.config import ConfigError, ModelConfig
+from mvptr_ds.config import ConfigError, ModelConfig, ObjectiveConfig
 from mvptr_ds.finetune.batching import TaskBatch
 from mvptr_ds.finetune.heads import EntailmentHead, VQAHead, cross_states, region_scores
 from mvptr_ds.model.heads import ITMHead
@@ -51,8 +51,9 @@ class TaskOutput:
 
 class FinetuneModule(nn.Module):
     def __init__(self, model_cfg: ModelConfig, task: str, num_answers: int = 0, head_dropout: float = 0.3,
-                 ref_layer: int = 3):
+                 ref_layer: int = 3, objective_cfg: ObjectiveConfig = ObjectiveConfig()):
         super().__init__()
+        self.objective_cfg = objective_cfg  # retrieval's VSC and ITM options
         if task not in TASK_NAMES:
             raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASK_NAMES)}")
         self.task = task
@@ -92,8 +93,11 @@ class FinetuneModule(nn.Module):
         b = tb.batch
         metrics: Dict[str, torch.Tensor] = {}
         if self.task == "retrieval":
-            vsc = vsc_loss(out.text_embed, out.visual_embed, b.image_ids, out.logit_scale)
-            itm = itm_loss(out, b, self.backbone, self.heads["itm"])
+            oc = self.objective_cfg
+            vsc = vsc_loss(out.text_embed, out.visual_embed, b.image_ids, out.logit_scale,
+                           exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
+            itm = itm_loss(out, b, self.backbone, self.heads["itm"], negatives=oc.itm_negatives,
+                           exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
             losses = {"vsc": vsc.loss, "itm": itm.loss}
             metrics.update({f"vsc/{k}": v for k, v in vsc.metrics.items()})
             metrics.update({f"itm/{k}": v for k, v in itm.metrics.items()})

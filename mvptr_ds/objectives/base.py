@@ -1,7 +1,8 @@
 """What every objective shares: the ``LossOutput`` record, the exact-zero loss, the masked-token loss.
 
 Objectives are deterministic functions of (backbone outputs, batch): the randomness MVPTR needs (token
-corruption, WPG negatives and top-k picks) is drawn by the data pipeline with a seeded generator.
+corruption, WPG negatives and top-k picks, ITM's text/image split and sampled negatives) is drawn by the data
+pipeline with a seeded generator and travels in the batch.
 
 Every objective keeps one code path whatever the batch holds. A batch with nothing to score (no masked
 token, no phrase, no valid negative) gives an exact 0 that is still connected to the tensors the loss

@@ -1,22 +1,25 @@
 """ITM, image-text matching with in-batch negatives, hardest by default (MVPTR.md section 3; stage 2).
 
 Mining follows the release: from the contrastive similarity ``S`` (no gradient through the choice) each
-text's hardest image and each image's hardest text are taken (the release masks the diagonal with
-``S - 2I``; here every pair sharing the row's image is masked, so another caption of the same image is
-never called a mismatch). Rows ``i < ceil(B/2)`` pair text i with its hardest image, the other rows pair
-image i with its hardest text: B negatives. The uni-modal outputs of the forward pass are reused; only the
-cross-modal encoder and the pooler run again, on the negatives. Positives use ``outputs.pooled``. The
-2-way head scores 2B examples, label 1 = matched.
+text's hardest image and each image's hardest text are taken. The release excludes only the pair itself
+(``S - 2I``); with ``exclude_same_image`` (a correction, on by default) every pair sharing the row's image
+is excluded, so another caption of the same image is never called a mismatch. The rows of
+``batch.itm_text_side`` (``B // 2`` of them, drawn by the data pipeline as the release's ``randperm``
+split) pair their text with its hardest image, the other rows their image with its hardest text: B
+negatives. The uni-modal outputs of the forward pass are reused; only the cross-modal encoder and the
+pooler run again, on the negatives. Positives use ``outputs.pooled``. The 2-way head scores 2B examples,
+label 1 = matched.
 
 Other choices of the negative (``ObjectiveConfig.itm_negatives``): ``"sampled"`` draws it with probability
-``softmax(scale * S)`` over the pairs of other images (``scale`` VSC's ``min(exp(logit_scale), 100)``), as
-ALBEF does; ``"random"`` uniformly over them. On the built-in world (tiny model trained from scratch, VSC +
-ITM, 400 steps, lr 3e-4) the hardest and the sampled negatives leave the ITM loss near ln 2 (0.691 and
-0.683 averaged over the run; re-ranked R@1 at most 5.5%); random ones bring it to 0.474 (accuracy 0.73)
-and re-ranked R@1 to 14.1% / 9.4% (chance 1.6%); see
+``softmax(scale * S)`` over the allowed candidates (``scale`` VSC's temperature), as ALBEF does; ``"random"``
+uniformly over them. The draws are inverse-CDF lookups of ``batch.itm_negative_draw`` (uniform numbers drawn
+by the data pipeline), so the objective stays a deterministic function of its inputs. On the built-in world
+(tiny model trained from scratch, VSC + ITM, 400 steps, lr 3e-4) the hardest and the sampled negatives
+leave the ITM loss near ln 2 (0.691 and 0.683 averaged over the run; re-ranked R@1 at most 5.5%); random
+ones bring it to 0.474 (accuracy 0.73) and re-ranked R@1 to 14.1% / 9.4% (chance 1.6%); see
 ``benchmarks/results/learnability.md``.
 
-A row without any valid negative (every pair of the batch shows its image, or a batch of one) still runs
+A row without any allowed negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
 depend on the data, so every rank does the same work. The loss is the mean over weighted examples.
 
@@ -37,65 +40,77 @@ from torch import nn
 
 from mvptr_ds.data.types import Batch
 from mvptr_ds.objectives.base import Gather, LossOutput
-from mvptr_ds.objectives.vsc import MAX_LOGIT_SCALE, gathered
+from mvptr_ds.objectives.vsc import gathered, temperature
 
 if TYPE_CHECKING:
     from mvptr_ds.model.mvptr import EncoderOutputs, MVPTRModel
 
 
-@torch.no_grad()
-def hardest_negatives(sim: torch.Tensor, image_ids: torch.Tensor,
-                      candidate_image_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Index of the most similar candidate that shows another image, per row.
-
-    sim ``[B, N]`` (row i's query vs N candidates), image_ids ``[B]``, candidate_image_ids ``[N]``.
-    Returns (index ``[B]`` long, valid ``[B]`` bool); where no candidate shows another image, valid is
-    False and the index is meaningless.
-    """
-    same = image_ids[:, None] == candidate_image_ids[None, :]  # (B, N), includes the row's own pair
-    masked = sim.float().masked_fill(same, float("-inf"))
-    return masked.argmax(dim=1), ~same.all(dim=1)
+def blocked_candidates(image_ids: torch.Tensor, candidate_image_ids: torch.Tensor, own: torch.Tensor,
+                       exclude_same_image: bool = True) -> torch.Tensor:
+    """``[B, N]`` bool: candidates row i may not take as its negative. Every candidate showing row i's image
+    with ``exclude_same_image``, else only row i's own pair ``own[i]`` (the release's ``S - 2I``)."""
+    if exclude_same_image:
+        return image_ids[:, None] == candidate_image_ids[None, :]
+    return torch.arange(candidate_image_ids.shape[0], device=own.device)[None, :] == own[:, None]
 
 
 @torch.no_grad()
-def sampled_negatives(sim: torch.Tensor, image_ids: torch.Tensor, candidate_image_ids: torch.Tensor,
-                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A candidate showing another image drawn per row with probability ``softmax(scale * sim)``.
+def hardest_negatives(sim: torch.Tensor, blocked: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index of the most similar allowed candidate, per row.
 
-    Same shapes and ``valid`` as :func:`hardest_negatives`; draws from torch's global generator (whose state
-    every checkpoint saves). Rows without a valid candidate draw uniformly (index meaningless).
+    sim ``[B, N]`` (row i's query vs N candidates), blocked ``[B, N]`` (:func:`blocked_candidates`). Returns
+    (index ``[B]`` long, valid ``[B]`` bool); where every candidate is blocked, valid is False and the index
+    is meaningless.
     """
-    same = image_ids[:, None] == candidate_image_ids[None, :]  # (B, N)
-    valid = ~same.all(dim=1)
-    logits = (sim.float() * scale).masked_fill(same, float("-inf"))
+    return sim.float().masked_fill(blocked, float("-inf")).argmax(dim=1), ~blocked.all(dim=1)
+
+
+@torch.no_grad()
+def sampled_negatives(sim: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor,
+                      draw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An allowed candidate per row with probability ``softmax(scale * sim)``: the inverse CDF at ``draw``.
+
+    sim and blocked ``[B, N]``, scale a scalar tensor (0: uniform), draw ``[B]`` uniform in [0, 1). Same
+    ``valid`` as :func:`hardest_negatives`; a row without an allowed candidate gets index 0 (meaningless).
+    """
+    valid = ~blocked.all(dim=1)
+    logits = (sim.float() * scale.float()).masked_fill(blocked, float("-inf"))
     logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))  # no all -inf row
-    probs = torch.softmax(logits, dim=1)
-    return torch.multinomial(probs, 1).squeeze(1), valid
+    cdf = torch.softmax(logits, dim=1).cumsum(dim=1)  # (B, N)
+    target = draw.float()[:, None] * cdf[:, -1:]  # (B, 1)
+    index = (cdf <= target).sum(dim=1).clamp(max=sim.shape[1] - 1)  # first candidate whose cdf passes the draw
+    return index, valid
 
 
 def negative_pairs(t2v: torch.Tensor, v2t: torch.Tensor, image_ids: torch.Tensor, all_image_ids: torch.Tensor,
-                   offset: int, mode: str = "hardest", scale: float = 1.0
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   offset: int, text_side: torch.Tensor, mode: str = "hardest",
+                   scale: Optional[torch.Tensor] = None, draw: Optional[torch.Tensor] = None,
+                   exclude_same_image: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which (text, image) forms each row's negative, as indices into the (gathered) batch.
 
     t2v ``[B, N]`` = this rank's texts vs all images, v2t ``[B, N]`` = its images vs all texts; this rank's
-    pairs are rows ``offset .. offset+B-1`` of the gathered batch. Returns text index ``[B]``, image
-    index ``[B]`` and valid ``[B]`` bool. An invalid row is paired with its own image (weight 0 later).
-    ``mode`` "hardest" (the release), "sampled" (:func:`sampled_negatives` at ``scale``) or "random"
-    (uniform over the pairs of other images).
+    pairs are rows ``offset .. offset+B-1`` of the gathered batch. ``text_side`` ``[B]`` bool: rows whose
+    text gets a negative image. Returns text index ``[B]``, image index ``[B]`` and valid ``[B]`` bool. An
+    invalid row is paired with its own image (weight 0 later). ``mode`` "hardest" (the release), "sampled"
+    (:func:`sampled_negatives` at ``scale``) or "random" (uniform over the allowed candidates); the last two
+    read ``draw`` ``[B, 2]`` (column 0 for the text side, 1 for the image side).
     """
     b = t2v.shape[0]
     own = offset + torch.arange(b, device=t2v.device)  # (B,)
+    blocked = blocked_candidates(image_ids, all_image_ids, own, exclude_same_image)  # (B, N)
     if mode == "hardest":
-        neg_image, valid_t = hardest_negatives(t2v, image_ids, all_image_ids)
-        neg_text, valid_v = hardest_negatives(v2t, image_ids, all_image_ids)
+        neg_image, valid_t = hardest_negatives(t2v, blocked)
+        neg_text, valid_v = hardest_negatives(v2t, blocked)
     elif mode in ("sampled", "random"):
-        scale = scale if mode == "sampled" else 0.0  # scale 0: uniform over the other images' pairs
-        neg_image, valid_t = sampled_negatives(t2v, image_ids, all_image_ids, scale)
-        neg_text, valid_v = sampled_negatives(v2t, image_ids, all_image_ids, scale)
+        if draw is None or (mode == "sampled" and scale is None):
+            raise ValueError(f"itm: {mode!r} negatives need the batch's draws (and a scale when sampled)")
+        scale = t2v.new_zeros(()) if mode == "random" else scale  # scale 0: uniform over the allowed candidates
+        neg_image, valid_t = sampled_negatives(t2v, blocked, scale, draw[:, 0])
+        neg_text, valid_v = sampled_negatives(v2t, blocked, scale, draw[:, 1])
     else:
         raise ValueError(f"itm: negatives mode {mode!r} is not 'hardest', 'sampled' or 'random'")
-    text_side = torch.arange(b, device=t2v.device) < (b + 1) // 2  # rows whose text gets a negative image
+    text_side = text_side.bool()
     valid = torch.where(text_side, valid_t, valid_v)
     text_idx = torch.where(text_side | ~valid, own, neg_text)
     image_idx = torch.where(~text_side | ~valid, own, neg_image)
@@ -123,12 +138,15 @@ def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Ga
 
 
 def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head: nn.Module,
-             gather: Optional[Gather] = None, negatives: str = "hardest") -> LossOutput:
+             gather: Optional[Gather] = None, negatives: str = "hardest", exclude_same_image: bool = True,
+             cap_scale: bool = True) -> LossOutput:
     """Cross-entropy of the ITM head over B positives and B negatives (label 1 = matched); ``negatives``
-    "hardest" (the release), "sampled" or "random" (module docstring).
+    "hardest" (the release), "sampled" or "random" (module docstring); ``cap_scale``: VSC's cap on the
+    temperature, which "sampled" uses.
 
     Reads ``outputs.text`` ``[B, Lt, H]``, the regions ``outputs.visual[:, num_tags:]`` ``[B, Lr, H]``,
-    ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining) and ``outputs.pooled`` ``[B, H]``;
+    ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining), ``outputs.pooled`` ``[B, H]``,
+    ``batch.itm_text_side`` and (sampled, random) ``batch.itm_negative_draw``;
     runs ``model.encode_cross`` and ``model.pool`` on the B negatives; ``head`` maps ``[2B, H] -> [2B, 2]``.
     Metrics: ``acc`` (over weighted examples) and ``neg_valid`` (fraction of rows with a negative).
     """
@@ -145,10 +163,9 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
             (outputs.text_embed.detach(), outputs.visual_embed.detach(), batch.image_ids), gather)
         t2v = outputs.text_embed.detach().float() @ all_visual_e.float().t()  # (B, N)
         v2t = outputs.visual_embed.detach().float() @ all_text_e.float().t()  # (B, N)
-        scale = 1.0
-        if negatives == "sampled":  # VSC's temperature, capped as there (host sync: only in this mode)
-            scale = float(outputs.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp().reshape(-1)[0])
-        text_idx, image_idx, valid = negative_pairs(t2v, v2t, batch.image_ids, all_ids, offset, negatives, scale)
+        scale = temperature(outputs.logit_scale.detach(), cap_scale).reshape(()) if negatives == "sampled" else None
+        text_idx, image_idx, valid = negative_pairs(t2v, v2t, batch.image_ids, all_ids, offset, batch.itm_text_side,
+                                                    negatives, scale, batch.itm_negative_draw, exclude_same_image)
     text_h, text_mask, region_h, region_mask = _gather_states(
         outputs.text, batch.text_mask.bool(), regions, batch.region_mask.bool(), gather)
     neg_cross = model.encode_cross(text_h[text_idx], text_mask[text_idx],

@@ -3,8 +3,8 @@
 This is the ``nn.Module`` handed to DeepSpeed. Its state dict is ``backbone.*`` plus
 ``heads.{mcr,mlm,itm}.*`` (only the heads of the chosen objectives); the checkpoint converter relies on
 these names. The cross-modal encoder runs only when an objective reads it (ITM, MLM, WPG); stage 1 (MCR
-alone) builds a backbone without it. Objectives are plain functions of (outputs, batch) dispatched through a
-dict, in a fixed order, so every rank runs the same code path.
+alone) builds a backbone without it. Objectives are plain functions of (outputs, batch), called by
+``compute`` in the fixed order of ``config.OBJECTIVES``, so every rank runs the same code path.
 
 Every output the backbone computed is tied into the loss with an exact zero (``zero_loss``), so every
 parameter of the module receives a gradient on every step whatever the objectives read: exact zeros for
@@ -83,24 +83,28 @@ class PretrainingModule(nn.Module):
             return mcr_loss(outputs, batch, self.heads["mcr"])
         if name == "mlm":
             return mlm_loss(outputs, batch, self.heads["mlm"])
+        cfg = self.objective_cfg
         if name == "vsc":
             return vsc_loss(outputs.text_embed, outputs.visual_embed, batch.image_ids, outputs.logit_scale,
-                            gather=self.gather)
+                            gather=self.gather, exclude_same_image=cfg.exclude_same_image,
+                            cap_scale=cfg.cap_logit_scale)
         if name == "itm":
             return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather,
-                            negatives=self.objective_cfg.itm_negatives)
+                            negatives=cfg.itm_negatives, exclude_same_image=cfg.exclude_same_image,
+                            cap_scale=cfg.cap_logit_scale)
         if name == "wpg":
-            return wpg_loss(outputs, batch, margin=self.objective_cfg.wpg_margin, topk=self.objective_cfg.wpg_topk,
-                            negative_cross=self.wpg_negative_cross(outputs, batch))
+            return wpg_loss(outputs, batch, margin=cfg.wpg_margin, topk=cfg.wpg_topk,
+                            negative_cross=self.wpg_negative_cross(outputs, batch),
+                            exclude_same_image=cfg.exclude_same_image)
         raise ConfigError(f"objective {name!r} is unknown")
 
     def wpg_negative_cross(self, outputs, batch: Batch) -> Optional[torch.Tensor]:
-        """``[B, Lt+Lr, H]`` cross-modal encoding of (caption i, image ``wpg_negative[i]``) for WPG's negatives
+        """``[B, Lt+Lr, H]`` cross-modal encoding of (caption i, image ``wpg_negative_pair[i]``) for WPG's negatives
         (``wpg_negatives="joint"``); None for ``"separate"``. Rows without a negative (-1) pair with row 0's
         image; WPG masks them out."""
         if self.objective_cfg.wpg_negatives == "separate":
             return None
-        neg = batch.wpg_negative.clamp(min=0)  # (B,)
+        neg = batch.wpg_negative_pair.clamp(min=0)  # (B,)
         regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)
         return self.backbone.encode_cross(outputs.text, batch.text_mask, regions[neg], batch.region_mask[neg])
 

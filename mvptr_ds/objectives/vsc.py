@@ -2,11 +2,12 @@
 
 ``S = g_t g_v^T`` over the L2-normalised projected ``[CLS]`` embeddings, and
 ``L = (CE(e^tau S, I) + CE(e^tau S^T, I)) / 2`` with in-batch negatives (CLIP's symmetric InfoNCE;
-Radford et al. 2021). ``tau`` is the learnable ``logit_scale``; as in CLIP, ``e^tau`` is capped at 100
-(``tau`` clamped at ln 100) so the temperature cannot collapse.
+Radford et al. 2021). ``tau`` is the learnable ``logit_scale``.
 
-Two departures from the authors' code, both corrections: captions of the same image are not treated as
-each other's negatives (they are removed from the softmax, by ``batch.image_ids``), and, optionally,
+Two corrections of the authors' code, each behind an option (``ObjectiveConfig``; ``--recipe release``
+turns both off): ``cap_scale`` caps ``e^tau`` at 100 as CLIP does (``tau`` clamped at ln 100), so the
+temperature cannot collapse; ``exclude_same_image`` removes captions of the same image from each other's
+softmax (by ``batch.image_ids``) instead of calling them negatives. Beyond the release, optionally,
 negatives come from every rank (``gather``). With a gather, rank r's texts are scored against the images of
 all ranks and its images against all texts; labels are offset by ``r * B`` and the same-image exclusion uses
 the gathered image ids. The mean of the per-rank losses then equals the loss of one process over the
@@ -38,13 +39,20 @@ def same_image_negatives(image_ids: torch.Tensor, all_image_ids: torch.Tensor, l
     return same.scatter(1, labels[:, None], False)
 
 
+def temperature(logit_scale: torch.Tensor, cap_scale: bool = True) -> torch.Tensor:
+    """``e^tau`` in float32, capped at 100 when ``cap_scale``."""
+    tau = logit_scale.float()
+    return (tau.clamp(max=MAX_LOGIT_SCALE) if cap_scale else tau).exp()
+
+
 def vsc_loss(text_embed: torch.Tensor, visual_embed: torch.Tensor, image_ids: torch.Tensor,
-             logit_scale: torch.Tensor, gather: Optional[Gather] = None) -> LossOutput:
-    """Symmetric contrastive loss with same-image pairs removed from the negatives.
+             logit_scale: torch.Tensor, gather: Optional[Gather] = None, exclude_same_image: bool = True,
+             cap_scale: bool = True) -> LossOutput:
+    """Symmetric contrastive loss (module docstring for the options).
 
     text_embed, visual_embed ``[B, D]`` (unit norm; row i of each is pair i), image_ids ``[B]`` long,
-    logit_scale scalar (``tau``; the logits are ``min(e^tau, 100) * S``). ``gather``: see module docstring.
-    Metrics: ``t2v_acc``/``v2t_acc`` (in-batch top-1 retrieval) and ``scale`` (``e^tau`` after the cap).
+    logit_scale scalar (``tau``; the logits are ``e^tau * S``, ``min(e^tau, 100) * S`` with ``cap_scale``).
+    Metrics: ``t2v_acc``/``v2t_acc`` (in-batch top-1 retrieval) and ``scale`` (``e^tau`` as applied).
     """
     b = text_embed.shape[0]
     if visual_embed.shape[0] != b or image_ids.shape != (b,):
@@ -52,10 +60,12 @@ def vsc_loss(text_embed: torch.Tensor, visual_embed: torch.Tensor, image_ids: to
                          f"and image_ids {tuple(image_ids.shape)} disagree on the batch size")
     (all_text, all_visual, all_ids), offset = gathered((text_embed, visual_embed, image_ids), gather)
     labels = offset + torch.arange(b, device=text_embed.device)  # (B,) column of each row's own pair
-    excluded = same_image_negatives(image_ids, all_ids, labels)  # (B, N)
-    scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
-    t2v = (scale * (text_embed.float() @ all_visual.float().t())).masked_fill(excluded, float("-inf"))  # (B, N)
-    v2t = (scale * (visual_embed.float() @ all_text.float().t())).masked_fill(excluded, float("-inf"))  # (B, N)
+    scale = temperature(logit_scale, cap_scale)
+    t2v = scale * (text_embed.float() @ all_visual.float().t())  # (B, N)
+    v2t = scale * (visual_embed.float() @ all_text.float().t())  # (B, N)
+    if exclude_same_image:
+        excluded = same_image_negatives(image_ids, all_ids, labels)  # (B, N)
+        t2v, v2t = t2v.masked_fill(excluded, float("-inf")), v2t.masked_fill(excluded, float("-inf"))
     denom = 2 * max(b, 1)
     loss = (F.cross_entropy(t2v, labels, reduction="sum") + F.cross_entropy(v2t, labels, reduction="sum")) / denom
     with torch.no_grad():

@@ -1,11 +1,14 @@
 """WPG, weakly-supervised phrase grounding (MVPTR.md section 3; stage 2, fine alignment).
 
 For pair i and another pair j, ``s(i, j)`` is the mean over the phrases (concepts) of caption i of one of
-each phrase's top-k cosine similarities to the regions of image j, the one picked by ``batch.wpg_pick``
-(uniform in [0, 1): index ``floor(pick * k_j)``, ``k_j = min(k, regions of j)``). The loss is the hinge
-``max(0, margin + s(i, j) - s(i, i))`` with ``j = batch.wpg_negative[i]``, averaged over the pairs that
-have a phrase, a negative showing another image, and regions on both sides. Phrase states are the
-cross-modal outputs at the concept positions; region states the cross-modal outputs at the region positions.
+each phrase's top-k cosine similarities to the regions of image j, picked at random (index
+``floor(pick * k_j)``, ``k_j = min(k, regions of j)``, ``pick`` uniform in [0, 1)). As in the release, the
+positive ``s(i, i)`` and the negative ``s(i, j)`` take independent picks (``batch.wpg_pick_positive``,
+``batch.wpg_pick_negative``). The loss is the hinge ``max(0, margin + s(i, j) - s(i, i))`` with
+``j = batch.wpg_negative_pair[i]``, averaged over the pairs that have a phrase, a negative pair, and regions
+on both sides; with ``exclude_same_image`` (a correction, on by default) also an image that differs from
+i's (the data pipeline then draws j among such pairs). Phrase states are the cross-modal outputs at the
+concept positions; region states the cross-modal outputs at the region positions.
 
 Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negatives``):
 
@@ -19,8 +22,6 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   regions they name. On the built-in world (tiny model, WPG alone, 400 steps at lr 3e-4, same run
   otherwise) grounding accuracy is 5.0% with ``"separate"`` and 39.6% with ``"joint"`` (chance
   6.7%; ``benchmarks/results/learnability.md``).
-
-The same pick number serves a phrase's positive and negative choice.
 
 Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
 means. No Python loop over samples and no device-to-host synchronisation. Padded regions get similarity
@@ -68,16 +69,17 @@ def phrase_region_scores(phrases: torch.Tensor, phrase_mask: torch.Tensor, regio
 
 
 def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk: int = 3,
-             negative_cross: Optional[torch.Tensor] = None) -> LossOutput:
+             negative_cross: Optional[torch.Tensor] = None, exclude_same_image: bool = True) -> LossOutput:
     """Hinge ``max(0, margin + s(i, j) - s(i, i))`` averaged over pairs that can be scored.
 
     ``negative_cross`` ``[B, Lt+Lr, H]``: the cross-modal encoding of (caption i, image
-    ``wpg_negative[i]``) per row, regions masked by ``region_mask[wpg_negative]`` (``"joint"``); None
-    scores the negative on the positive encodings of pairs i and j (``"separate"``, the release).
+    ``wpg_negative_pair[i]``) per row, regions masked by ``region_mask[wpg_negative_pair]`` (``"joint"``);
+    None scores the negative on the positive encodings of pairs i and j (``"separate"``, the release).
     Reads ``outputs.cross`` ``[B, Lt+Lr, H]`` (text positions first; Lt = ``batch.text_mask.shape[1]``),
-    ``batch.phrase_mask`` ``[B, Lt]``, ``batch.region_mask`` ``[B, Lr]``, ``batch.wpg_negative`` ``[B]``
-    (-1: none), ``batch.wpg_pick`` ``[B, Lt]`` and ``batch.image_ids`` ``[B]``. Exact 0 (with graph) when no
-    pair can be scored. Metrics: ``pos``/``neg`` (mean s(i,i)/s(i,j) over scored pairs), ``pairs``.
+    ``batch.phrase_mask`` ``[B, Lt]``, ``batch.region_mask`` ``[B, Lr]``, ``batch.wpg_negative_pair`` ``[B]``
+    (-1: none), ``batch.wpg_pick_positive``/``wpg_pick_negative`` ``[B, Lt]`` and ``batch.image_ids`` ``[B]``.
+    Exact 0 (with graph) when no pair can be scored. Metrics: ``pos``/``neg`` (mean s(i,i)/s(i,j) over scored
+    pairs), ``pairs``.
     """
     if outputs.cross is None:
         raise ValueError("wpg: the cross-modal encoder did not run (outputs.cross is None)")
@@ -87,8 +89,8 @@ def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk:
                          f"{lr} region positions")
     phrases, regions = outputs.cross[:, :lt], outputs.cross[:, lt:]  # (B, Lt, H), (B, Lr, H)
     phrase_mask, region_mask = batch.phrase_mask.bool(), batch.region_mask.bool()
-    neg = batch.wpg_negative.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
-    s_pos = phrase_region_scores(phrases, phrase_mask, regions, region_mask, batch.wpg_pick, topk)  # (B,)
+    neg = batch.wpg_negative_pair.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
+    s_pos = phrase_region_scores(phrases, phrase_mask, regions, region_mask, batch.wpg_pick_positive, topk)  # (B,)
     if negative_cross is None:
         neg_phrases, neg_regions = phrases, regions[neg]
     else:
@@ -96,9 +98,12 @@ def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk:
             raise ValueError(f"wpg: negative_cross has shape {tuple(negative_cross.shape)}, expected "
                              f"({outputs.cross.shape[0]}, {lt + lr}, H)")
         neg_phrases, neg_regions = negative_cross[:, :lt], negative_cross[:, lt:]
-    s_neg = phrase_region_scores(neg_phrases, phrase_mask, neg_regions, region_mask[neg], batch.wpg_pick, topk)  # (B,)
-    valid = (phrase_mask.any(dim=1) & (batch.wpg_negative >= 0) & (batch.image_ids[neg] != batch.image_ids)
-             & region_mask.any(dim=1) & region_mask[neg].any(dim=1))  # (B,)
+    s_neg = phrase_region_scores(neg_phrases, phrase_mask, neg_regions, region_mask[neg], batch.wpg_pick_negative,
+                                 topk)  # (B,)
+    valid = (phrase_mask.any(dim=1) & (batch.wpg_negative_pair >= 0) & region_mask.any(dim=1)
+             & region_mask[neg].any(dim=1))  # (B,)
+    if exclude_same_image:
+        valid = valid & (batch.image_ids[neg] != batch.image_ids)
     hinge = (margin + s_neg - s_pos).clamp(min=0)  # (B,)
     count = valid.sum()
     denom = count.clamp(min=1).float()

@@ -9,13 +9,16 @@ from torch import nn
 from mvptr_ds.config import TrainConfig
 
 
-def decay_groups(module: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two parameter groups: weights with decay; biases, LayerNorm parameters and scalars without."""
+def decay_groups(module: nn.Module, weight_decay: float, decay_logit_scale: bool = False) -> List[Dict]:
+    """Two parameter groups: weights with decay; biases and LayerNorm parameters without (the release's rule),
+    and VSC's temperature ``logit_scale`` without unless ``decay_logit_scale`` (the release decays it)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layernorm" in name.lower():
+        if name.endswith("logit_scale"):
+            (decay if decay_logit_scale else no_decay).append(p)
+        elif name.endswith(".bias") or name == "bias" or "LayerNorm" in name or "layernorm" in name.lower():
             no_decay.append(p)
         else:
             decay.append(p)
@@ -26,7 +29,7 @@ def build_optimizer(module: nn.Module, train: TrainConfig, offload: bool) -> tor
     """AdamW over ``decay_groups``: torch's fused kernel (one pass over each tensor: on a 2-core CPU about 10x
     the default per-op implementation at 245M parameters); DeepSpeed's CPU Adam (AdamW mode) when the
     optimizer is offloaded."""
-    groups = decay_groups(module, train.weight_decay)
+    groups = decay_groups(module, train.weight_decay, train.decay_logit_scale)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps,
