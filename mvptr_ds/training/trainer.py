@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
-from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, lock, writes
+from mvptr_ds.training import checkpoint, cleanup, distributed, elastic, faults, guard, host_memory, lock, writes
 from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, precision_warning, set_zero_stage,
                                          stage_note, zero_stage)
 from mvptr_ds.training.guard import TrainingStopped
@@ -301,6 +301,8 @@ def build_engine(module: torch.nn.Module, train_cfg, ds_cfg: Dict, device: torch
     import deepspeed
 
     set_determinism(train_cfg, device)
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()
     optimizer = build_optimizer(module, train_cfg, offloads_optimizer(ds_cfg))
     if zero_stage(ds_cfg) == 0 and train_cfg.precision == "fp32":
         guard.guard_client_optimizer(optimizer, device, train_cfg.grad_clip)
