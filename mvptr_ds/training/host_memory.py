@@ -5,8 +5,8 @@ with ``munmap`` when freed. A training step on the CPU allocates the same large 
 parameter's gradient: 264 MB for the 86,051 x 768 word-embedding table at the paper's size, the decoders'
 gradients, the optimizer's temporaries), so every step pays the kernel's page faults and zero-filling for
 about a gigabyte of fresh pages. With ``M_MMAP_MAX = 0`` and the largest trim threshold mallopt accepts
-(2 GiB), glibc serves them from its heap and keeps what is freed: the next step reuses the same pages. The process then keeps
-its peak resident memory until it exits, which a training process does anyway.
+(2 GiB), glibc serves them from its heap and keeps what is freed: the next step reuses the same pages. The
+process then keeps its peak resident memory until it exits, which a training process does anyway.
 
 Measured in BENCHMARKS.md (the throughput section); the environment variables ``MALLOC_MMAP_MAX_`` /
 ``MALLOC_TRIM_THRESHOLD_``, when set, win (glibc reads them at start-up and this module leaves them alone).
