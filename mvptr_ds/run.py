@@ -127,6 +127,21 @@ def convert_original(src: str, dst: str, config: Optional[str] = None, strict: b
     print(convert(src, dst, config=config, strict=strict).summary())
 
 
+def export_original(checkpoint: str, dst: str):
+    """Write a checkpoint of this project in the authors' format (pytorch_model.bin + config.json).
+
+    Args:
+        checkpoint: pre-training weights (backbone and the MLM, MCR and ITM heads): a final/ export, a run
+            directory or a step<N> checkpoint.
+        dst: output directory; the authors' BiBertImgForPreTraining.from_pretrained(dst) reads it.
+    """
+    from mvptr_ds.compat import write_original
+    from mvptr_ds.training.weights import read_model_weights
+
+    state, cfg, _ = read_model_weights(checkpoint, "--checkpoint")
+    _summary(write_original(dst, state, cfg.model))
+
+
 def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int = 4096):
     """Convert VinVL region features (features.tsv + features.lineidx) into a memory-mapped store.
 
@@ -253,7 +268,8 @@ COMMANDS: Dict[str, Command] = {
                         tuple(configs.finetune_default_texts().items())),
     "evaluate": Command(evaluate, ("eval.rerank_captions", "eval.rerank_images", "eval.batch_size")),
     "embed": Command(embed, ("eval.batch_size",)),
-    "convert_original": Command(convert_original), "convert_features": Command(convert_features),
+    "convert_original": Command(convert_original), "export_original": Command(export_original),
+    "convert_features": Command(convert_features),
     "build_vocab": Command(build_vocab), "extract_concepts": Command(extract_concepts), "synth": Command(synth),
     "bench": Command(bench),
 }

@@ -213,3 +213,21 @@ def test_only_word_size_read_from_decoder_when_config_lacks_it(fixture):
     no_heads = {k: v for k, v in fixture["state_dict"].items() if not k.startswith(("cls.", "half_mlm."))}
     with pytest.raises(ConfigError, match="only_word_size"):
         authors_to_project(no_heads, config)
+
+
+def test_config_without_img_layernorm_means_off_and_reverse_config_builds_their_model(tmp_path):
+    """Their model reads use_img_layernorm with hasattr (absent: off) and its constructors read qa_answer_size,
+    img_feature_type and torchscript; the reverse converter writes all of them."""
+    config = {k: v for k, v in base_authors_config().items() if k != "use_img_layernorm"}
+    notes = []
+    from mvptr_ds.compat.authors_ckpt import model_config_from_authors, write_original
+    assert model_config_from_authors(config, notes).use_img_layernorm is False
+    assert any("use_img_layernorm: off" in n for n in notes)
+    written = authors_config_from(TINY)
+    for key in ("qa_answer_size", "torchscript", "img_feature_type", "img_layer_norm_eps", "num_contrast_classes"):
+        assert key in written, key
+    summary = write_original(str(tmp_path / "theirs"), canonical_state(TINY), TINY)
+    assert summary["tensors"] > 0 and json.loads((tmp_path / "theirs" / "config.json").read_text()) == written
+    back = torch.load(tmp_path / "theirs" / "pytorch_model.bin", weights_only=True)
+    state, cfg, report = authors_to_project(back, written)
+    assert report.ok and cfg == replace(TINY, kernels=cfg.kernels)

@@ -6,12 +6,16 @@ directions. This project's canonical keys are ``backbone.<MVPTRModel key>`` and 
 - Each of the authors' three encoders has ``num_hidden_layers // 2`` layers.
 - ``cls.seq_relationship`` (their pre-training ITM head) scores a matched pair at index 0; ours at index 1,
   so its two rows are swapped on the way in and out.
-- ``bert.LayerNorm`` is their region LayerNorm; it is used (and kept) only when ``use_img_layernorm`` is set.
+- ``bert.LayerNorm`` is their region LayerNorm; it is used (and kept) only when ``use_img_layernorm`` is set
+  (their model reads the attribute with ``hasattr``: a config without it means off).
 - ``qa_head`` is not part of this project and is dropped (named in the report).
 - ``logit_scale`` is 0-dim in their checkpoints and shape ``(1,)`` in ours.
 
 ``authors_to_project`` returns a ``ConversionReport`` listing missing, unexpected and dropped keys and shape
-mismatches by name, checked against the model that the converted config builds.
+mismatches by name, checked against the model that the converted config builds. The other direction,
+``write_original`` (``python -m mvptr_ds.run export_original``), writes ``pytorch_model.bin`` and a
+``config.json`` their ``BiBertImgForPreTraining.from_pretrained`` reads (``tests/test_fidelity.py`` loads one
+into their code).
 """
 from __future__ import annotations
 
@@ -130,7 +134,8 @@ def model_config_from_authors(authors_config: Mapping[str, Any], notes: Optional
     if n % 2:
         notes.append(f"num_hidden_layers={n} is odd: each encoder gets {n // 2} layers")
     if "use_img_layernorm" not in cfg:
-        notes.append("authors' config has no use_img_layernorm: taken as set (the region LayerNorm is applied)")
+        notes.append("authors' config has no use_img_layernorm: off, as their model reads it (hasattr): the region "
+                     "LayerNorm is not applied")
     eps = float(cfg.get("layer_norm_eps", 1e-12))
     img_eps = cfg.get("img_layer_norm_eps")
     if img_eps is not None and float(img_eps) != eps:
@@ -152,15 +157,25 @@ def model_config_from_authors(authors_config: Mapping[str, Any], notes: Optional
         hidden_dropout=float(cfg.get("hidden_dropout_prob", defaults.hidden_dropout)),
         attention_dropout=float(cfg.get("attention_probs_dropout_prob", defaults.attention_dropout)),
         img_feature_dim=int(cfg.get("img_feature_dim", defaults.img_feature_dim)),
-        use_img_layernorm=bool(int(cfg.get("use_img_layernorm", 1))),
+        use_img_layernorm=bool(int(cfg.get("use_img_layernorm") or 0)),
         initializer_range=float(cfg.get("initializer_range", defaults.initializer_range)),
     )
     out.validate()
     return out
 
 
+# What the authors' constructors read beyond the BERT sizes, with the values of their pre-training model:
+# region features from a Faster R-CNN (VinVL), a 2-way ITM head, a QA head of VQA's 3,129 answers (not part of
+# this project: their model builds it and reports it newly initialised) and ``torchscript`` set, which makes
+# their ``tie_weights`` clone the MLM/MCR decoders from the word embeddings (without it, it raises a TypeError on
+# current torch).
+AUTHORS_CONSTRUCTOR_FIELDS: Dict[str, Any] = {"img_feature_type": "faster_r-cnn", "num_contrast_classes": 2,
+                                              "qa_answer_size": 3129, "torchscript": True}
+
+
 def authors_config_from(model_cfg: ModelConfig) -> Dict[str, Any]:
-    """The authors' config dict describing ``model_cfg`` (their format needs three equal encoders)."""
+    """The authors' config dict describing ``model_cfg`` (their format needs three equal encoders), complete
+    enough for their ``BiBertImgForPreTraining`` to be built from it."""
     layers = {model_cfg.text_layers, model_cfg.visual_layers, model_cfg.cross_layers}
     if len(layers) != 1:
         raise ConfigError(f"the authors' format needs equal encoder depths, got text/visual/cross = "
@@ -174,7 +189,8 @@ def authors_config_from(model_cfg: ModelConfig) -> Dict[str, Any]:
         "hidden_act": "gelu", "hidden_dropout_prob": model_cfg.hidden_dropout,
         "attention_probs_dropout_prob": model_cfg.attention_dropout,
         "initializer_range": model_cfg.initializer_range, "img_feature_dim": model_cfg.img_feature_dim,
-        "use_img_layernorm": int(model_cfg.use_img_layernorm),
+        "use_img_layernorm": int(model_cfg.use_img_layernorm), "img_layer_norm_eps": model_cfg.layer_norm_eps,
+        **AUTHORS_CONSTRUCTOR_FIELDS,
     }
 
 
@@ -266,6 +282,25 @@ def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelC
         out["bert.LayerNorm.weight"] = torch.ones(model_cfg.hidden_size)
         out["bert.LayerNorm.bias"] = torch.zeros(model_cfg.hidden_size)
     return out
+
+
+def write_original(dst: str, state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Dict[str, Any]:
+    """Write this project's weights in the authors' format: ``dst/pytorch_model.bin`` (a plain state dict with
+    their key names, :func:`project_to_authors`) and ``dst/config.json`` (:func:`authors_config_from`), the
+    layout their ``from_pretrained(dst)`` reads. Keys with no place in their format (fine-tuning heads) raise
+    ValueError. Returns a summary: the directory and the number of tensors written."""
+    theirs = project_to_authors(state_dict, model_cfg)
+    os.makedirs(dst, exist_ok=True)
+    weights, config = os.path.join(dst, "pytorch_model.bin"), os.path.join(dst, "config.json")
+    tmp = f"{weights}.tmp{os.getpid()}"
+    torch.save({k: v.detach().to("cpu").contiguous() for k, v in theirs.items()}, tmp)
+    os.replace(tmp, weights)
+    tmp = f"{config}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(authors_config_from(model_cfg), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, config)
+    return {"out": dst, "tensors": len(theirs)}
 
 
 def split_state(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
