@@ -10,3 +10,15 @@ def encode(checkpoint, *args, **kwargs):
     from mvptr_ds.evaluation.encode import encode as _encode
 
     return _encode(checkpoint, *args, **kwargs)
+
+
+def from_pretrained(path, device="cpu"):
+    """A trained model in one line: ``model = mvptr_ds.from_pretrained("runs/demo_stage2/final")``.
+
+    ``path``: a ``final/`` folder, a run folder or a DeepSpeed checkpoint. Returns the backbone and ITM head in
+    eval mode, the config, and the folder's tokenizer and concept vocabulary (see
+    :func:`mvptr_ds.evaluation.loading.from_pretrained`).
+    """
+    from mvptr_ds.evaluation.loading import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, device)

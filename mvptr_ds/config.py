@@ -26,6 +26,7 @@ WPG_NEGATIVES = ("joint", "separate")
 ITM_NEGATIVES = ("hardest", "sampled", "random")
 FINETUNE_TASKS = ("retrieval", "vqa", "snli_ve", "refcoco")
 RESUME_KEYWORDS = ("auto", "none")
+PROVENANCE_KEY = "mvptr_ds"  # config.json of a model folder: {"version", "git_commit", ...} beside the settings
 DEFAULT_MODEL = "tiny"  # the model preset of the training commands when neither --model nor --config names one
 
 
@@ -363,6 +364,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
+        if isinstance(d, dict):  # what wrote a model folder's config.json (training/weights.provenance): no setting
+            d = {k: v for k, v in d.items() if k != PROVENANCE_KEY}
         return build(cls, d, "").validate()
 
     def dump(self, path: str) -> None:

@@ -2,8 +2,11 @@
 ``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: benchmarks/results/learnability.md).
 """
 import json
+import os
+import stat
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import run_cli
@@ -71,6 +74,29 @@ def test_embed_cli_and_encode_api(trained):
     assert enc.sample_ids.tolist() == arrays["sample_ids"].tolist()
     stage1 = mvptr_ds.encode(str(trained / "s1"), split="train", limit=3)  # run dir -> its final/; no cross
     assert stage1.pooled is None and stage1.itm_score is None and stage1.text_embed.shape == (3, 128)
+
+
+def test_final_is_self_contained_and_loads_in_one_line(trained):
+    from safetensors.torch import load_file
+
+    from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source
+
+    final = trained / "s2" / "final"
+    files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    assert files == ["config.json", "id2phrase.json", "model.safetensors", "tokenizer/tokenizer_config.json",
+                     "tokenizer/vocab.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(stat.S_IMODE((final / f).stat().st_mode)) for f in files} == {oct(0o666 & ~umask)}  # was 0600
+    assert json.loads((final / "config.json").read_text())["mvptr_ds"]["version"] == mvptr_ds.__version__
+    model = mvptr_ds.from_pretrained(str(final))
+    world = SceneWorld(parse_synthetic_source(WORLD))
+    caption = world.captions[0].text
+    assert model.tokenizer(caption, add_special_tokens=False)["input_ids"] == world.tokenizer.encode(caption)
+    assert model.concepts.id_to_tuple == world.concepts
+    weights = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(v, weights[f"backbone.{k}"]) for k, v in model.backbone.state_dict().items())
+    assert not model.backbone.training and model.itm_head is not None
 
 
 def test_clear_errors(trained, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+from mvptr_ds.files import atomic_write_json, atomic_write_lines
+
 from .readers import encode_feature_row, write_id2phrase, write_lineidx
 
 
@@ -45,15 +47,43 @@ def write_real_formats(world, out_dir: str, phrases: bool = True) -> dict:
             if phrases:
                 rec["phrases"] = [list(t) for t in c.tuples]
             f.write(json.dumps(rec) + "\n")
-    write_id2phrase(os.path.join(out_dir, "id2phrase.json"), world.concepts)
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
-    with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.writelines(w + "\n" for w in world.tokenizer.words)
-    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, f)
+    tok_dir = write_word_vocabulary(out_dir, world.tokenizer, world.concepts)
     return {"out": out_dir, "images": len(world.images), "captions": len(world.captions), "regions": regions,
             "concepts": len(world.concepts), "tokenizer": tok_dir}
+
+
+def write_word_vocabulary(out_dir: str, tokenizer, concepts) -> str:
+    """``tokenizer/`` (a lower-casing BERT word-piece tokenizer whose ids equal ``tokenizer``'s word ids) and
+    ``id2phrase.json`` (``concepts``) of a synthetic world under ``out_dir``; returns the tokenizer folder."""
+    write_id2phrase(os.path.join(out_dir, "id2phrase.json"), concepts)
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    atomic_write_lines(os.path.join(tok_dir, "vocab.txt"), (w + "\n" for w in tokenizer.words))
+    atomic_write_json(os.path.join(tok_dir, "tokenizer_config.json"),
+                      {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    return tok_dir
+
+
+def write_vocabulary(out_dir: str, data_cfg) -> None:
+    """The tokenizer (``tokenizer/``) and concept vocabulary (``id2phrase.json``) the data of ``data_cfg`` is
+    encoded with, under ``out_dir`` (a model folder is then readable without its data): the built-in world's,
+    or copies of a data directory's (``data.tokenizer`` or ``DIR/tokenizer``, ``DIR/id2phrase.json``)."""
+    import shutil
+
+    from .pipeline import is_synthetic
+    from .synthetic import parse_synthetic_source, scene_vocabulary
+
+    source = data_cfg.source
+    if is_synthetic(source):
+        write_word_vocabulary(out_dir, *scene_vocabulary(parse_synthetic_source(source)))
+        return
+    tok_dir = data_cfg.tokenizer or os.path.join(source, "tokenizer")
+    copies = [(os.path.join(tok_dir, name), os.path.join(out_dir, "tokenizer", name))
+              for name in (sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else [])]
+    copies.append((os.path.join(source, "id2phrase.json"), os.path.join(out_dir, "id2phrase.json")))
+    for src, dst in copies:
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst)  # the file's bytes; the mode follows the umask, as for every file we write
 
 
 def synth(out: str, data: str = "synthetic", phrases: bool = True) -> dict:

@@ -34,6 +34,8 @@ class LoadedModel:
     itm_head: Optional[torch.nn.Module]
     config: RunConfig
     source: str
+    tokenizer: Optional[object] = None   # from_pretrained: the folder's Hugging Face tokenizer (tokenizer/)
+    concepts: Optional[object] = None    # from_pretrained: its concept vocabulary (id2phrase.json, ConceptVocab)
 
 
 def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -81,6 +83,21 @@ def load_model(path: str, device="cpu") -> LoadedModel:
 
     state, cfg, source = read_model_weights(path, "--checkpoint")
     return build_model(state, cfg, source, device)
+
+
+def from_pretrained(path: str, device="cpu") -> LoadedModel:
+    """:func:`load_model` plus the tokenizer and concept vocabulary a ``final/`` folder carries (None where the
+    folder has none, e.g. a DeepSpeed checkpoint or a converted authors' checkpoint)."""
+    import os
+
+    from mvptr_ds.data.readers import read_id2phrase
+    from mvptr_ds.data.real_dataset import load_tokenizer
+
+    model = load_model(path, device)
+    tok_dir, vocab = os.path.join(model.source, "tokenizer"), os.path.join(model.source, "id2phrase.json")
+    model.tokenizer = load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    model.concepts = read_id2phrase(vocab) if os.path.isfile(vocab) else None
+    return model
 
 
 def load_eval_data(model: LoadedModel, data: Optional[str] = None):

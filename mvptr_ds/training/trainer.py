@@ -367,12 +367,12 @@ def truncate_metrics(path: str, step: int) -> None:
 
 
 def export_final(engine, cfg: RunConfig, ckpt_path: Optional[str], info) -> Optional[str]:
-    """Write ``<output_dir>/final/model.safetensors`` + ``config.json`` (consolidated fp32, any ZeRO stage)."""
-    from mvptr_ds.training.weights import save_weights
+    """Write ``<output_dir>/final/`` (consolidated fp32 weights of any ZeRO stage, config, tokenizer: save_final)."""
+    from mvptr_ds.training.weights import save_final
 
     state = checkpoint.consolidated_state_dict(engine, ckpt_path)
     final_dir = os.path.join(cfg.train.output_dir, "final")
     if info.is_main:
-        save_weights(final_dir, state, cfg)
+        save_final(final_dir, state, cfg)
     distributed.barrier()
     return final_dir

@@ -13,19 +13,58 @@ from typing import Any, Dict, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from mvptr_ds.config import ConfigError, RunConfig
+from mvptr_ds.config import PROVENANCE_KEY, ConfigError, RunConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
 def save_weights(directory: str, state_dict: Dict[str, torch.Tensor], config: RunConfig) -> None:
+    """``model.safetensors`` and ``config.json`` (the config, plus :func:`provenance` under ``"mvptr_ds"``)."""
+    from mvptr_ds.files import atomic_write_json
+
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     tmp = os.path.join(directory, f".{WEIGHTS_NAME}.tmp{os.getpid()}")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; every other file follows the umask
     os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
-    config.dump(os.path.join(directory, CONFIG_NAME))
+    atomic_write_json(os.path.join(directory, CONFIG_NAME), {**config.to_dict(), PROVENANCE_KEY: provenance()})
+
+
+def save_final(directory: str, state_dict: Dict[str, torch.Tensor], config: RunConfig) -> None:
+    """A self-contained model folder (``<run>/final``): :func:`save_weights` plus the tokenizer and concept
+    vocabulary of the training data (``tokenizer/``, ``id2phrase.json``); ``mvptr_ds.from_pretrained`` reads it."""
+    from mvptr_ds.data.export import write_vocabulary
+
+    save_weights(directory, state_dict, config)
+    write_vocabulary(directory, config.data)
+
+
+def provenance() -> Dict[str, Any]:
+    """What wrote a model folder: ``version``, and in a git checkout ``git_commit`` and ``git_dirty``."""
+    import subprocess
+
+    import mvptr_ds
+
+    out: Dict[str, Any] = {"version": mvptr_ds.__version__}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mvptr_ds.__file__)))
+    if os.path.exists(os.path.join(root, ".git")):  # this package's own checkout, not a folder around an install
+        try:
+            git = ["git", "-C", root]
+            out["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                               check=True, timeout=30).stdout.strip()
+            out["git_dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                                   capture_output=True, text=True, check=True, timeout=30).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git on this machine: the version alone
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_weights(directory: str) -> Tuple[Dict[str, torch.Tensor], RunConfig]:
