@@ -31,7 +31,7 @@ from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives  # noqa: E402
-from mvptr_ds.config import parse_loss_weights  # noqa: E402
+from mvptr_ds.config_types import name_values  # noqa: E402
 from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     source = f"synthetic:seed={args.seed}"
-    objective_cfg = ObjectiveConfig(weights=parse_loss_weights(args.loss_weights) if args.loss_weights else (),
+    objective_cfg = ObjectiveConfig(weights=name_values("--loss_weights", "wpg=3")(args.loss_weights) if args.loss_weights else (),
                                     itm_negatives=args.itm_negatives, wpg_negatives=args.wpg_negatives)
     objective_cfg.validate()
     stage1 = None

@@ -8,12 +8,12 @@ values of the wrong type with a message that names the key, so a typo never pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from mvptr_ds.config_types import ConfigError, at_least, build, in_range, option, reason
+from mvptr_ds.config_types import (ConfigError, at_least, build, in_range, keyword_or_text, name_values, option,
+                                   parse_names, read_json)
 
 OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
 # Objectives each stage can run. Stage 1 has no cross-modal encoder, so only MCR applies.
@@ -28,10 +28,6 @@ FINETUNE_TASKS = ("retrieval", "vqa", "snli_ve", "refcoco")
 RESUME_KEYWORDS = ("auto", "none")
 PROVENANCE_KEY = "mvptr_ds"  # config.json of a model folder: {"version", "git_commit", ...} beside the settings
 DEFAULT_MODEL = "tiny"  # the model preset of the training commands when neither --model nor --config names one
-
-
-def _words(values) -> str:
-    return ", ".join(values[:-1]) + " or " + values[-1]
 
 
 @dataclass(frozen=True)
@@ -132,40 +128,17 @@ class DataConfig:
         at_least(self, "data", ("prefetch_factor",), 1)
 
 
-def parse_objectives(text: str) -> Tuple[str, ...]:
-    """``"mcr, VSC"`` -> ``("mcr", "vsc")`` (names are checked by ``RunConfig.validate``)."""
-    return tuple(x.strip().lower() for x in str(text).split(",") if x.strip())
-
-
-def parse_loss_weights(text: str) -> Tuple[Tuple[str, float], ...]:
-    """``"wpg=3,itm=0.5"`` -> ``(("itm", 0.5), ("wpg", 3.0))``; a name given twice keeps its last value.
-
-    Raises ConfigError naming the item when it is malformed or not a number; names and ranges are checked by
-    ``ObjectiveConfig.validate``.
-    """
-    out = {}
-    for part in filter(None, (p.strip() for p in str(text).split(","))):
-        name, eq, weight = part.partition("=")
-        if not eq:
-            raise ConfigError(f"--loss_weights: {part!r} is not NAME=WEIGHT (e.g. wpg=3)")
-        try:
-            out[name.strip().lower()] = float(weight)
-        except ValueError:
-            raise ConfigError(f"--loss_weights: weight of {name.strip()!r} is {weight!r}, not a number") from None
-    return tuple(sorted(out.items()))
-
-
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which losses run and with what weights (MVPTR.md section 3). All weights are 1 in the release."""
 
     names: Tuple[str, ...] = option(
         (), f"Comma list out of {','.join(OBJECTIVES)}; empty: the stage's (1: mcr; 2: all five).",
-        flag="objectives", parse=parse_objectives, metavar="LIST")
+        flag="objectives", parse=parse_names, metavar="LIST")
     weights: Tuple[Tuple[str, float], ...] = option(
         (), 'Loss weights, e.g. "wpg=3" or "mlm=0.5,mcr=0.5" (no spaces); objectives not named weigh 1 (the '
         "release weighs all five 1). Replaces the weights of --config.", flag="loss_weights",
-        parse=parse_loss_weights, metavar="NAME=W,...")
+        parse=name_values("--loss_weights", "wpg=3"), metavar="NAME=W,...")
     wpg_margin: float = option(0.2, "Hinge margin of weakly-supervised phrase grounding (WPG).")
     wpg_topk: int = option(3, "Regions each phrase is scored on in WPG.")
     wpg_negatives: str = option(
@@ -207,11 +180,6 @@ class ObjectiveConfig:
                 raise ConfigError(f"objectives.weights: weight of {name!r} must be a finite number >= 0, got {weight}")
 
 
-def parse_resume(text: str) -> str:
-    """auto / none in any case (``--resume None`` means none), else a checkpoint path as given."""
-    return text.lower() if text.lower() in RESUME_KEYWORDS else text
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """The training run: engine, schedule, cadence, outputs."""
@@ -243,13 +211,13 @@ class TrainConfig:
     keep_last: int = option(3, "Keep the newest K checkpoints.")
     resume: str = option(
         "auto", "auto (the newest complete checkpoint in output_dir, if any), none (start afresh), or a "
-        "checkpoint path.", parse=parse_resume, metavar="auto|none|PATH")
+        "checkpoint path.", parse=keyword_or_text(RESUME_KEYWORDS), metavar="auto|none|PATH")
     init_from: Optional[str] = option(
         None, "Initial weights (a run, its final/ folder or a checkpoint); new weights are reported by name.",
         metavar="PATH")
     seed: int = option(42, "Seed of weights, data order, corruption and dropout.")
     wandb: Optional[str] = option(
-        None, f"Weights & Biases: {_words(WANDB_MODES)} (offline needs no network); not given: WANDB_MODE, else "
+        None, "Weights & Biases (offline needs no network); not given: WANDB_MODE, else "
         "offline. A resumed run continues the same W&B run (its id is kept in the output folder).",
         metavar="|".join(WANDB_MODES))
     wandb_project: Optional[str] = option(None, "W&B project; not given: WANDB_PROJECT, else mvptr_ds.")
@@ -370,23 +338,13 @@ class RunConfig:
 
     def dump(self, path: str) -> None:
         """Write the resolved config as JSON (atomically: a crash never leaves half a file)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        from mvptr_ds.files import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({reason(e)})") from None
+        d = read_json(path, str(path))
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -429,15 +387,7 @@ def model_config_from(spec: str) -> ModelConfig:
     if spec in MODEL_PRESETS:
         return MODEL_PRESETS[spec]
     if spec.endswith(".json") or os.path.sep in spec:
-        try:
-            with open(spec, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"--model {spec}: file not found (presets: {', '.join(MODEL_PRESETS)})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model {spec}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--model {spec}: cannot be read ({reason(e)})") from None
+        d = read_json(spec, f"--model {spec}", f" (presets: {', '.join(MODEL_PRESETS)})")
         if isinstance(d, dict) and "model" in d and isinstance(d["model"], dict):
             d = d["model"]  # a whole run config.json: take its model section
         try:

@@ -4,9 +4,10 @@ dataclass from JSON with its types checked. Standard library only: the command l
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,49 @@ def in_range(owner, section: str, name: str, low: float, high: float = math.inf,
                     if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
         raise ConfigError(f"{section}.{name}={value!r}: must be a finite number {'in ' if math.isfinite(high) else ''}"
                           f"{interval}{what}")
+
+
+def read_json(path: str, label: str, hint: str = "") -> Any:
+    """The JSON value in ``path``, or ConfigError ``"{label}: file not found{hint}"`` / not valid JSON (line,
+    column) / cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: file not found{hint}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{label}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{label}: cannot be read ({reason(e)})") from None
+
+
+# Readers of option texts whose field type alone does not say how (``option(parse=...)``).
+
+def parse_names(text: str) -> Tuple[str, ...]:
+    """``"mcr, VSC"`` -> ``("mcr", "vsc")`` (the names are checked by the config's ``validate``)."""
+    return tuple(x.strip().lower() for x in str(text).split(",") if x.strip())
+
+
+def name_values(flag: str, example: str) -> Callable[[str], Tuple[Tuple[str, float], ...]]:
+    """A reader of ``"wpg=3,itm=0.5"`` -> ``(("itm", 0.5), ("wpg", 3.0))`` (a name given twice keeps its last
+    value); ConfigError naming the item and ``flag`` when it is malformed or not a number."""
+    def parse(text: str) -> Tuple[Tuple[str, float], ...]:
+        out: Dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            name, eq, value = part.partition("=")
+            if not eq:
+                raise ConfigError(f"{flag}: {part!r} is not NAME=VALUE (e.g. {example})")
+            try:
+                out[name.strip().lower()] = float(value)
+            except ValueError:
+                raise ConfigError(f"{flag}: value of {name.strip()!r} is {value!r}, not a number") from None
+        return tuple(sorted(out.items()))
+    return parse
+
+
+def keyword_or_text(keywords: Sequence[str]) -> Callable[[str], str]:
+    """A reader that takes ``keywords`` in any case (``None`` is ``none``) and any other text as given."""
+    return lambda text: text.lower() if text.lower() in keywords else text
 
 
 def reason(e: BaseException) -> str:

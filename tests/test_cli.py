@@ -224,7 +224,7 @@ def test_rerank_zero_means_zero():
     (["--precision", "fp8"], "train.precision='fp8'"),
     (["--itm_negatives", "easy"], "itm_negatives='easy'"),
     (["--wpg_negatives", "both"], "wpg_negatives='both'"),
-    (["--loss_weights", "wpg"], "'wpg' is not NAME=WEIGHT"),
+    (["--loss_weights", "wpg"], "'wpg' is not NAME=VALUE (e.g. wpg=3)"),
     (["--loss_weights", "wpg=-2"], "must be a finite number >= 0"),
     (["--loss_weights", "foo=2"], "unknown objective 'foo'"),
     (["--rerank_captions", "5"], "unknown option --rerank_captions"),  # evaluation options are not train's
