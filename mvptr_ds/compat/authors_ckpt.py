@@ -259,9 +259,8 @@ def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelC
                        strict: bool = True) -> Dict[str, torch.Tensor]:
     """This project's state dict -> the authors' key names (ITM rows back to their 0 = match convention).
 
-    Keys without a place in their format raise ValueError (``strict``) or are left out. When the model
-    has no region LayerNorm (``use_img_layernorm`` off), ``bert.LayerNorm`` is written as the identity
-    (weight 1, bias 0), since the authors' model always holds one.
+    Keys without a place in their format raise ValueError (``strict``) or are left out. Without a region
+    LayerNorm (``use_img_layernorm`` off) there is no ``bert.LayerNorm``: their model then builds none either.
     """
     authors_config_from(model_cfg)  # their format needs equal encoder depths
     out: Dict[str, torch.Tensor] = {}
@@ -278,9 +277,6 @@ def project_to_authors(state_dict: Mapping[str, torch.Tensor], model_cfg: ModelC
         out[theirs] = _swap_rows(tensor) if key in ROW_SWAPPED else tensor
     if unmapped and strict:
         raise ValueError(f"no place in the authors' format for: {', '.join(sorted(unmapped))}")
-    if not model_cfg.use_img_layernorm and "bert.LayerNorm.weight" not in out:
-        out["bert.LayerNorm.weight"] = torch.ones(model_cfg.hidden_size)
-        out["bert.LayerNorm.bias"] = torch.zeros(model_cfg.hidden_size)
     return out
 
 

@@ -2,7 +2,9 @@
 
 ``MaskedTokenHead`` serves MLM (on cross-modal text states) and MCR (on visual-encoder tag states):
 two untied copies in the authors' pre-training model (``cls.predictions`` and ``half_mlm``). Both predict
-over the word-piece vocabulary only (``only_word_size`` rows); concept ids are never predicted.
+over the word-piece vocabulary only (``only_word_size`` rows); concept ids are never predicted. Their
+decoders start as copies of the first ``only_word_size`` word-embedding rows (:func:`clone_decoder`), as the
+release's ``tie_weights`` makes them.
 
 ``ITMHead`` is the 2-way image-text matching classifier on the pooled cross-modal output. Convention of
 this project: **label 1 = matched pair** (the authors' pre-training head uses 0; ``compat`` swaps rows).
@@ -46,6 +48,18 @@ class MaskedTokenHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: ``[..., H]`` -> logits ``[..., only_word_size]``."""
         return self.decoder(self.transform(h)) + self.bias
+
+
+@torch.no_grad()
+def clone_decoder(head: MaskedTokenHead, word_embeddings: torch.Tensor) -> None:
+    """Set ``head``'s decoder to a copy of the first ``only_word_size`` rows of ``word_embeddings``
+    (``[vocab_size, H]``): the release's ``tie_weights`` with ``torchscript`` set, which it runs when the model is
+    built and again whenever ``from_pretrained`` loads weights."""
+    rows = head.decoder.weight.shape[0]
+    if word_embeddings.shape[0] < rows or word_embeddings.shape[1:] != head.decoder.weight.shape[1:]:
+        raise ValueError(f"clone_decoder: word embeddings {tuple(word_embeddings.shape)} cannot fill a decoder of "
+                         f"{tuple(head.decoder.weight.shape)}")
+    head.decoder.weight.copy_(word_embeddings[:rows])
 
 
 class ITMHead(nn.Module):

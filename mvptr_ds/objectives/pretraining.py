@@ -22,7 +22,7 @@ from torch import nn
 
 from mvptr_ds.config import OBJECTIVES, ConfigError, ModelConfig, ObjectiveConfig
 from mvptr_ds.data.types import Batch
-from mvptr_ds.model.heads import ITMHead, MaskedTokenHead
+from mvptr_ds.model.heads import ITMHead, MaskedTokenHead, clone_decoder
 from mvptr_ds.model.mvptr import MVPTRModel
 from mvptr_ds.objectives.base import Gather, LossOutput, zero_loss
 from mvptr_ds.objectives.itm import itm_loss
@@ -74,8 +74,17 @@ class PretrainingModule(nn.Module):
                               "cross-modal encoder, but the backbone was built without one (stage 1)")
         self.backbone = backbone
         self.heads = nn.ModuleDict({n: HEADS[n](backbone.cfg) for n in self.objectives if n in HEADS})
+        self.clone_decoders()
         self.objective_cfg = objective_cfg
         self.gather = gather  # a plain callable, not a module: it holds no state
+
+    def clone_decoders(self) -> None:
+        """MLM/MCR decoders := copies of the word-embedding rows of the word pieces (``heads.clone_decoder``):
+        at construction, and after ``--init_from`` (pipeline.init_weights) when the release's behaviour is asked
+        for or the weights come from BERT."""
+        for name in ("mlm", "mcr"):
+            if name in self.heads:
+                clone_decoder(self.heads[name], self.backbone.embeddings.word_embeddings.weight)
 
     def compute(self, name: str, outputs, batch: Batch) -> LossOutput:
         """One objective's ``LossOutput`` on the backbone outputs of ``batch``."""
