@@ -3,7 +3,7 @@
     python benchmarks/learnability.py --seed 2026 --objectives vsc,itm,wpg --itm_negatives random \
         --loss_weights wpg=2 --steps 600 --lr 3e-4 --eval_every 200 --out run.json
 
-A fast way to compare objective variants (the diagnosis table of ``benchmarks/results/learnability.md``):
+A fast way to compare objective variants (the diagnosis table of BENCHMARKS.md):
 stage 1 (MCR, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from its backbone with the chosen
 objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm, linear warm-up/decay, clipping
 10) and the tiny model; every ``--eval_every`` steps the held-out images are evaluated like ``evaluate``

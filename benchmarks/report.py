@@ -1,12 +1,23 @@
-"""Benchmark JSON results -> a markdown section (tables with provenance) and PNG plots.
+"""Benchmark results -> BENCHMARKS.md: tables with provenance and PNG plots.
 
-    python benchmarks/report.py --results DIR [DIR ...] --out benchmarks/results --title "CPU figures"
+    python benchmarks/report.py --all            # BENCHMARKS.md + plots from benchmarks/notes and results/runs
+    python benchmarks/report.py --all --check    # exit 1 (with a diff) when BENCHMARKS.md is not what they give
+    python benchmarks/report.py --results DIR [DIR ...] --out DIR --title "CPU figures"   # one section, ad hoc
 
-Reads every ``throughput_*.json`` (``throughput.py``) and ``memory_*.json`` (``memory.py``) under the given
-folders and writes ``<out>/throughput.md`` plus ``throughput_vs_micro_batch.png``, ``mfu_vs_micro_batch.png``,
-``speedup_vs_micro_batch.png`` and ``memory_per_rank.png`` (each only when there are results to plot). Every
-figure's row carries the command, machine, software versions and date it was measured with. Without
-matplotlib (the ``bench`` extra) the tables are still written and the plots are skipped with one line.
+``--all`` reads the hand-written sections ``benchmarks/notes/*.md`` in name order (it never writes them) and
+replaces each ``<!-- tables: RUN [RUN ...] -->`` line in them by the throughput and memory tables of those
+recorded runs (folders under ``benchmarks/results/runs/``, named ``<date>_<commit>_<device>``, holding the raw
+JSON with its command; see ``benchmarks/README.md``), with plots under ``benchmarks/results/plots/<section>/``.
+It refuses a run folder whose name does not match its JSON's date, a result without its command, and a run
+folder no note names (a recorded run nobody reports).
+
+``--results``: every ``throughput_*.json`` (``throughput.py``) and ``memory_*.json`` (``memory.py``) under the
+given folders -> ``<out>/throughput.md`` plus ``throughput_vs_micro_batch.png``, ``mfu_vs_micro_batch.png``,
+``speedup_vs_micro_batch.png`` and ``memory_per_rank.png`` (each only when there are results to plot).
+
+Every figure's row carries the command, machine, software versions and date it was measured with. Without
+matplotlib (the ``bench`` extra) the tables are still written and the plots are skipped (``--all`` keeps the
+committed ones) with one line.
 
 Speed-ups are labelled by what they compare against: ``authors' code`` (``throughput.py --baseline authors``:
 the authors' released code in a separate process, steps interleaved, ratio of median step times),
@@ -17,104 +28,29 @@ runs' "authors" baseline was the re-creation, run after ours in the same process
 from __future__ import annotations
 
 import argparse
+import difflib
 import glob
 import json
 import os
 import re
-from collections import defaultdict
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
-THROUGHPUT_HEADER = (
-    "| run | device | model | stage | precision | ZeRO | micro batch | ranks | parameters | samples/s | tokens/s | "
-    "TFLOP/s | MFU | MFU (measured peak) | speed-up (vs) | peak memory | data / fwd / bwd / opt ms | "
-    "step ms, median [min-max] |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-BASELINE_HEADER = (
-    "| run | baseline | parameters | precision | samples/s | step ms, median [min-max] | fwd / bwd / opt ms, medians | "
-    "speed-up, ratio of medians (step; fwd / bwd / opt) | peak memory |\n|---|---|---|---|---|---|---|---|---|\n")
-MEMORY_HEADER = (
-    "| ZeRO | offload | ranks | params/rank | grads/rank | optimizer state/rank | fp32 master/rank | "
-    "theory params / grads / optim+master | peak RSS/rank |\n|---|---|---|---|---|---|---|---|---|\n")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from report_plots import plot_names, plots  # noqa: E402
+from report_tables import tables  # noqa: E402
 
-def _pct(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _gib(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
-
-
-def _params(n: Optional[float]) -> str:
-    return "n/a" if n is None else f"{n / 1e6:.1f}M"
-
-
-def _median_ms(phases: Optional[Dict], key: str = "step") -> str:
-    s = (phases or {}).get(key)
-    return "n/a" if not s else f"{1e3 * s['median']:.1f} [{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f}]"
-
-
-def speedup_of(r: Dict):
-    """(speed-up, label of what it is against) of a result; (None, None) when it has none."""
-    kind = r.get("baseline_kind")
-    if kind == "authors":
-        return r.get("speedup_vs_authors"), "authors' code"
-    if kind == "eager":
-        return r.get("speedup_vs_eager_recreation"), "eager re-creation"
-    if kind is None and r.get("speedup_vs_authors") is not None:  # written before issue 13
-        return r["speedup_vs_authors"], "re-creation (old, means)"
-    return None, None
-
-
-def throughput_row(r: Dict) -> str:
-    b = r["breakdown_s"]
-    speedup, against = speedup_of(r)
-    model = os.path.splitext(os.path.basename(r["model"]))[0]
-    cells = [r["name"], r["device"], model, r["stage"], r["precision"], r["zero_stage"], r["micro_batch"],
-             r["world_size"], _params(r.get("parameters")), f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-             f"{r['tflops']:.4f}", _pct(r.get("mfu")), _pct(r.get("mfu_measured_peak")),
-             "n/a" if speedup is None else f"{speedup:.2f}x ({against})", _gib(r["peak_memory_bytes"]),
-             " / ".join(f"{1e3 * b[k]:.1f}" for k in ("data_wait", "forward", "backward", "optimizer")),
-             _median_ms(r.get("phases_s"))]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def baseline_row(r: Dict) -> str:
-    """The baseline of result ``r`` (which has one): what it is, its medians and the ratios."""
-    base = r["baseline"]
-    speedup, against = speedup_of(r)
-    phases = base.get("phases_s")
-    if phases:
-        fbo = " / ".join(f"{1e3 * phases[k]['median']:.1f}" for k in ("forward", "backward", "optimizer"))
-    else:
-        fbo = " / ".join(f"{1e3 * base['breakdown_s'][k]:.1f}" for k in ("forward", "backward", "optimizer")
-                         if k in base.get("breakdown_s", {})) + " (means)"
-    ratios = r.get("speedup") or {}
-    ratio = "n/a" if speedup is None else f"{speedup:.2f}x"
-    if ratios:
-        ratio += " (" + " / ".join(f"{ratios[k]:.2f}x" for k in ("forward", "backward", "optimizer")
-                                   if k in ratios) + ")"
-    cells = [r["name"], against or "?", _params(base.get("parameters")), base.get("precision", "?"),
-             f"{base['samples_per_s']:.2f}", _median_ms(phases), fbo, ratio, _gib(base.get("peak_memory_bytes"))]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def memory_row(r: Dict) -> str:
-    ranks = r["per_rank"]
-
-    def mean(key):
-        vals = [x[key] for x in ranks if x.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    t = r["theory"]
-    states = t["optimizer_state_bytes"] + t["master_bytes"]
-    theory = f"{_gib(t['param_bytes'])} / {_gib(t['grad_bytes'])} / {_gib(states)}"
-    cells = [r["zero_stage"], "cpu" if r["offload"] else "-", r["world_size"], _gib(mean("param_bytes")),
-             _gib(mean("grad_bytes")), _gib(mean("optimizer_state_bytes")), _gib(mean("master_bytes")), theory,
-             _gib(mean("rss_peak_bytes"))]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+REPO = Path(__file__).resolve().parent.parent
+NOTES = REPO / "benchmarks" / "notes"
+RUNS = REPO / "benchmarks" / "results" / "runs"
+PLOTS = REPO / "benchmarks" / "results" / "plots"
+TARGET = REPO / "BENCHMARKS.md"
+GENERATED = ("<!-- Generated by `python benchmarks/report.py --all` from benchmarks/notes/*.md and "
+             "benchmarks/results/runs/: edit those, not this file. -->\n")
+TABLES_LINE = re.compile(r"^<!-- tables: (.+?) -->$", re.M)
+RUN_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})_([0-9a-f]{7,40})_([a-z0-9][a-z0-9-]*)$")
 
 
 def load(folders: List[str]) -> Dict[str, List[Dict]]:
@@ -127,139 +63,112 @@ def load(folders: List[str]) -> Dict[str, List[Dict]]:
     return out
 
 
-def provenance(r: Dict) -> str:
-    machine = r.get("gpu") or r.get("cpu", "?")
-    load = r.get("load_average_1min")
-    shared = "" if load is None else f", {r.get('cpu_count', '?')} cores with 1-min load average {load:.1f}"
-    command = re.sub(r"--local_rank=\d+ ", "", r["command"])
-    vocab = r.get("vocab")
-    vocab = f", vocabulary {vocab['vocab_size']} rows / {vocab['only_word_size']} word pieces ({vocab['source']})" \
-        if vocab else ""
-    return (f"`{command}` on {machine} ({r.get('cpu_threads', '?')} threads per rank{shared}{vocab}), torch "
-            f"{r['torch']}, deepspeed {r['deepspeed']}, Python {r['python']}, {r['date']}")
+def check_runs(runs: Path, notes: Path) -> List[str]:
+    """What is wrong with the recorded runs, one ``error:`` line each: a folder not named
+    ``<date>_<commit>_<device>``, a JSON without its date and command or from another date than its folder's,
+    an empty folder, and a folder that no note names (by its tables line or its path)."""
+    text = "\n".join(p.read_text() for p in sorted(notes.glob("*.md")))
+    errors = []
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+        name = RUN_NAME.match(folder.name)
+        if not name:
+            errors.append(f"error: {folder}: run folders are named <YYYY-MM-DD>_<commit>_<device>")
+            continue
+        results = sorted(folder.glob("*.json"))
+        if not results:
+            errors.append(f"error: {folder}: no result JSON")
+        for path in results:
+            with open(path) as f:
+                r = json.load(f)
+            for field in ("date", "command"):
+                if not r.get(field):
+                    errors.append(f"error: {path}: field {field!r} missing (a recorded result says when and how)")
+            if r.get("date") and not str(r["date"]).startswith(name.group(1)):
+                errors.append(f"error: {path}: field 'date' is {r['date']!r}, not the folder's {name.group(1)}")
+        if folder.name not in text:
+            errors.append(f"error: {folder}: no note in {notes} names this run (a tables line or its path)")
+    return errors
 
 
-def plots(results: Dict[str, List[Dict]], out: str) -> List[str]:
-    """The PNG plots; none (and one line saying so) where matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
-        return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def render_all(notes: Path = NOTES, runs: Path = RUNS, plots_dir: Path = PLOTS, target: Path = TARGET,
+               draw: bool = False) -> str:
+    """BENCHMARKS.md's text: the notes in name order, each tables line replaced by the tables of its runs.
+    With ``draw``, the plots are drawn into ``plots_dir/<section>/`` (kept as they are where they cannot be)."""
+    sections = []
+    for note in sorted(notes.glob("*.md")):
+        section = note.stem.split("_", 1)[-1]
 
-    made = []
-    series = defaultdict(list)
-    for r in results["throughput"]:
-        r = dict(r, speedup_value=speedup_of(r)[0])
-        series[(r["device"], r["model"], r["precision"], r["world_size"], speedup_of(r)[1])].append(r)
-    for key, ylabel, fname in (("samples_per_s", "samples/s per rank", "throughput_vs_micro_batch.png"),
-                               ("mfu_measured_peak", "MFU (vs measured matmul peak)", "mfu_vs_micro_batch.png"),
-                               ("speedup_value", "speed-up over the baseline (x)", "speedup_vs_micro_batch.png")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        drawn = False
-        for (device, model, precision, world, against), rs in sorted(series.items(), key=lambda kv: str(kv[0])):
-            rs = sorted((r for r in rs if r.get(key) is not None), key=lambda r: r["micro_batch"])
-            if not rs:
-                continue
-            short = os.path.splitext(os.path.basename(model))[0]
-            vs = f" vs {against}" if key == "speedup_value" and against else ""
-            ax.plot([r["micro_batch"] for r in rs], [r[key] for r in rs], marker="o",
-                    label=f"{device} {short} {precision} x{world}{vs}")
-            if key == "samples_per_s" and any(r.get("baseline") for r in rs):
-                based = [r for r in rs if r.get("baseline")]
-                ax.plot([r["micro_batch"] for r in based], [r["baseline"]["samples_per_s"] for r in based],
-                        marker="x", linestyle="--", label=f"{device} {short} {against or 'baseline'}")
-            drawn = True
-        if drawn:
-            ax.set_xlabel("micro batch")
-            ax.set_ylabel(ylabel)
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, fname), dpi=110)
-            made.append(fname)
-        plt.close(fig)
-    if results["memory"]:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        lines = defaultdict(list)
-        for r in results["memory"]:
-            lines[(r["zero_stage"], r["offload"])].append(r)
-        for (stage, offload), rs in sorted(lines.items()):
-            rs.sort(key=lambda r: r["world_size"])
-            measured = [sum(x["param_bytes"] + x["grad_bytes"] + x["optimizer_state_bytes"] + x["master_bytes"]
-                            for x in r["per_rank"]) / len(r["per_rank"]) / 2 ** 20 for r in rs]
-            theory = [sum(r["theory"].values()) / 2 ** 20 for r in rs]
-            line, = ax.plot([r["world_size"] for r in rs], measured, marker="o",
-                            label=f"ZeRO-{stage}{' offload' if offload else ''}")
-            ax.plot([r["world_size"] for r in rs], theory, linestyle=":", color=line.get_color())
-        ax.set_xlabel("ranks")
-        ax.set_ylabel("model states per rank (MiB)")
-        ax.set_xticks(sorted({r["world_size"] for r in results["memory"]}))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="measured (dotted: theory)", title_fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "memory_per_rank.png"), dpi=110)
-        plt.close(fig)
-        made.append("memory_per_rank.png")
-    return made
+        def replace(match, note=note, section=section):
+            names = match.group(1).split()
+            missing = [n for n in names if not (runs / n).is_dir()]
+            if missing:
+                raise SystemExit(f"error: {note}: tables line names {', '.join(missing)}, not a folder of {runs}")
+            results = load([str(runs / n) for n in names])
+            if not results["throughput"] and not results["memory"]:
+                raise SystemExit(f"error: {note}: no throughput_*.json or memory_*.json in {', '.join(names)}")
+            out = plots_dir / section
+            if draw:
+                plots(results, str(out))
+            link = os.path.relpath(out, target.parent).replace(os.sep, "/")
+            return tables(results, [f"{link}/{name}" for name in plot_names(results)]).rstrip("\n")
+
+        sections.append(TABLES_LINE.sub(replace, note.read_text()).strip("\n"))
+    return GENERATED + "\n" + "\n\n".join(sections) + "\n"
 
 
-def markdown(results: Dict[str, List[Dict]], title: str, images: List[str], note: str = "") -> str:
-    lines = [f"## {title}", ""]
-    if note:
-        lines += [note, ""]
-    tp = sorted(results["throughput"], key=lambda r: (r["device"], r["model"], r["world_size"], r["micro_batch"]))
-    if tp:
-        lines += ["### Training throughput per rank", "", THROUGHPUT_HEADER.rstrip("\n")]
-        lines += [throughput_row(r) for r in tp]
-        based = [r for r in tp if r.get("baseline")]
-        if based:
-            lines += ["", "Baselines of the same runs. *authors' code*: the authors' released "
-                      "`BiBertImgForPreTraining` with torch AdamW in a separate process (`authors_driver.py`), "
-                      "fixed padding 40 + 20 + 50, same sizes, sample indices and thread count, its steps "
-                      "interleaved with ours; speed-up = its median step / ours (forward + backward + "
-                      "optimizer; data wait excluded on both sides). *eager re-creation*: this project's "
-                      "re-creation of their computation (fixed padding, eager attention, per-pair WPG loop) on our "
-                      "engine, in-process; not their code. *re-creation (old, means)*: results written before "
-                      "the two were told apart, whose \"authors\" baseline was that re-creation, run after ours, "
-                      "compared by mean samples/s.", "", BASELINE_HEADER.rstrip("\n")]
-            lines += [baseline_row(r) for r in based]
-        lines += ["", "Measured with:", ""] + [f"- {r['name']}: {provenance(r)}" for r in tp] + [""]
-    mem = sorted(results["memory"], key=lambda r: (r["zero_stage"], r["offload"], r["world_size"]))
-    if mem:
-        lines += ["### Model-state memory per rank vs world size", "", MEMORY_HEADER.rstrip("\n")]
-        lines += [memory_row(r) for r in mem]
-        lines += ["", "Measured with:", ""]
-        lines += [f"- ZeRO-{r['zero_stage']}{' offload' if r['offload'] else ''} x{r['world_size']}: {provenance(r)}"
-                  for r in mem] + [""]
-    for img in images:
-        lines += [f"![{img[:-4]}]({img})", ""]
-    return "\n".join(lines)
+def run_all(check: bool) -> int:
+    errors = check_runs(RUNS, NOTES)
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        return 2
+    text = render_all(draw=not check)
+    if check:
+        current = TARGET.read_text() if TARGET.exists() else ""
+        if current == text:
+            print(f"{TARGET.name} is what benchmarks/notes and benchmarks/results/runs give")
+            return 0
+        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(TARGET), "generated", lineterm="")
+        print("\n".join(list(diff)[:60]))
+        print(f"error: {TARGET} differs from what the notes and runs give: run python benchmarks/report.py --all",
+              file=sys.stderr)
+        return 1
+    TARGET.write_text(text)
+    print(f"wrote {TARGET} and the plots under {PLOTS}")
+    return 0
 
 
-def main(argv: Optional[List[str]] = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", nargs="+", required=True, help="folders holding throughput_*.json / memory_*.json")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--title", default="Benchmarks")
-    p.add_argument("--note", default="", help="a paragraph put under the title")
-    p.add_argument("--name", default="throughput.md")
-    args = p.parse_args(argv)
+def run_results(args) -> str:
     results = load(args.results)
     if not results["throughput"] and not results["memory"]:
         raise SystemExit(f"no throughput_*.json or memory_*.json under {', '.join(args.results)}")
     os.makedirs(args.out, exist_ok=True)
     images = plots(results, args.out)
-    text = markdown(results, args.title, images, args.note)
+    lines = [f"## {args.title}", ""] + ([args.note, ""] if args.note else [])
+    text = "\n".join(lines) + "\n" + tables(results, images)
     path = os.path.join(args.out, args.name)
     with open(path, "w") as f:
         f.write(text)
     print(f"wrote {path} ({len(results['throughput'])} throughput, {len(results['memory'])} memory results; "
           f"plots: {', '.join(images) or 'none'})")
     return path
+
+
+def main(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--all", action="store_true", help="BENCHMARKS.md and its plots from the notes and runs")
+    what.add_argument("--results", nargs="+", help="folders holding throughput_*.json / memory_*.json")
+    p.add_argument("--check", action="store_true", help="with --all: compare BENCHMARKS.md, write nothing")
+    p.add_argument("--out", default="runs/report", help="with --results: the folder for the section and plots")
+    p.add_argument("--title", default="Benchmarks", help="with --results: the section's title")
+    p.add_argument("--note", default="", help="with --results: a paragraph put under the title")
+    p.add_argument("--name", default="throughput.md", help="with --results: the section's file name")
+    args = p.parse_args(argv)
+    if args.all:
+        raise SystemExit(run_all(args.check))
+    if args.check:
+        p.error("--check goes with --all")
+    return run_results(args)
 
 
 if __name__ == "__main__":

@@ -593,7 +593,7 @@ def write_result(result: Dict[str, object], out_dir: str) -> str:
         json.dump(result, f, indent=1, sort_keys=True)
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(result, sort_keys=True) + "\n")
-    from report import throughput_row, THROUGHPUT_HEADER
+    from report_tables import THROUGHPUT_HEADER, throughput_row
     table = os.path.join(out_dir, "table.md")
     new = not os.path.exists(table)
     with open(table, "a") as f:

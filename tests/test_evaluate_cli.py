@@ -1,5 +1,5 @@
 """End to end: pre-train the tiny model briefly (stage 1, then stage 2 from it) on a small world, then
-``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: benchmarks/results/learnability.md).
+``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: BENCHMARKS.md).
 """
 import json
 import os

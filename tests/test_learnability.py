@@ -1,7 +1,7 @@
 """The two-stage recipe learns alignment at both levels on the built-in world (README "Learnability").
 
 The README's commands with a shorter stage 2 (250 of its 600 steps) on a world seed of this test's own
-(5; the acceptance seeds in benchmarks/results/learnability.md are never used by tests), evaluated on the
+(5; the acceptance seeds in BENCHMARKS.md are never used by tests), evaluated on the
 world's held-out images. The bounds are weaker than the README's (>= 5x chance for retrieval, >= 2x for
 grounding after 600 steps) but far above what an untrained or broken model reaches: chance is 1.56% for
 R@1 and about 7% for grounding. Then the pre-training's phrase grounding is put to use: referring

@@ -332,7 +332,7 @@ def test_eager_recreation_baseline_is_labelled_and_interleaved(tmp_path):
 
 def test_report_plots(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is only in the bench extra; the tables do not need it")
-    from report import plots
+    from report_plots import plots
 
     row = {"device": "cpu", "model": "tiny", "precision": "fp32", "world_size": 1, "micro_batch": 4,
            "samples_per_s": 3.0, "mfu_measured_peak": 0.1, "baseline_kind": "authors", "speedup_vs_authors": 1.5,
