@@ -31,7 +31,8 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        # wheel: tests/test_wheel.py builds the wheel with the installed setuptools (older than 70.1 needs it)
+        "test": ["pytest>=7", "pytest-timeout", "wheel"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["mvptr_ds=mvptr_ds.run:main"]},

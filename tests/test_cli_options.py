@@ -28,3 +28,19 @@ def test_shipped_templates_are_found_by_name_from_any_folder(tmp_path, monkeypat
     assert ds_configs.resolve("zero3.json") == str(mine)  # a file that exists wins over the shipped name
     with pytest.raises(ConfigError, match="nope.json: file not found .shipped templates: zero1"):
         ds_configs.resolve("nope.json")
+
+
+def test_nothing_in_the_package_imports_the_command_line():
+    """run.py is the top of the import graph (finetune/runner.py imported it back: the package's one cycle)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(config.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name == "run.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            assert "mvptr_ds.run" not in names, f"{path.relative_to(root)} imports mvptr_ds.run"

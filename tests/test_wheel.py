@@ -3,6 +3,7 @@ from another folder (no repository on the path): ``--ds_config zero3`` is found 
 
 torch and DeepSpeed come from this interpreter's environment (the venv sees the system's site-packages, and a
 ``.pth`` file adds this environment's), so only mvptr_ds itself is installed: from the wheel, with --no-deps.
+The wheel is built offline with this environment's setuptools (and ``wheel``, in the ``test`` extra).
 """
 import os
 import shutil
