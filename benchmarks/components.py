@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from authors_baseline import fixed_lengths, pad_fixed, wpg_loss_per_sample  # noqa: E402
 from realistic import realistic_loader  # noqa: E402
 
-from mvptr_ds import pipeline  # noqa: E402
+from mvptr_ds import assembly  # noqa: E402
 from mvptr_ds.config import DataConfig, RunConfig, TrainConfig, model_config_from  # noqa: E402
 from mvptr_ds.objectives.wpg import wpg_loss  # noqa: E402
 from mvptr_ds.training import distributed  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     cfg = RunConfig(model=model_config_from(args.model),
                     data=DataConfig(source="synthetic:images=512,held_out=0,regions=10-50"),
                     train=TrainConfig(micro_batch=args.micro_batch, seed=args.seed, wandb="disabled")).validate()
-    parts = pipeline.build(cfg, info)
+    parts = assembly.build(cfg, info)
     cfg = parts.config
     batch = next(iter(realistic_loader(parts, cfg, info)))
     parts.module.train()

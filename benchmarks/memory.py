@@ -3,7 +3,7 @@
     python benchmarks/memory.py --sweep --procs 1 2 4 --out DIR        # every (ZeRO, offload, ranks) combination
     deepspeed --num_gpus 2 benchmarks/memory.py --zero 2 --out DIR       # one combination (what --sweep launches)
 
-Each rank builds the real pre-training module and DeepSpeed engine (``pipeline.build``,
+Each rank builds the real pre-training module and DeepSpeed engine (``assembly.build``,
 ``trainer.build_engine``; fp32, MVPTR stage 2) for a model large enough that model states dominate
 (``--model``, default hidden 512, 8 heads, 2+2+2 layers: 21.7M parameters with the synthetic vocabulary),
 trains two micro batches, and counts the bytes of unique tensor storages it holds:
@@ -155,7 +155,7 @@ def measure(args) -> Optional[Dict]:
     from flop_count import param_count
     from throughput import environment
 
-    from mvptr_ds import pipeline
+    from mvptr_ds import assembly
     from mvptr_ds.config import DataConfig, ModelConfig, RunConfig, TrainConfig, model_config_from
     from mvptr_ds.training import distributed
     from mvptr_ds.training.ds_config import build_ds_config, zero_stage
@@ -171,7 +171,7 @@ def measure(args) -> Optional[Dict]:
     cfg = RunConfig(model=dataclasses.replace(model, hidden_dropout=0.0, attention_dropout=0.0),
                     data=DataConfig(source="synthetic:images=64,held_out=0"), train=train).validate()
     torch.manual_seed(0)
-    parts = pipeline.build(cfg, info)
+    parts = assembly.build(cfg, info)
     ds_cfg = build_ds_config(holder[0], parts.config.train, info.world_size)
     stage = zero_stage(ds_cfg)  # one fp32 process runs stage 0 whatever the template asks (ds_config.ONE_PROCESS_NOTE)
     engine, _ = build_engine(parts.module, parts.config.train, ds_cfg, info.device)

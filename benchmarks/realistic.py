@@ -49,7 +49,7 @@ class RealisticLengths:
 
 
 def realistic_loader(parts, cfg, info):
-    """This rank's loader over ``RealisticLengths(parts.data.train)``, like ``pipeline.build``'s."""
+    """This rank's loader over ``RealisticLengths(parts.data.train)``, like ``assembly.build``'s."""
     from mvptr_ds.data.batching import ResumableLoader
 
     return ResumableLoader(RealisticLengths(parts.data.train, cfg.train.seed), parts.data.collator,

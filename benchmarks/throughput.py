@@ -7,7 +7,7 @@ and the speed-up over the authors' released code, measured step by step against 
     deepspeed --num_gpus 2 benchmarks/throughput.py --device cpu --model tiny      # per-rank figures, 2 ranks
 
 Our side runs ``--warmup`` then ``--steps`` timed optimizer steps of the real training step
-(``pipeline.build``: data, model, objectives; ``trainer.build_engine``: AdamW + DeepSpeed engine; then
+(``assembly.build``: data, model, objectives; ``trainer.build_engine``: AdamW + DeepSpeed engine; then
 ``engine(batch)``, ``engine.backward``, ``engine.step`` as in ``trainer.py``) and times four phases per step,
 with a device synchronisation at each boundary: data wait (next batch from the loader, to the device), forward,
 backward (gradient reduction of ZeRO >= 2 happens inside it, in DeepSpeed's hooks), optimizer (ZeRO 1/2
@@ -149,7 +149,7 @@ def run_config(args: argparse.Namespace):
                                 activation_checkpointing=args.activation_checkpointing)
     if args.vocab == "authors":
         model = dataclasses.replace(model, vocab_size=AUTHORS_VOCAB_SIZE, only_word_size=AUTHORS_ONLY_WORD_SIZE)
-        source = "generated:authors_vocab"  # never read: build_parts hands pipeline.build the generated data
+        source = "generated:authors_vocab"  # never read: build_parts hands assembly.build the generated data
     elif args.data == "realistic":
         source = "synthetic:images=512,held_out=0,regions=10-50"
     else:
@@ -263,7 +263,7 @@ def median_ratios(baseline: Dict[str, Dict[str, float]], ours: Dict[str, Dict[st
 
 @contextlib.contextmanager
 def data_bundle_for_build(bundle):
-    """While active, ``pipeline.build`` gets ``bundle`` from ``build_data`` (whatever ``cfg.data.source`` says)."""
+    """While active, ``assembly.build`` gets ``bundle`` from ``build_data`` (whatever ``cfg.data.source`` says)."""
     import mvptr_ds.data.pipeline as data_pipeline
 
     original = data_pipeline.build_data
@@ -279,24 +279,24 @@ def generated_size(args, world_size: int) -> int:
 
 
 def build_parts(cfg, info, args):
-    """``pipeline.build(cfg, info)`` and the loader to time. ``--vocab authors``: the data bundle is
+    """``assembly.build(cfg, info)`` and the loader to time. ``--vocab authors``: the data bundle is
     ``authors_data.authors_bundle`` (the authors' vocabulary sizes; ``resolve_model_config`` checks the model's
     86,051 / 30,522 against it); otherwise the configured source, re-cut by ``realistic.py`` by default."""
     from authors_data import authors_bundle
     from realistic import realistic_loader
 
-    from mvptr_ds import pipeline
+    from mvptr_ds import assembly
 
     if args.vocab == "authors":
         bundle = authors_bundle(cfg.data, cfg.objective_names, generated_size(args, info.world_size),
                                 seed=cfg.train.seed)
         with data_bundle_for_build(bundle):
-            parts = pipeline.build(cfg, info)
+            parts = assembly.build(cfg, info)
         if parts.data is not bundle:
-            raise RuntimeError("pipeline.build did not take the generated data (does it still call "
+            raise RuntimeError("assembly.build did not take the generated data (does it still call "
                                "mvptr_ds.data.pipeline.build_data?)")
         return parts, parts.loader
-    parts = pipeline.build(cfg, info)
+    parts = assembly.build(cfg, info)
     return parts, (realistic_loader(parts, parts.config, info) if args.data == "realistic" else parts.loader)
 
 

@@ -39,9 +39,9 @@ def _rank0() -> bool:
 
 def train(given: Dict[str, Any]):
     """Pre-train MVPTR (the default command: options without a command name are its)."""
-    from mvptr_ds.training.trainer import train as run_training
+    from mvptr_ds.assembly import pretrain
 
-    result = run_training(configs.pretraining_config(given))
+    result = pretrain(configs.pretraining_config(given))
     if result is not None and result.stopped_by:
         return f"stopped by {result.stopped_by} after step {result.steps} (checkpoint saved); resume with --resume auto"
     return None if result is None else f"trained {result.steps} steps; final weights in {result.final_dir}"

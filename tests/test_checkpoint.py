@@ -12,7 +12,7 @@ import torch
 from mvptr_ds.config import ConfigError
 from mvptr_ds.training import checkpoint, elastic
 from mvptr_ds.training.safe_load import check_manifest, safe_torch_load
-from mvptr_ds.training.trainer import truncate_metrics
+from mvptr_ds.training.logging import truncate_metrics
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):

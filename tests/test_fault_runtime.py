@@ -22,7 +22,7 @@ from mvptr_ds.config import TrainConfig
 from mvptr_ds.training import cleanup, distributed, lock, writes
 from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
-from mvptr_ds.training.trainer import truncate_metrics
+from mvptr_ds.training.logging import truncate_metrics
 from test_fault_harness import copy_run, launch, metrics, one_error
 
 pytestmark = [pytest.mark.fault]

@@ -2,7 +2,7 @@
 
 Tiny model, the built-in synthetic world, fixed seeds, one process, one thread (``conftest.clean_env``),
 deterministic kernels: the same code gives the same numbers to the last bit. This guards refactors of the loop
-(``training/``, ``pipeline``): they must not change what is trained. The expected values are the one data
+(``training/``, ``assembly``): they must not change what is trained. The expected values are the one data
 block ``tests/golden_losses.json``.
 
 A change that is MEANT to change the losses (data corruption, model or objective fidelity) re-records them, and

@@ -110,7 +110,7 @@ def test_cpu_step_is_deterministic_at_the_default_thread_count():
     (torch's default thread count: without it, index_put's accumulation order varies with the threads)."""
     import dataclasses
 
-    from mvptr_ds import pipeline
+    from mvptr_ds import assembly
     from mvptr_ds.config import RunConfig, model_config_from
     from mvptr_ds.data.batching import ResumableLoader
     from mvptr_ds.data.pipeline import build_data
@@ -124,7 +124,7 @@ def test_cpu_step_is_deterministic_at_the_default_thread_count():
         cfg = dataclasses.replace(cfg, model=model_config_from("tiny"),
                                   data=dataclasses.replace(cfg.data, source="synthetic:seed=3"))
         data = build_data(cfg.data, cfg.objective_names)
-        cfg = dataclasses.replace(cfg, model=pipeline.resolve_model_config(cfg.model, data.vocab)).validate()
+        cfg = dataclasses.replace(cfg, model=assembly.resolve_model_config(cfg.model, data.vocab)).validate()
         torch.manual_seed(0)
         module = build_pretraining_module(cfg.model, cfg.objective_names, cfg.objectives)
         batch = next(iter(ResumableLoader(data.train, data.collator, micro_batch=16, rank=0, world_size=1, seed=0)))

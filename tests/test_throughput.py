@@ -24,7 +24,7 @@ from mvptr_ds.config import MODEL_PRESETS, OBJECTIVES, DataConfig, ObjectiveConf
 from mvptr_ds.data.batching import BatchContext  # noqa: E402
 from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.objectives import build_pretraining_module  # noqa: E402
-from mvptr_ds.pipeline import resolve_model_config  # noqa: E402
+from mvptr_ds.assembly import resolve_model_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

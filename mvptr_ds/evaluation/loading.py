@@ -107,7 +107,7 @@ def load_eval_data(model: LoadedModel, data: Optional[str] = None):
     directory of the test split). The checkpoint's vocabulary must fit the data's.
     """
     from mvptr_ds.data.pipeline import build_data
-    from mvptr_ds.pipeline import resolve_model_config
+    from mvptr_ds.assembly import resolve_model_config
 
     data_cfg = dataclasses.replace(model.config.data, source=data) if data else model.config.data
     bundle = build_data(data_cfg, objectives=())

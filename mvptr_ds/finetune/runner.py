@@ -42,7 +42,8 @@ class TaskBuilder:
     def __call__(self, cfg: RunConfig, info):
         import dataclasses
 
-        from mvptr_ds.pipeline import RunParts, resolve_model_config, training_loader
+        from mvptr_ds.assembly import resolve_model_config, training_loader
+        from mvptr_ds.training.trainer import RunParts
 
         data = build_task_data(cfg)
         cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab, cfg.data))
@@ -146,9 +147,9 @@ def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, check
 
 def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
     """Train (unless ``eval_only``) and evaluate; returns the report written to ``<output_dir>/eval.json``."""
-    from mvptr_ds import pipeline
     from mvptr_ds.training import checkpoint as checkpoint_lib
     from mvptr_ds.training import distributed
+    from mvptr_ds.training.init_from import init_weights
     from mvptr_ds.training.trainer import train
 
     builder = TaskBuilder(training=not eval_only)
@@ -158,7 +159,7 @@ def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
         checkpoint_lib.check_output_dir(cfg.train.output_dir)  # eval.json goes there
         info = distributed.setup()
         parts = builder(cfg, info)
-        for line in pipeline.init_weights(parts.module, cfg.train.init_from):
+        for line in init_weights(parts.module, cfg.train.init_from):
             if info.is_main:
                 print(line)
         module, checkpoint, cfg, device = parts.module, cfg.train.init_from, parts.config, info.device

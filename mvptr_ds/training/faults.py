@@ -17,7 +17,7 @@
 - ``empty=R``: rank R's batches lose every MLM/MCR label and phrase (objectives with nothing to score).
 - ``trace=DIR``: every rank appends ``{"step", "rank", "ids"}`` per micro batch to ``DIR/trace<rank>.jsonl``.
 
-The trainer asks :func:`from_env` once; with the variable unset it gets None and pays nothing per step.
+The trainer asks :func:`from_env` once; with the variable unset it gets the no-op :class:`LoopHooks`.
 """
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
+
+from mvptr_ds.training.hooks import LoopHooks
 
 ENV = "MVPTR_FAULT_INJECT"
 
@@ -56,7 +58,7 @@ def _counts(value: str) -> Dict[int, int]:
     return out
 
 
-class FaultPlan:
+class FaultPlan(LoopHooks):
     def __init__(self, spec: str, rank: int):
         items = dict(kv.split("=", 1) for kv in spec.split(";") if "=" in kv)
         self.rank = rank
@@ -102,6 +104,10 @@ class FaultPlan:
             return _NanGrad.apply(loss)
         return loss
 
+    def before_save(self, engine, step: int):
+        self.wrap_checkpoint_engine(engine, step)
+        return self.save_hook(step)
+
     def save_hook(self, step: int):
         """The hook ``checkpoint.save`` calls with "before"/"after" for the save of ``step`` (or None)."""
         if not self.kill.startswith(f"save:{step}:"):
@@ -141,6 +147,7 @@ class FaultPlan:
         ce.save = save
 
 
-def from_env(rank: int) -> Optional[FaultPlan]:
+def from_env(rank: int) -> LoopHooks:
+    """The fault plan of ``MVPTR_FAULT_INJECT`` for ``rank``, or the no-op hooks when it is unset."""
     spec = os.environ.get(ENV, "").strip()
-    return FaultPlan(spec, rank) if spec else None
+    return FaultPlan(spec, rank) if spec else LoopHooks()

@@ -1,7 +1,7 @@
 """All-gather with gradient, for contrastive negatives and ITM hard negatives from every rank.
 
 The only place the objectives' cross-rank communication lives: ``objectives/`` never imports
-``torch.distributed``; ``pipeline.build`` passes ``global_gather_fn()`` into the pre-training module when
+``torch.distributed``; ``assembly.build`` passes ``global_gather_fn()`` into the pre-training module when
 ``objectives.global_negatives`` is set.
 
 Gradient: rank r's loss uses rank q's rows through the gathered copy, so the backward of the gather sums

@@ -1,23 +1,15 @@
-"""Composition root: turns a RunConfig into data, model + objectives and a loader. The only wiring code."""
+"""Composition root of pre-training: a RunConfig becomes data, model + objectives and this rank's loader
+(:func:`build`), which :func:`pretrain` hands to the training loop. ``finetune.runner`` is the same for tasks.
+
+(``data.pipeline`` is the data side's entry point; this module wires every side together.)
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import List, Optional
-
-import torch
+from typing import Optional
 
 from mvptr_ds.config import ConfigError, DataConfig, ModelConfig, RunConfig
-
-
-@dataclass
-class RunParts:
-    config: RunConfig      # with the model's vocabulary sizes resolved from the data
-    data: object           # mvptr_ds.data.pipeline.DataBundle
-    module: torch.nn.Module  # mvptr_ds.objectives.PretrainingModule
-    loader: object         # mvptr_ds.data.batching.ResumableLoader
+from mvptr_ds.training.trainer import RunParts, TrainResult, train
 
 
 def resolve_model_config(model: ModelConfig, vocab, data: Optional[DataConfig] = None) -> ModelConfig:
@@ -86,40 +78,6 @@ def build(cfg: RunConfig, info) -> RunParts:
     return RunParts(config=cfg, data=data, module=module, loader=loader)
 
 
-def init_weights(module: torch.nn.Module, path: str, report_path: str = None) -> List[str]:
-    """Load matching weights from ``path`` into ``module``; report what was loaded and what is new, by name.
-
-    Shape mismatches are errors. Returns human-readable report lines; the full lists go to ``report_path``.
-    """
-    from mvptr_ds.training.weights import read_model_weights
-
-    source = read_model_weights(path, "--init_from")[0]
-    target = module.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in target.items() if k in source and source[k].shape != v.shape]
-    if mismatched:
-        raise ConfigError(f"--init_from {path}: shape mismatch for {mismatched[0]}"
-                          + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
-    loaded = [k for k in target if k in source]
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
-    module.load_state_dict({k: source[k] for k in loaded}, strict=False)
-    if report_path:
-        with open(report_path, "w") as f:
-            json.dump({"source": path, "loaded": loaded, "newly_initialised": missing, "unused": unexpected}, f, indent=1)
-    lines = [f"init_from {path}: loaded {len(loaded)} tensors"]
-    if missing:
-        lines.append(f"  newly initialised ({len(missing)}): {summarise_names(missing)}")
-    if unexpected:
-        lines.append(f"  in the checkpoint but not used ({len(unexpected)}): {summarise_names(unexpected)}")
-    return lines
-
-
-def summarise_names(names: List[str]) -> str:
-    """Group parameter names by module: ``backbone.cross_encoder.layer.{0,1}.* (32)``-style, in order."""
-    groups: "OrderedDict[str, List[str]]" = OrderedDict()
-    for n in names:
-        parts = n.split(".")
-        key = ".".join(parts[:2]) if len(parts) > 2 else n
-        groups.setdefault(key, []).append(n)
-    return ", ".join(f"{k}.* ({len(v)})" if len(v) > 1 or v[0] != k else k for k, v in groups.items())
+def pretrain(cfg: RunConfig) -> TrainResult:
+    """Pre-train (or resume) as ``cfg`` says, on every rank of the launch (``training.trainer.train``)."""
+    return train(cfg, build)

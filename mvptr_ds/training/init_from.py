@@ -1,0 +1,50 @@
+"""``--init_from``: start a run from another run's weights (e.g. stage 2 from stage 1, a task from pre-training)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+
+from mvptr_ds.config import ConfigError
+from mvptr_ds.files import atomic_write_json
+
+
+def init_weights(module: torch.nn.Module, path: str, report_path: Optional[str] = None) -> List[str]:
+    """Load matching weights from ``path`` into ``module``; report what was loaded and what is new, by name.
+
+    ``path`` is anything ``weights.read_model_weights`` reads. Shape mismatches are errors. Returns
+    human-readable report lines; the full lists go to ``report_path`` (JSON) when given.
+    """
+    from mvptr_ds.training.weights import read_model_weights
+
+    source = read_model_weights(path, "--init_from")[0]
+    target = module.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in target.items() if k in source and source[k].shape != v.shape]
+    if mismatched:
+        raise ConfigError(f"--init_from {path}: shape mismatch for {mismatched[0]}"
+                          + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+    loaded = [k for k in target if k in source]
+    missing = [k for k in target if k not in source]
+    unexpected = [k for k in source if k not in target]
+    module.load_state_dict({k: source[k] for k in loaded}, strict=False)
+    if report_path:
+        atomic_write_json(report_path, {"source": path, "loaded": loaded, "newly_initialised": missing,
+                                        "unused": unexpected}, indent=1, sort_keys=False)
+    lines = [f"init_from {path}: loaded {len(loaded)} tensors"]
+    if missing:
+        lines.append(f"  newly initialised ({len(missing)}): {summarise_names(missing)}")
+    if unexpected:
+        lines.append(f"  in the checkpoint but not used ({len(unexpected)}): {summarise_names(unexpected)}")
+    return lines
+
+
+def summarise_names(names: List[str]) -> str:
+    """Group parameter names by module: ``backbone.cross_encoder.layer.{0,1}.* (32)``-style, in order."""
+    groups: "OrderedDict[str, List[str]]" = OrderedDict()
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else n
+        groups.setdefault(key, []).append(n)
+    return ", ".join(f"{k}.* ({len(v)})" if len(v) > 1 or v[0] != k else k for k, v in groups.items())
