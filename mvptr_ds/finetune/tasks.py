@@ -1,7 +1,7 @@
 """Fine-tuning modules: the MVPTR backbone, one task head and the task's loss (MVPTR.md section 4).
 
 :class:`FinetuneModule` is the ``nn.Module`` handed to DeepSpeed by the same training loop as pre-training
-(``training.trainer.train`` with :func:`mvptr_ds.finetune.runner.build`). Its state dict is ``backbone.*``
+(``training.trainer.train`` with :class:`mvptr_ds.finetune.runner.TaskBuilder`). Its state dict is ``backbone.*``
 (the names of pre-training, so ``--init_from`` a pre-training run loads the backbone) plus ``heads.<task>.*``
 (``heads.itm.*`` for retrieval: the pre-trained ITM head is reused, and ``evaluate`` reads it).
 
@@ -21,7 +21,6 @@ so ZeRO (stage 3 included) sees the same gradients on every step, as in pre-trai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -33,20 +32,11 @@ from mvptr_ds.finetune.batching import TaskBatch
 from mvptr_ds.finetune.heads import EntailmentHead, VQAHead, cross_states, region_scores
 from mvptr_ds.model.heads import ITMHead
 from mvptr_ds.model.mvptr import MVPTRModel
-from mvptr_ds.objectives.base import zero_loss
+from mvptr_ds.objectives.base import ModuleOutput, zero_loss
 from mvptr_ds.objectives.itm import itm_loss
 from mvptr_ds.objectives.vsc import vsc_loss
 
 TASK_NAMES = ("retrieval", "vqa", "snli_ve", "refcoco")
-
-
-@dataclass
-class TaskOutput:
-    """``loss`` (scalar with graph), ``losses`` per term (with graph), ``metrics`` (detached scalars)."""
-
-    loss: torch.Tensor
-    losses: Dict[str, torch.Tensor]
-    metrics: Dict[str, torch.Tensor]
 
 
 class FinetuneModule(nn.Module):
@@ -88,7 +78,7 @@ class FinetuneModule(nn.Module):
             return self.heads["snli_ve"](out.pooled).float(), out
         return None, out
 
-    def forward(self, tb: TaskBatch) -> TaskOutput:
+    def forward(self, tb: TaskBatch) -> ModuleOutput:
         scores, out = self.logits(tb)
         b = tb.batch
         metrics: Dict[str, torch.Tensor] = {}
@@ -115,7 +105,7 @@ class FinetuneModule(nn.Module):
         total = sum(losses.values())
         unused = zero_loss(out.text, out.visual, out.text_embed, out.visual_embed, out.cross, out.pooled,
                            out.logit_scale)
-        return TaskOutput(loss=total + unused, losses=losses, metrics=metrics)
+        return ModuleOutput(loss=total + unused, losses=losses, metrics=metrics)
 
     @torch.no_grad()
     def predict(self, tb: TaskBatch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""What every objective shares: the ``LossOutput`` record, the exact-zero loss, the masked-token loss.
+"""What every objective shares: the ``LossOutput`` record, the exact-zero loss, the masked-token loss, and the
+``ModuleOutput`` a training module returns.
 
 Objectives are deterministic functions of (backbone outputs, batch): the randomness MVPTR needs (token
 corruption, WPG negatives and top-k picks, ITM's text/image split and sampled negatives) is drawn by the data
@@ -12,7 +13,7 @@ identically everywhere and no rank waits on a collective the others skip.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Protocol
+from typing import Dict, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,34 @@ class LossOutput:
     name: str
     loss: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModuleOutput(dict):
+    """What a training module's ``forward`` returns (pre-training and every fine-tuning task): ``loss`` (scalar
+    with a graph, what is trained), ``losses`` (each objective's or term's unweighted loss, with a graph) and
+    ``metrics`` (detached scalars, ``"<objective>/<name>"``), read as attributes.
+
+    A dict, as Hugging Face's ``ModelOutput`` is: DeepSpeed's engine starts its backward pass (the
+    ``wall_clock_breakdown`` timers, the ZeRO optimizer's backward prologue) from hooks on the tensors of a
+    module output that is a tensor, tuple, list or dict, and finds none in anything else. The attributes read
+    the dict, so a tensor DeepSpeed replaces inside it (ZeRO-3 wraps module outputs) is the one used.
+    """
+
+    def __init__(self, loss: torch.Tensor, losses: Dict[str, torch.Tensor],
+                 metrics: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__(loss=loss, losses=losses, metrics={} if metrics is None else metrics)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self["loss"]
+
+    @property
+    def losses(self) -> Dict[str, torch.Tensor]:
+        return self["losses"]
+
+    @property
+    def metrics(self) -> Dict[str, torch.Tensor]:
+        return self["metrics"]
 
 
 class Gather(Protocol):

@@ -14,7 +14,6 @@ step. The cost is a backward pass of zeros through those parts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from mvptr_ds.config import OBJECTIVES, ConfigError, ModelConfig, ObjectiveConfi
 from mvptr_ds.data.types import Batch
 from mvptr_ds.model.heads import ITMHead, MaskedTokenHead, clone_decoder
 from mvptr_ds.model.mvptr import MVPTRModel
-from mvptr_ds.objectives.base import Gather, LossOutput, zero_loss
+from mvptr_ds.objectives.base import Gather, LossOutput, ModuleOutput, zero_loss
 from mvptr_ds.objectives.itm import itm_loss
 from mvptr_ds.objectives.mcr import mcr_loss
 from mvptr_ds.objectives.mlm import mlm_loss
@@ -33,17 +32,6 @@ from mvptr_ds.objectives.wpg import wpg_loss
 
 NEEDS_CROSS = frozenset({"itm", "mlm", "wpg"})
 HEADS = {"mcr": MaskedTokenHead, "mlm": MaskedTokenHead, "itm": ITMHead}
-
-
-@dataclass
-class PretrainingOutput:
-    """``loss`` = sum of weight * loss over objectives (scalar, with graph; plus an exact 0 tying in unused
-    outputs); ``losses`` per objective
-    (unweighted, with graph); ``metrics`` as ``"<objective>/<name>"`` detached scalars."""
-
-    loss: torch.Tensor
-    losses: Dict[str, torch.Tensor]
-    metrics: Dict[str, torch.Tensor]
 
 
 def needs_cross(objectives: Sequence[str]) -> bool:
@@ -117,8 +105,9 @@ class PretrainingModule(nn.Module):
         regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)
         return self.backbone.encode_cross(outputs.text, batch.text_mask, regions[neg], batch.region_mask[neg])
 
-    def forward(self, batch: Batch) -> PretrainingOutput:
-        """Backbone forward (cross-modal encoder only if needed), every objective, weighted sum."""
+    def forward(self, batch: Batch) -> ModuleOutput:
+        """Backbone forward (cross-modal encoder only if needed), every objective; ``loss`` is the sum of weight x
+        loss over objectives plus an exact 0 tying in the outputs no objective read."""
         outputs = self.backbone(batch, run_cross=self.run_cross)
         losses: Dict[str, torch.Tensor] = {}
         metrics: Dict[str, torch.Tensor] = {}
@@ -131,7 +120,7 @@ class PretrainingModule(nn.Module):
             total = term if total is None else total + term
         unused = zero_loss(outputs.text, outputs.visual, outputs.text_embed, outputs.visual_embed, outputs.pooled,
                            outputs.logit_scale)
-        return PretrainingOutput(loss=total + unused, losses=losses, metrics=metrics)
+        return ModuleOutput(loss=total + unused, losses=losses, metrics=metrics)
 
 
 def build_pretraining_module(model_cfg: ModelConfig, objective_names: Sequence[str], objective_cfg: ObjectiveConfig,
