@@ -1,38 +1,39 @@
-"""DeepSpeed config: a small JSON template (ZeRO stage, precision, offload) merged with the typed config.
+"""DeepSpeed config: a JSON template (ZeRO stage, precision, offload, DeepSpeed's own features) merged with the
+typed config, and parsed by DeepSpeed itself before any process group exists.
 
-Batch sizes, accumulation, learning rate, clipping and precision have one source, ``TrainConfig``. A template
-may omit them (ours do); if it sets one, it must agree with the typed config, otherwise the run stops with
-a message naming the key. The optimizer and scheduler are built by mvptr_ds (AdamW with the release's
-decay groups, linear warm-up/decay), so ``optimizer``/``scheduler`` blocks in a template are rejected.
+Batch sizes, accumulation, clipping and precision have one source, ``TrainConfig``. A template may omit them
+(ours do); if it sets one, it must agree with the typed config, otherwise the run stops with a message naming
+the key. The optimizer and scheduler are built by mvptr_ds (AdamW with the release's decay groups, linear
+warm-up/decay), so ``optimizer``/``scheduler`` blocks in a template are refused.
+
+Anything else DeepSpeed understands may be in a template (``autotuning``, ``flops_profiler``,
+``wall_clock_breakdown``, ``tensor_parallel``, ``comms_logger``, ...). DeepSpeed's own parser is the schema
+(:func:`check_with_deepspeed`): a top-level key it never reads, a key its pydantic models refuse inside a block
+(``zero_optimization.overlap_com``) or a value it refuses is one error line, before any process starts work.
+DeepSpeed's monitors: ``tensorboard`` and ``csv_monitor`` write their own files beside the project's logs (under
+``<output_dir>/monitor`` unless the block names an ``output_path``); its ``wandb`` monitor is refused: it would
+log into the project's W&B run at its own step numbers, and W&B would drop the project's metrics.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
+import difflib
 import json
-from typing import Any, Dict
+import logging
+import os
+from typing import Any, Dict, List
 
 from mvptr_ds import ds_configs
 from mvptr_ds.config import ConfigError, TrainConfig
 
-_KNOWN_TOP_LEVEL = {
-    "zero_optimization", "bf16", "fp16", "amp", "steps_per_print", "wall_clock_breakdown", "gradient_clipping",
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "prescale_gradients",
-    "gradient_predivide_factor", "communication_data_type", "flops_profiler", "activation_checkpointing",
-    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "tensorboard", "wandb", "csv_monitor",
-    "comms_logger", "memory_breakdown", "dump_state", "checkpoint", "data_types", "seq_parallel_communication_data_type",
-    "timers", "compile", "aio", "elasticity", "monitor_config", "torch_autocast", "bfloat16",
-}
-# Keys whose value DeepSpeed reads as an object ({...}); anything else there fails deep inside DeepSpeed.
-_OBJECT_KEYS = {
-    "zero_optimization", "bf16", "bfloat16", "fp16", "amp", "flops_profiler", "activation_checkpointing",
-    "tensorboard", "wandb", "csv_monitor", "comms_logger", "checkpoint", "data_types", "compile", "aio",
-    "elasticity", "monitor_config", "torch_autocast", "timers",
-}
+# Keys this module reads itself before DeepSpeed does: their values must be objects.
+_OBJECT_KEYS = ("zero_optimization", "bf16", "bfloat16", "fp16")
 _REJECTED = {
     "optimizer": "the optimizer is built by mvptr_ds (AdamW, decay groups); set --lr instead",
     "scheduler": "the schedule is built by mvptr_ds (linear warm-up/decay); set --warmup_steps instead",
-    "sparse_gradients": "DeepSpeed no longer supports sparse_gradients",
 }
+MONITOR_DIR = "monitor"
 
 
 def read_template(path: str) -> Dict[str, Any]:
@@ -47,9 +48,9 @@ def read_template(path: str) -> Dict[str, Any]:
         raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"--ds_config {path}: expected a JSON object at the top level")
-    for key in sorted(_OBJECT_KEYS & set(d)):
+    for key in (k for k in _OBJECT_KEYS if k in d):
         if not isinstance(d[key], dict):
-            hint = f' (e.g. "{key}": {{"enabled": true}})' if key in ("bf16", "bfloat16", "fp16", "amp") else ""
+            hint = f' (e.g. "{key}": {{"enabled": true}})' if key != "zero_optimization" else ""
             raise ConfigError(f"--ds_config {path}: field {key!r} must be an object, got {json.dumps(d[key])}{hint}")
     for key in ("bf16", "bfloat16", "fp16"):
         enabled = d.get(key, {}).get("enabled", False)
@@ -94,11 +95,12 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device
     for key in template:
         if key in _REJECTED:
             raise ConfigError(f"--ds_config {path}: key {key!r} is not allowed: {_REJECTED[key]}")
-        if key not in _KNOWN_TOP_LEVEL:
-            raise ConfigError(f"--ds_config {path}: unknown key {key!r}")
+    ds_wandb = template.get("wandb")
+    if isinstance(ds_wandb, dict) and ds_wandb.get("enabled"):
+        raise ConfigError(f"--ds_config {path}: DeepSpeed's \"wandb\" monitor would log into this run's W&B run at "
+                          f"its own step numbers (W&B then drops the run's metrics); remove the block and use --wandb "
+                          f"online|offline (with --wandb_project, --wandb_group, --run_name)")
     zero = template.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"--ds_config {path}: zero_optimization must be an object")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--ds_config {path}: zero_optimization.stage={stage!r}: expected 0, 1, 2 or 3")
@@ -142,7 +144,102 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device
     cfg["zero_allow_untested_optimizer"] = True
     if world_size == 1 and stage in (1, 2) and offload == "none" and train.precision == "fp32":
         set_zero_stage(cfg, 0)  # see ONE_PROCESS_NOTE
+    for monitor in ("tensorboard", "csv_monitor"):
+        block = cfg.get(monitor)
+        if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
+            cfg[monitor] = {**block, "output_path": os.path.join(os.path.abspath(train.output_dir), MONITOR_DIR)}
+    check_with_deepspeed(cfg, path)
     return cfg
+
+
+class _ReadKeys(dict):
+    """A config dict that records which of its keys are asked for (``get``, ``[]``, ``in``, ``in keys()``)."""
+
+    def __init__(self, d: Dict[str, Any], read: List[str]):
+        super().__init__(d)
+        self.read = read
+
+    def _note(self, key):
+        self.read.append(key)
+        return key
+
+    def get(self, key, *default):
+        return super().get(self._note(key), *default)
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._note(key))
+
+    def __contains__(self, key):
+        return super().__contains__(self._note(key))
+
+    def keys(self):
+        return _ReadKeysView(self)
+
+
+class _ReadKeysView(collections.abc.KeysView):
+    def __contains__(self, key):
+        return key in self._mapping
+
+
+def check_with_deepspeed(cfg: Dict[str, Any], path: str) -> None:
+    """Parse ``cfg`` with DeepSpeed's own ``DeepSpeedConfig`` (its pydantic models included), in this process,
+    before any process group exists. ConfigError, one line naming the key, for a top-level key DeepSpeed never
+    asks for (so ignores), a key one of its models refuses inside a block, or a value DeepSpeed refuses."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger as ds_logger
+
+    # A copy (DeepSpeed fills defaults into nested blocks), without the batch size it checks against world size 1.
+    probe = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "train_batch_size"}
+    read: List[str] = []
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        DeepSpeedConfig(_ReadKeys(probe, read))
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"--ds_config {path}: {_schema_error(e, read[-1] if read else '')}") from None
+    except Exception as e:  # DeepSpeed's own checks: DeepSpeedConfigError, AssertionError, ValueError, TypeError
+        key = read[-1] if read else None
+        if isinstance(e, (TypeError, AttributeError)) and key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"--ds_config {path}: field {key!r} must be an object, got "
+                              f"{json.dumps(cfg[key])}") from None
+        where = f" the {key!r} setting" if key else ""
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--ds_config {path}: DeepSpeed refuses{where}: {message}") from None
+    finally:
+        ds_logger.setLevel(level)
+    for key in cfg:
+        if key not in read:
+            close = difflib.get_close_matches(key, sorted(set(read)), n=1)
+            raise ConfigError(f"--ds_config {path}: unknown key {key!r} (DeepSpeed does not read it"
+                              + (f"; did you mean {close[0]!r}?)" if close else ")"))
+
+
+def _schema_error(error, block: str) -> str:
+    """One line for the first problem a DeepSpeed pydantic model found in ``block``, with a suggestion for a
+    misspelt key."""
+    first = error.errors()[0]
+    loc = ".".join(str(x) for x in (block, *first["loc"]) if x != "")
+    line = f"{loc}: {first['msg']} (DeepSpeed's {error.title})"
+    if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+        close = difflib.get_close_matches(str(first["loc"][0]), _model_keys(error.title), n=1)
+        if close:
+            line += f"; did you mean {block + '.' if block else ''}{close[0]}?"
+    return line
+
+
+def _model_keys(title: str) -> List[str]:
+    """The field names and aliases of DeepSpeed's config model called ``title``."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo, keys = [DeepSpeedConfigModel], []
+    while todo:
+        model = todo.pop()
+        todo.extend(model.__subclasses__())
+        if model.__name__ == title:
+            for name, f in model.model_fields.items():
+                keys += [name] + ([f.alias] if f.alias else [])
+    return keys
 
 
 # ZeRO-1/2 partition optimizer state and gradients across ranks; one process has nothing to partition, and
