@@ -83,7 +83,7 @@ def test_fp16_store_batch_gives_the_fp32_loss(written, tmp_path):
 
     from mvptr_ds.config import DataConfig, RunConfig, TrainConfig, model_config_from
     from mvptr_ds.objectives import build_pretraining_module
-    from mvptr_ds.pipeline import resolve_model_config
+    from mvptr_ds.assembly import resolve_model_config
 
     convert_features(str(written / "features.tsv"), str(tmp_path / "features"), progress=False)
     for name in ("predictions.tsv", "captions.jsonl", "id2phrase.json", "tokenizer"):
