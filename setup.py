@@ -7,7 +7,7 @@ import re
 
 from setuptools import find_packages, setup
 
-VERSION = re.search(r'__version__ = "(.+?)"', open("mvptr_ds/__init__.py").read()).group(1)  # its one home
+VERSION = re.search(r'__version__ = "(.+?)"', open("mvptr_ds/version.py").read()).group(1)  # its one home
 
 setup(
     name="mvptr_ds",

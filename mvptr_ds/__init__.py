@@ -1,5 +1,7 @@
 """mvptr_ds: MVPTR vision-language pre-training and fine-tuning on DeepSpeed."""
-__version__ = "0.1.0"
+from mvptr_ds.version import __version__
+
+__all__ = ["__version__", "encode", "from_pretrained"]
 
 
 def encode(checkpoint, *args, **kwargs):

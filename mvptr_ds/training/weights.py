@@ -45,10 +45,10 @@ def provenance() -> Dict[str, Any]:
     """What wrote a model folder: ``version``, and in a git checkout ``git_commit`` and ``git_dirty``."""
     import subprocess
 
-    import mvptr_ds
+    from mvptr_ds.version import __version__
 
-    out: Dict[str, Any] = {"version": mvptr_ds.__version__}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mvptr_ds.__file__)))
+    out: Dict[str, Any] = {"version": __version__}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above mvptr_ds/
     if os.path.exists(os.path.join(root, ".git")):  # this package's own checkout, not a folder around an install
         try:
             git = ["git", "-C", root]
