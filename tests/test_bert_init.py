@@ -109,3 +109,30 @@ def test_stage1_model(bert_dir):
     report = init_from_bert(model, str(path))
     assert any("cross_encoder: not built" in n for n in report.notes)
     assert not any(k.startswith("pooler") for k in report.sources)
+
+
+def test_pretraining_heads_from_bert_for_pretraining(tmp_path):
+    """A BertForPreTraining checkpoint also starts the MLM head (transform, bias) and the ITM head (NSP, rows
+    swapped); both decoders become clones of the word-embedding rows just loaded (the release's tie_weights)."""
+    from mvptr_ds.config import ObjectiveConfig
+    from mvptr_ds.model.bert_init import is_bert_directory
+    from mvptr_ds.objectives import build_pretraining_module
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=24)
+    bert = transformers.BertForPreTraining(config).eval()
+    bert.save_pretrained(str(tmp_path))
+    assert is_bert_directory(str(tmp_path)) and not is_bert_directory(str(tmp_path / "nothing"))
+    module = build_pretraining_module(CFG, ("mcr", "vsc", "itm", "mlm", "wpg"), ObjectiveConfig())
+    mcr_transform = module.heads["mcr"].transform.dense.weight.clone()
+    report = init_from_bert(module.backbone, str(tmp_path), heads=module.heads)
+    words = bert.bert.embeddings.word_embeddings.weight
+    for name in ("mlm", "mcr"):
+        assert torch.equal(module.heads[name].decoder.weight, words[:BERT_VOCAB])
+    assert torch.equal(module.heads["mlm"].transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    assert torch.equal(module.heads["mlm"].bias, bert.cls.predictions.bias)
+    assert torch.equal(module.heads["mcr"].transform.dense.weight, mcr_transform)  # no BERT counterpart
+    assert torch.equal(module.heads["itm"].classifier.weight, bert.cls.seq_relationship.weight.flip(0))
+    assert "heads.mcr.transform.dense.weight" in report.new and "heads.mlm.bias" in report.sources
+    assert not [k for k in report.unused if k.startswith("cls.")]

@@ -1,9 +1,17 @@
-"""Initialise an MVPTR backbone from a local Hugging Face BERT directory (no hub access).
+"""Initialise MVPTR from a local Hugging Face BERT directory (no hub access): the paper's initialisation.
 
 Default mapping (MVPTR.md; the authors' recipe): BERT layers 0-5 -> textual encoder, 6-11 -> cross-modal
-encoder, 0-5 -> visual encoder; embeddings (the first rows of the word table: concept rows keep their
+encoder, 0-5 -> visual encoder (for a BERT of N layers: the first N/2 to both uni-modal encoders, the rest to
+the cross-modal one); embeddings (the first rows of the word table: concept rows keep their
 initialisation) and the pooler are copied too. A model with fewer layers than a range takes the first N
 entries of that range; layers beyond a range stay newly initialised. Both cases are noted in the report.
+
+With the pre-training heads (``heads``): a ``BertForPreTraining`` checkpoint's MLM transform and output bias
+(``cls.predictions.*``, the first ``only_word_size`` entries) start the MLM head, its next-sentence head
+(``cls.seq_relationship``, index 0 = "is next") the ITM head with its rows swapped (label 1 = matched here);
+then both MLM/MCR decoders are cloned from the word-embedding rows just loaded, as the release's
+``tie_weights`` does. The MCR transform stays newly initialised (the release's ``half_mlm`` has no BERT
+counterpart).
 
 Reads ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) or ``pytorch_model.bin``
 (with ``torch.load(weights_only=True)``: no pickle code runs). Accepts ``BertModel`` names, names under a
@@ -18,7 +26,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
+from mvptr_ds.model.heads import clone_decoder
 from mvptr_ds.model.mvptr import MVPTRModel
 
 
@@ -80,16 +90,48 @@ def _bert_layer_count(state: Dict[str, torch.Tensor]) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def init_from_bert(model: MVPTRModel, bert_dir: str, text_layers: Sequence[int] = range(0, 6),
-                   cross_layers: Sequence[int] = range(6, 12), visual_layers: Sequence[int] = range(0, 6)
-                   ) -> InitReport:
-    """Copy BERT weights from ``bert_dir`` into ``model`` in place; return what came from where.
+def is_bert_directory(path: str) -> bool:
+    """True when ``path`` is a Hugging Face BERT folder: its ``config.json`` says ``"model_type": "bert"`` (this
+    project's checkpoints hold a run config there instead)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "bert"
 
-    ``*_layers[i]`` is the BERT layer copied into layer ``i`` of that encoder.
+
+# (our head parameter, BERT tensor, rows: "words" for the first only_word_size rows, "swap" for the NSP rows)
+_HEAD_SOURCES = (
+    ("mlm", "transform.dense.weight", "cls.predictions.transform.dense.weight", None),
+    ("mlm", "transform.dense.bias", "cls.predictions.transform.dense.bias", None),
+    ("mlm", "transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.weight", None),
+    ("mlm", "transform.LayerNorm.bias", "cls.predictions.transform.LayerNorm.bias", None),
+    ("mlm", "bias", "cls.predictions.bias", "words"),
+    ("itm", "classifier.weight", "cls.seq_relationship.weight", "swap"),
+    ("itm", "classifier.bias", "cls.seq_relationship.bias", "swap"),
+)
+
+
+def init_from_bert(model: MVPTRModel, bert_dir: str, text_layers: Optional[Sequence[int]] = None,
+                   cross_layers: Optional[Sequence[int]] = None, visual_layers: Optional[Sequence[int]] = None,
+                   heads: Optional[nn.ModuleDict] = None) -> InitReport:
+    """Copy BERT weights from ``bert_dir`` into ``model`` (and the pre-training ``heads``, named ``mlm``, ``mcr``,
+    ``itm``, if given) in place; return what came from where (backbone names as in ``model``, heads as
+    ``heads.<name>.*``).
+
+    ``*_layers[i]`` is the BERT layer copied into layer ``i`` of that encoder; None: the module docstring's
+    default.
     """
     bert = load_bert_state(bert_dir)
     n_bert = _bert_layer_count(bert)
+    half = range(0, n_bert // 2)
+    text_layers = half if text_layers is None else text_layers
+    visual_layers = half if visual_layers is None else visual_layers
+    cross_layers = range(n_bert // 2, n_bert) if cross_layers is None else cross_layers
     params = dict(model.named_parameters())
+    if heads is not None:
+        params.update({f"heads.{k}": v for k, v in heads.named_parameters()})
     report = InitReport()
     used = set()
 
@@ -110,6 +152,16 @@ def init_from_bert(model: MVPTRModel, bert_dir: str, text_layers: Sequence[int] 
             else:
                 dst[:rows].copy_(src[:rows])
                 report.sources[ours] = f"{theirs}[0:{rows}]"
+        used.add(theirs)
+
+    def copy_swapped(ours: str, theirs: str) -> None:
+        src, dst = bert[theirs], params[ours]
+        if src.shape != dst.shape:
+            raise BertInitError(f"{bert_dir}: {theirs} has shape {tuple(src.shape)}, model's {ours} has "
+                                f"{tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(src.flip(0))
+        report.sources[ours] = f"{theirs} (rows swapped: BERT's 0 = is next, ours 1 = matched)"
         used.add(theirs)
 
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
@@ -156,6 +208,23 @@ def init_from_bert(model: MVPTRModel, bert_dir: str, text_layers: Sequence[int] 
         else:
             report.notes.append("BERT has no pooler: the pooler stays newly initialised")
 
+    if heads is not None:
+        for head, ours, theirs, rows in _HEAD_SOURCES:
+            name = f"heads.{head}.{ours}"
+            if name not in params or theirs not in bert:
+                continue
+            if rows == "swap":
+                copy_swapped(name, theirs)
+            else:
+                copy(name, theirs, rows=min(params[name].shape[0], bert[theirs].shape[0]) if rows == "words" else None)
+        for head in ("mlm", "mcr"):
+            if head in heads:
+                clone_decoder(heads[head], model.embeddings.word_embeddings.weight)
+                report.sources[f"heads.{head}.decoder.weight"] = "clone of embeddings.word_embeddings.weight rows " \
+                    f"0..{heads[head].decoder.weight.shape[0] - 1} after the copy"
+        if not any(k.startswith("cls.") for k in bert):
+            report.notes.append("BERT has no pre-training heads (cls.*): the MLM transform and the ITM head stay "
+                                "newly initialised")
     report.new = [k for k in params if k not in report.sources]
     report.unused = sorted(k for k in bert if k not in used)
     return report
