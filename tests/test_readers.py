@@ -157,6 +157,19 @@ def test_predictions_reader(tmp_path):
     _err(e, "predictions.tsv", "'c'")
 
 
+def test_tags_are_the_release_s_set_of_names_from_ground_truth_when_present(tmp_path):
+    p = tmp_path / "predictions.tsv"
+    gt = dict(_pred(["dog", "dog", "man"]), gt_objects=[{"class": "woman"}, {"class": "kite"}, {"class": "woman"}])
+    p.write_text(f"a\t{json.dumps(_pred(['man', 'dog', 'man', 'kite', 'dog']))}\nb\t{json.dumps(gt)}\n")
+    r = PredictionsReader(str(p))
+    assert r.classes("a") == ["man", "dog", "kite"]  # each name once, first occurrence first
+    assert r.classes("b") == ["woman", "kite"]       # gt_objects win over the detections
+    p.write_text(f"a\t{json.dumps(dict(_pred(['man']), gt_objects=[{'class': ''}]))}\n")
+    with pytest.raises(DataError) as e:
+        PredictionsReader(str(p))
+    _err(e, "predictions.tsv", "row 1", "gt_objects[0].class")
+
+
 @pytest.mark.parametrize("line,field", [
     ('b\t{"objects": [', "json"),
     ('b\t{"image_h": 3}', "objects"),

@@ -11,7 +11,8 @@ from mvptr_ds.data.export import synth, write_real_formats
 from mvptr_ds.data.feature_store import FeatureStore, convert_features
 from mvptr_ds.data.readers import DataError, read_id2phrase
 from mvptr_ds.data.batching import Collator
-from mvptr_ds.data.real_dataset import RealDataset, _Pieces, load_tokenizer, real_vocab_info
+from mvptr_ds.data.caption_text import _Pieces
+from mvptr_ds.data.real_dataset import RealDataset, load_tokenizer, real_vocab_info
 from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -56,6 +57,25 @@ def test_round_trip_through_converted_store(world, written, tmp_path, dtype):
     assert isinstance(ds.features, FeatureStore) and len(ds) == len(world.captions)
     for i in range(len(ds)):
         _same(ds[i], world.example(i), exact=dtype == "float32")
+
+
+def test_concepts_fill_the_slots_a_short_caption_leaves(world, written):
+    """The release's rule, shared by pre-training and the tasks: concepts up to max_phrases + max_seq_length - 2
+    - caption pieces, in the order given."""
+    from mvptr_ds.data.caption_text import CaptionEncoder
+
+    tok, vocab = load_tokenizer(str(written / "tokenizer")), read_id2phrase(str(written / "id2phrase.json"))
+    i = next(k for k in range(len(world.captions)) if len(world.example(k).concept_ids) >= 4)
+    ex = world.example(i)
+    text, phrases = world.captions[i].text, [vocab.id_to_tuple[c] for c in ex.concept_ids]
+    words = len(ex.caption_ids)
+    for max_phrases, spare in ((1, 0), (1, 2), (0, 3)):
+        enc = CaptionEncoder(tok, vocab, max_seq_length=words + 2 + spare, max_phrases=max_phrases)
+        ids, concepts, links = enc.caption(text, phrases)
+        assert ids == ex.caption_ids and concepts == ex.concept_ids[:max_phrases + spare] and len(links) == len(concepts)
+    cut = CaptionEncoder(tok, vocab, max_seq_length=words, max_phrases=1)  # a cut caption leaves no slot free
+    ids, concepts, _ = cut.caption(text, phrases)
+    assert ids == ex.caption_ids[:words - 2] and concepts == ex.concept_ids[:1]
 
 
 def test_pieces_match_the_tokenizer_call(written):

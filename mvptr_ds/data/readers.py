@@ -264,8 +264,9 @@ def read_feature_ids(path: str, offsets: np.ndarray) -> List[str]:
 # ---------------------------------------------------------------- predictions.tsv
 
 def parse_prediction_row(line: bytes, path, row: int) -> Tuple[str, dict]:
-    """Parse one ``predictions.tsv`` row into ``(image_id, record)``; the record has ``objects``
-    (each with a string ``class``). ``row`` is 1-based, for messages."""
+    """Parse one ``predictions.tsv`` row into ``(image_id, record)``; the record has ``objects`` (each with a
+    string ``class``) and optionally ``gt_objects`` (ground-truth objects, the same form). ``row`` is 1-based,
+    for messages."""
     parts = line.rstrip(b"\r\n").split(b"\t", 1)
     if len(parts) != 2:
         raise DataError(path, "expected 'image_id<TAB>json'", row, "row")
@@ -280,16 +281,19 @@ def parse_prediction_row(line: bytes, path, row: int) -> Tuple[str, dict]:
         raise DataError(path, f"not UTF-8 text ({e.reason} at byte {e.start} of the JSON)", row, "json") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("objects"), list):
         raise DataError(path, "missing list 'objects'", row, "objects")
-    for k, obj in enumerate(rec["objects"]):
-        if not isinstance(obj, dict) or not isinstance(obj.get("class"), str) or not obj["class"].strip():
-            raise DataError(path, "object without a non-empty string 'class'", row, f"objects[{k}].class")
+    if "gt_objects" in rec and not isinstance(rec["gt_objects"], list):
+        raise DataError(path, "'gt_objects' is not a list", row, "gt_objects")
+    for key in ("objects", "gt_objects"):
+        for k, obj in enumerate(rec.get(key, ())):
+            if not isinstance(obj, dict) or not isinstance(obj.get("class"), str) or not obj["class"].strip():
+                raise DataError(path, "object without a non-empty string 'class'", row, f"{key}[{k}].class")
     return image_id, rec
 
 
 class PredictionsReader:
     """Lazy ``predictions.tsv``: an index of byte offsets and sorted ids; rows parsed on access.
 
-    ``reader[image_id] -> dict`` (the row's JSON), ``reader.classes(image_id) -> List[str]``.
+    ``reader[image_id] -> dict`` (the row's JSON), ``reader.classes(image_id) -> List[str]`` (the tags).
     Every row is validated once when the index is built.
     """
 
@@ -327,15 +331,19 @@ class PredictionsReader:
         return parse_prediction_row(self._fh.readline(), self.path, row + 1)[1]
 
     def classes(self, image_id: str) -> List[str]:
-        """Detected class names of ``image_id`` in file order (the row was validated when indexed: parsed
-        here without the checks, a third of the time per sample)."""
+        """The object tags of ``image_id`` as the release takes them: the class names of the ground-truth
+        objects (``gt_objects``) when the row has them, else of the detections; each name once, in the order
+        of its first occurrence (the release takes a Python set: the same names in an arbitrary order). The row
+        was validated when indexed: parsed here without the checks, a third of the time per sample."""
         row = self.index.find(str(image_id))
         if row < 0:
             raise MissingImageError(self.path, f"no row for image id {image_id!r}", field="image_id")
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(int(self.offsets[row]))
-        return [o["class"].strip() for o in json.loads(self._fh.readline().split(b"\t", 1)[1])["objects"]]
+        rec = json.loads(self._fh.readline().split(b"\t", 1)[1])
+        objects = rec["gt_objects"] if "gt_objects" in rec else rec["objects"]
+        return list(dict.fromkeys(o["class"].strip() for o in objects))
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -8,6 +8,7 @@ Directory layout::
       features.lineidx      byte offset of each row (built next to the TSV when missing)
       imageid2idx.json      optional ``{image_id: row}``
       predictions.tsv       detector tags: ``image_id \\t {"objects": [{"class", "rect", "conf"}, ..], ..}``
+                            (``"gt_objects"`` in the same form, when present, give the tags instead)
       captions.jsonl        ``{"image_id", "caption", "phrases"?: [[elem, ...], ..]}`` per line
                             (or captions.json, a JSON list); extra keys (e.g. "split") are ignored
       id2phrase.json        concept vocabulary ``{"id": [elem, ...]}``
@@ -17,6 +18,8 @@ features and tags) and keeps only compact numpy indices; ``dataset[i]`` reads ca
 image lazily, so each rank can address its own samples without holding the corpus as Python objects.
 Tuples given in ``phrases`` that are not in the vocabulary are counted in ``dataset.report`` (not an
 error); captions without ``phrases`` get theirs from :func:`~mvptr_ds.data.concepts.extract_with_words`.
+Text becomes ids in :class:`~mvptr_ds.data.caption_text.CaptionEncoder`; the tags are
+``PredictionsReader.classes`` (ground-truth objects when a row has them, each name once).
 
 Image ids are strings in the files; ``Example.image_id`` is ``int(image_id)`` when every image id of the
 captions is a decimal integer (COCO, Flickr30k), else the image's rank among the sorted distinct ids
@@ -24,16 +27,15 @@ captions is a decimal integer (COCO, Flickr30k), else the image's rank among the
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
 from collections import Counter
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 
-from .concepts import build_lexicon, extract_with_words, lemma_candidates, tokenize
+from .caption_text import CaptionEncoder
 from .feature_store import open_feature_store
 from .readers import CaptionIndex, ConceptVocab, DataError, PredictionsReader, read_id2phrase
 from .types import Example
@@ -87,51 +89,6 @@ def real_vocab_info(tokenizer, id2phrase: Union[str, ConceptVocab]) -> VocabInfo
                      word_range=(first_word, only))
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _lemma_set(word: str) -> frozenset:
-    """:func:`lemma_candidates` as a set, cached (captions repeat a small vocabulary)."""
-    return frozenset(lemma_candidates(word))
-
-
-class _Pieces:
-    """``pieces(text, limit) -> (ids, offsets)``: word pieces of ``text`` without [CLS]/[SEP], the first ``limit``.
-
-    Calls a private copy of a fast tokenizer's Rust backend (no truncation or padding set on it), about half
-    the time of the tokenizer's Python ``__call__`` per text; the same ids and character offsets. Other
-    tokenizers go through ``__call__``.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.backend = None
-        if backend is not None:
-            from tokenizers import Tokenizer
-            self.backend = Tokenizer.from_str(backend.to_str())
-            self.backend.no_truncation()
-            self.backend.no_padding()
-
-    def __call__(self, text: str, limit: int):
-        if self.backend is not None:
-            enc = self.backend.encode(text, add_special_tokens=False)
-            return enc.ids[:limit], enc.offsets[:limit]
-        enc = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max(limit, 1),
-                             return_offsets_mapping=True)
-        return list(enc["input_ids"])[:limit], list(enc["offset_mapping"])[:limit]
-
-
-def _pieces_in(offsets, spans) -> List[int]:
-    """Indices of the word pieces (character ``offsets``, ``(start, end)``) overlapping any of ``spans``."""
-    out = []
-    for p, (s, e) in enumerate(offsets):
-        if e > s:
-            for ws, we in spans:
-                if s < we and e > ws:
-                    out.append(p)
-                    break
-    return out
-
-
 def _caption_file(data_dir: str) -> str:
     for name in ("captions.jsonl", "captions.json"):
         if os.path.isfile(os.path.join(data_dir, name)):
@@ -147,7 +104,8 @@ class RealDataset:
         tokenizer: a local Hugging Face tokenizer directory or a tokenizer object.
         vocab: ``id2phrase.json`` path or a :class:`ConceptVocab` (default ``data_dir/id2phrase.json``).
         max_seq_length: caption word pieces kept, [CLS]/[SEP] included (so ``- 2`` pieces).
-        max_phrases: concepts kept per caption (first ones, duplicates removed).
+        max_phrases: concept slots beyond the caption's (``caption_text.CaptionEncoder``: a short caption
+            leaves more).
         max_tag_length: tag word pieces kept, [CLS]/[SEP] included.
         max_img_seq_length: regions kept (the first ones, VinVL's order).
         labels: optional detector label map JSON to widen the extraction lexicon.
@@ -158,13 +116,12 @@ class RealDataset:
                  max_img_seq_length: int = 50, labels: Optional[str] = None, progress: bool = False):
         self.data_dir = str(data_dir)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self._pieces = _Pieces(self.tokenizer)
         vocab = os.path.join(self.data_dir, "id2phrase.json") if vocab is None else vocab
         self.vocab = read_id2phrase(vocab) if isinstance(vocab, str) else vocab
+        self.text = CaptionEncoder(self.tokenizer, self.vocab, max_seq_length, max_phrases, max_tag_length, labels)
         self.vocab_info = real_vocab_info(self.tokenizer, self.vocab)
         self.max_seq_length, self.max_phrases = max_seq_length, max_phrases
         self.max_tag_length, self.max_img_seq_length = max_tag_length, max_img_seq_length
-        self._labels, self._lexicon = labels, None
         self.features = open_feature_store(self.data_dir, progress=progress)
         self.predictions = PredictionsReader(os.path.join(self.data_dir, "predictions.tsv"))
         unknown: Counter = Counter()
@@ -208,30 +165,6 @@ class RealDataset:
         k = int(np.searchsorted(self._image_ints, image_int))
         return self.captions.image_keys[k].decode("utf-8")
 
-    def _lex(self):
-        if self._lexicon is None:
-            self._lexicon = build_lexicon(self.vocab, self._labels)
-        return self._lexicon
-
-    def _concepts(self, caption: str, phrases) -> List[Tuple[Tuple[str, ...], List[Tuple[int, int]]]]:
-        """Tuples with the character spans of the caption words each came from."""
-        words = tokenize(caption)
-        if phrases is None:
-            return [(t, [words[i][1:] for i in idx]) for t, idx in extract_with_words(caption, self._lex())]
-        lemmas = [_lemma_set(w) for w, _, _ in words]
-        out = []
-        for t in phrases:
-            head = next((k for k, c in enumerate(lemmas) if t[0].split()[-1] in c), None)
-            spans = []
-            for e, element in enumerate(t):
-                for part in element.split():
-                    hits = [k for k, c in enumerate(lemmas) if part in c]
-                    if hits:  # the occurrence nearest to the tuple's head word (after it on a tie)
-                        k = hits[0] if head is None or e == 0 else min(hits, key=lambda k: (abs(k - head), k < head))
-                        spans.append(words[k][1:])
-            out.append((t, spans))
-        return out
-
     def _region_feats(self, image_id: str):
         """As stored: fp16 from a converted store (the batch stays fp16 and is converted on the device, no
         host fp32 copy); float32 from the TSV path."""
@@ -243,16 +176,9 @@ class RealDataset:
             raise IndexError(f"sample index {i} out of range for {len(self)} captions")
         i = i % len(self)
         image_id, caption, phrases = self.captions[i]
-        ids, offsets = self._pieces(caption, max(self.max_seq_length - 2, 1))
-        concept_ids, links = [], []
-        for t, spans in self._concepts(caption, phrases):
-            cid = self.vocab.lookup(t)
-            if cid is None or cid in concept_ids or len(concept_ids) >= self.max_phrases:
-                continue
-            concept_ids.append(cid)
-            links.append(_pieces_in(offsets, spans))
-        tags, _ = self._pieces(" ".join(self.predictions.classes(image_id)), max(self.max_tag_length - 2, 0))
+        ids, concept_ids, links = self.text.caption(caption, phrases)
+        tags = self.text.tags(self.predictions.classes(image_id))
         regions = self._region_feats(image_id)[:self.max_img_seq_length]         # [n, 2054] as stored
         return Example(sample_id=i, image_id=int(self._image_ints[self.captions.image_of[i]]),
                        caption_ids=ids, concept_ids=concept_ids, concept_word_links=links,
-                       tag_ids=list(tags), regions=regions)
+                       tag_ids=tags, regions=regions)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mvptr_ds.data.concepts import build_lexicon, extract_with_words, tokenize
+from mvptr_ds.data.caption_text import CaptionEncoder
 from mvptr_ds.data.feature_store import open_feature_store
 from mvptr_ds.data.readers import DataError, PredictionsReader, decode_utf8, open_data_file, read_id2phrase
 from mvptr_ds.data.real_dataset import load_tokenizer, real_vocab_info
@@ -51,11 +51,10 @@ class ImageSource:
         self.tokenizer = load_tokenizer(tokenizer)
         self.concepts = read_id2phrase(os.path.join(data_dir, "id2phrase.json"))
         self.vocab = real_vocab_info(self.tokenizer, self.concepts)
-        self.lexicon = build_lexicon(self.concepts)
+        self.text = CaptionEncoder(self.tokenizer, self.concepts, max_seq_length, max_phrases, max_tag_length)
         self.features = open_feature_store(data_dir, progress=False)
         self.predictions = PredictionsReader(os.path.join(data_dir, "predictions.tsv"))
-        self.max_words, self.max_phrases = max(max_seq_length - 2, 1), max_phrases
-        self.max_tags, self.max_regions = max(max_tag_length - 2, 0), max_img_seq_length
+        self.max_regions = max_img_seq_length
         self._ints: Dict[str, int] = {}
 
     def check(self, image_id: str, path: str, row: int, field: str, unit: str = "row") -> None:
@@ -84,22 +83,10 @@ class ImageSource:
         return regions[:, -6:-2].astype(np.float64) * np.array([width, height, width, height])
 
     def example(self, text: str, image_id: str, sample_id: int) -> Example:
-        enc = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_words,
-                             return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        words = tokenize(text)
-        concept_ids, links = [], []
-        for t, idx in extract_with_words(text, self.lexicon):
-            cid = self.concepts.lookup(t)
-            if cid is None or cid in concept_ids or len(concept_ids) >= self.max_phrases:
-                continue
-            spans = [words[i][1:] for i in idx]
-            concept_ids.append(cid)
-            links.append([p for p, (s, e) in enumerate(offsets) if e > s and any(s < we and e > ws for ws, we in spans)])
-        classes = self.predictions.classes(image_id)
-        tags = self.tokenizer(" ".join(classes), add_special_tokens=False)["input_ids"] if classes else []
+        ids, concept_ids, links = self.text.caption(text)
         return Example(sample_id=sample_id, image_id=self.image_int(image_id), caption_ids=ids,
-                       concept_ids=concept_ids, concept_word_links=links, tag_ids=list(tags[:self.max_tags]),
+                       concept_ids=concept_ids, concept_word_links=links,
+                       tag_ids=self.text.tags(self.predictions.classes(image_id)),
                        regions=self.features[image_id][:self.max_regions])
 
 
