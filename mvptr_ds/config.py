@@ -213,8 +213,14 @@ class TrainConfig:
         "auto", "auto (the newest complete checkpoint in output_dir, if any), none (start afresh), or a "
         "checkpoint path.", parse=keyword_or_text(RESUME_KEYWORDS), metavar="auto|none|PATH")
     init_from: Optional[str] = option(
-        None, "Initial weights (a run, its final/ folder or a checkpoint); new weights are reported by name.",
-        metavar="PATH")
+        None, "Initial weights: a run, its final/ folder or a checkpoint, or a local Hugging Face BERT folder "
+        "(the paper's initialisation: BERT layers 0-5 to the text and visual encoders, 6-11 to the cross-modal "
+        "encoder, embeddings, pooler, MLM transform and NSP head; the MLM/MCR decoders cloned from the word "
+        "embeddings). What was loaded and what is new is reported by name (init_report.json).", metavar="PATH")
+    reset_decoders_on_init: bool = option(
+        False, "After --init_from loads a checkpoint, copy the word-embedding rows into the MLM/MCR decoders "
+        "again, discarding the checkpoint's decoders, as the release's from_pretrained does (its tie_weights); "
+        "off (a correction: trained decoders are kept). Initialising from BERT always does it.")
     seed: int = option(42, "Seed of weights, data order, corruption and dropout.")
     wandb: Optional[str] = option(
         None, "Weights & Biases (offline needs no network); not given: WANDB_MODE, else "
@@ -366,10 +372,10 @@ _RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "release": {"objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": False,
                                "cap_logit_scale": False},
-                "train": {"decay_logit_scale": True}},
+                "train": {"decay_logit_scale": True, "reset_decoders_on_init": True}},
     "project": {"objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": True,
                                "cap_logit_scale": True},
-                "train": {"decay_logit_scale": False}},
+                "train": {"decay_logit_scale": False, "reset_decoders_on_init": False}},
 }
 
 

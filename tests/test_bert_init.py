@@ -136,3 +136,41 @@ def test_pretraining_heads_from_bert_for_pretraining(tmp_path):
     assert torch.equal(module.heads["itm"].classifier.weight, bert.cls.seq_relationship.weight.flip(0))
     assert "heads.mcr.transform.dense.weight" in report.new and "heads.mlm.bias" in report.sources
     assert not [k for k in report.unused if k.startswith("cls.")]
+
+
+@pytest.mark.slow
+def test_init_from_a_bert_folder_on_the_command_line(tmp_path):
+    """``--init_from`` a BERT saved by transformers: the paper's initialisation, reported in init_report.json.
+    One step at lr 1e-12 leaves the weights where the initialisation put them."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=80, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=512, max_position_embeddings=128)
+    bert = transformers.BertForPreTraining(config).eval()
+    bert.save_pretrained(str(tmp_path / "bert"))
+    out = tmp_path / "run"
+    proc = run_cli(["--stage", "2", "--model", "tiny", "--data", "synthetic:images=8,held_out=0", "--max_steps", "1",
+                    "--micro_batch", "4", "--lr", "1e-12", "--warmup_steps", "0", "--wandb", "disabled",
+                    "--init_from", str(tmp_path / "bert"), "--output_dir", str(out)])
+    assert "(Hugging Face BERT)" in proc.stdout + proc.stderr
+    report = json.loads((out / "init_report.json").read_text())
+    assert report["kind"] == "huggingface_bert"
+    assert report["loaded"]["backbone.cross_encoder.layer.1.output.dense.weight"] == "encoder.layer.3.output.dense.weight"
+    assert report["loaded"]["backbone.visual_encoder.layer.0.output.dense.weight"] == "encoder.layer.0.output.dense.weight"
+    assert "backbone.img_embedding.weight" in report["newly_initialised"]
+    assert "heads.mcr.transform.dense.weight" in report["newly_initialised"]
+    w = load_file(str(out / "final" / "model.safetensors"))
+    words = bert.bert.embeddings.word_embeddings.weight
+    only_word = w["heads.mlm.decoder.weight"].shape[0]  # the world's word vocabulary (BERT has 80 rows here)
+    rows = min(80, only_word)
+    for got, want in ((w["backbone.embeddings.word_embeddings.weight"][:rows], words[:rows]),
+                      (w["heads.mcr.decoder.weight"][:rows], words[:rows]),
+                      (w["backbone.cross_encoder.layer.0.attention.self.query.weight"],
+                       bert.bert.encoder.layer[2].attention.self.query.weight),
+                      (w["heads.itm.classifier.weight"], bert.cls.seq_relationship.weight.flip(0))):
+        assert (got - want).abs().max() < 1e-6

@@ -102,3 +102,22 @@ def test_logit_scale_decays_only_in_the_release():
         assert all(n.endswith("bias") or "LayerNorm" in n or "layernorm" in n for n in plain
                    if n != "backbone.logit_scale")
         assert "backbone.txt_proj.weight" in decayed and "heads.mlm.bias" in plain
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_init_from_keeps_or_resets_the_decoders(tmp_path, reset):
+    """The release's from_pretrained clones the decoders from the word embeddings again (reset_decoders_on_init)."""
+    from mvptr_ds.config import RunConfig
+    from mvptr_ds.training.init_from import init_weights
+    from mvptr_ds.training.weights import save_weights
+
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=50, only_word_size=40)
+    source = build_pretraining_module(cfg, ("mcr",), ObjectiveConfig())
+    with torch.no_grad():
+        source.heads["mcr"].decoder.weight.add_(1.0)  # trained away from the embeddings
+    save_weights(str(tmp_path / "ckpt"), source.state_dict(), RunConfig(model=cfg))
+    target = build_pretraining_module(cfg, ("mcr",), ObjectiveConfig())
+    lines = init_weights(target, str(tmp_path / "ckpt"), reset_decoders=reset)
+    words = target.backbone.embeddings.word_embeddings.weight[:40]
+    assert torch.equal(target.heads["mcr"].decoder.weight, words if reset else source.heads["mcr"].decoder.weight)
+    assert any("decoders copied" in line for line in lines) == reset

@@ -68,8 +68,8 @@ class PretrainingModule(nn.Module):
 
     def clone_decoders(self) -> None:
         """MLM/MCR decoders := copies of the word-embedding rows of the word pieces (``heads.clone_decoder``):
-        at construction, and after ``--init_from`` (pipeline.init_weights) when the release's behaviour is asked
-        for or the weights come from BERT."""
+        at construction, and after ``--init_from`` (``training.init_from``) with ``train.reset_decoders_on_init``
+        (the release's behaviour) or from BERT."""
         for name in ("mlm", "mcr"):
             if name in self.heads:
                 clone_decoder(self.heads[name], self.backbone.embeddings.word_embeddings.weight)

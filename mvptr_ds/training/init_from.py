@@ -1,4 +1,5 @@
-"""``--init_from``: start a run from another run's weights (e.g. stage 2 from stage 1, a task from pre-training)."""
+"""``--init_from``: start a run from another run's weights (e.g. stage 2 from stage 1, a task from pre-training),
+or from a Hugging Face BERT folder (the paper's initialisation, ``model.bert_init``)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -10,14 +11,21 @@ from mvptr_ds.config import ConfigError
 from mvptr_ds.files import atomic_write_json
 
 
-def init_weights(module: torch.nn.Module, path: str, report_path: Optional[str] = None) -> List[str]:
+def init_weights(module: torch.nn.Module, path: str, report_path: Optional[str] = None,
+                 reset_decoders: bool = False) -> List[str]:
     """Load matching weights from ``path`` into ``module``; report what was loaded and what is new, by name.
 
-    ``path`` is anything ``weights.read_model_weights`` reads. Shape mismatches are errors. Returns
-    human-readable report lines; the full lists go to ``report_path`` (JSON) when given.
+    ``path`` is anything ``weights.read_model_weights`` reads, or a Hugging Face BERT folder
+    (:func:`init_from_bert_folder`). Shape mismatches are errors. ``reset_decoders``: afterwards copy the
+    word-embedding rows into the MLM/MCR decoders again (``train.reset_decoders_on_init``, the release's
+    ``from_pretrained``). Returns human-readable report lines; the full lists go to ``report_path`` (JSON) when
+    given.
     """
+    from mvptr_ds.model.bert_init import is_bert_directory
     from mvptr_ds.training.weights import read_model_weights
 
+    if is_bert_directory(path):
+        return init_from_bert_folder(module, path, report_path)
     source = read_model_weights(path, "--init_from")[0]
     target = module.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
@@ -37,6 +45,37 @@ def init_weights(module: torch.nn.Module, path: str, report_path: Optional[str] 
         lines.append(f"  newly initialised ({len(missing)}): {summarise_names(missing)}")
     if unexpected:
         lines.append(f"  in the checkpoint but not used ({len(unexpected)}): {summarise_names(unexpected)}")
+    if reset_decoders and hasattr(module, "clone_decoders"):
+        module.clone_decoders()
+        lines.append("  MLM/MCR decoders copied from the word-embedding rows again (train.reset_decoders_on_init)")
+    return lines
+
+
+def init_from_bert_folder(module: torch.nn.Module, path: str, report_path: Optional[str] = None) -> List[str]:
+    """The paper's initialisation of ``module`` (``backbone`` and the pre-training ``heads``) from the BERT folder
+    ``path`` (``model.bert_init.init_from_bert``); the report as :func:`init_weights`'s, with each tensor's BERT
+    source and the notes."""
+    from mvptr_ds.model.bert_init import BertInitError, init_from_bert
+
+    if not hasattr(module, "backbone"):
+        raise ConfigError(f"--init_from {path}: a BERT folder initialises an MVPTR backbone; this module has none")
+    try:
+        report = init_from_bert(module.backbone, path, heads=getattr(module, "heads", None))
+    except BertInitError as e:
+        raise ConfigError(f"--init_from {e}") from None
+    ours = lambda k: k if k.startswith("heads.") else f"backbone.{k}"  # noqa: E731 (the module's names)
+    loaded = {ours(k): v for k, v in report.sources.items()}
+    new = [ours(k) for k in report.new]
+    if report_path:
+        atomic_write_json(report_path, {"source": path, "kind": "huggingface_bert", "loaded": loaded,
+                                        "newly_initialised": new, "unused": report.unused, "notes": report.notes},
+                          indent=1, sort_keys=False)
+    lines = [f"init_from {path} (Hugging Face BERT): {len(loaded)} tensors from BERT"]
+    if new:
+        lines.append(f"  newly initialised ({len(new)}): {summarise_names(new)}")
+    if report.unused:
+        lines.append(f"  BERT tensors not used ({len(report.unused)}): {summarise_names(report.unused)}")
+    lines += [f"  note: {n}" for n in report.notes]
     return lines
 
 

@@ -151,7 +151,8 @@ def _restore(cfg: RunConfig, build: Build, ds_cfg: Dict, info, hooks: LoopHooks,
         checkpoint.check_compatible(start.path, cfg)
     elif train_cfg.init_from:
         report = os.path.join(train_cfg.output_dir, "init_report.json") if info.is_main else None
-        start.events.extend(init_weights(parts.module, train_cfg.init_from, report))
+        start.events.extend(init_weights(parts.module, train_cfg.init_from, report,
+                                         reset_decoders=train_cfg.reset_decoders_on_init))
     engine, scheduler = build_engine(parts.module, train_cfg, ds_cfg, info.device)
     step, skipped_batches = resume.restore(start, engine, parts.loader, train_cfg.seed, info.rank)
     if info.is_main:
