@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mvptr_ds.config import ConfigError, DataConfig
-from mvptr_ds.data.batching import (BatchContext, BatchError, Collator, ResumableLoader, epoch_permutation,
-                                    step_plan)
+from mvptr_ds.data.batching import (BatchContext, BatchError, Collator, ResumableLoader, _Orders,
+                                    epoch_permutation, step_plan)
 from mvptr_ds.data.pipeline import DataBundle, build_data
 from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
 from mvptr_ds.data.types import Batch, Example
@@ -185,6 +185,30 @@ def test_elastic_resume_neither_repeats_nor_skips(world, new_world):
     assert state == {"epoch": 1, "position": 4}
     after, _ = _run(world, state, new_world, 4)
     assert before + after == reference[:len(before) + len(after)]
+
+
+@pytest.mark.parametrize("world_size,micro_batch", [(2, 64), (2, 96)])
+def test_ranks_shard_100k_ids_without_overlap(world_size, micro_batch):
+    """At 100,000 ids (indices only): each step gives every rank its own ids; over the first epoch the ranks'
+    shards are disjoint and together cover every id once (the partial last step continues into epoch 1)."""
+    n, shards = 100_000, [[] for _ in range(world_size)]
+    orders = _Orders(n, seed=7)                        # the epochs' permutations, as the loader keeps them
+    epoch = position = 0
+    while epoch == 0:
+        plans = [step_plan(n, epoch, position, micro_batch, r, world_size, seed=7, orders=orders)
+                 for r in range(world_size)]
+        assert len({(p.next_epoch, p.next_position) for p in plans}) == 1      # every rank agrees on the state
+        step_ids = [np.asarray(p.indices)[np.asarray(p.context.sample_epochs) == 0] for p in plans]
+        assert len(set(np.concatenate(step_ids).tolist())) == sum(len(x) for x in step_ids)
+        for shard, ids in zip(shards, step_ids):
+            shard.append(ids)
+        epoch, position = plans[0].next_epoch, plans[0].next_position
+    shards = [np.concatenate(s) for s in shards]
+    assert all(len(np.unique(s)) == len(s) for s in shards)
+    assert all(len(np.intersect1d(shards[a], shards[b])) == 0 for a in range(world_size)
+               for b in range(a + 1, world_size))
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(n))
+    assert abs(len(shards[0]) - len(shards[1])) <= micro_batch
 
 
 def test_step_plan_spans_epochs_when_the_global_batch_exceeds_the_data():
