@@ -65,6 +65,10 @@ TAGS = (3, 18)
 OBJECTIVES = ("mlm", "mcr", "vsc", "itm", "wpg")
 
 
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -232,7 +236,7 @@ def machine() -> dict:
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) * 1024
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
@@ -240,7 +244,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
             "load_average_1min": round(os.getloadavg()[0], 2), "host": socket.gethostname(),
             "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "commit": commit}
 
 
 def main(argv=None) -> dict:
@@ -263,20 +267,28 @@ def main(argv=None) -> dict:
 
     work = args.workdir or tempfile.mkdtemp(prefix="mvptr_data_scale_")
     os.makedirs(work, exist_ok=True)
-    result = {"bench": "data_scale", "images": args.images, "micro_batch": args.micro_batch,
+    result = {"bench": "data_scale", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "images": args.images, "micro_batch": args.micro_batch,
               "command": "python benchmarks/data_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "lengths": {"regions": REGIONS, "caption_words": CAPTION_WORDS, "concepts": CONCEPTS, "tags": TAGS},
               "load_average_1min_start": round(os.getloadavg()[0], 2)}
     try:
+        say(f"building {args.images} images under {work}")
         built = build(args, work)
         data = built.pop("data")
         result.update(built)
+        say(f"built: {built}")
         store, dataset, result["open"] = measure_open(data)
+        say(f"opened: {result['open']}")
         result["reads"] = measure_reads(store, args.images, args.reads, args.seed)
         collator = Collator(dataset.vocab_info, OBJECTIVES)
         result["per_sample"] = measure_per_sample(dataset, collator, args.samples, args.seed)
-        result["loader"] = [measure_loader(dataset, collator, int(w), args.batches, args.micro_batch, args.seed)
-                            for w in args.workers.split(",")]
+        say(f"reads: {result['reads']}; per sample: {result['per_sample']}")
+        result["loader"] = []
+        for w in args.workers.split(","):
+            result["loader"].append(measure_loader(dataset, collator, int(w), args.batches, args.micro_batch,
+                                                   args.seed))
+            say(f"loader: {result['loader'][-1]}")
         result["machine"] = machine()
     finally:
         if not args.keep:
