@@ -153,7 +153,7 @@ def measure(args) -> Optional[Dict]:
     import torch.distributed as dist
 
     from flop_count import param_count
-    from throughput import environment
+    from machine import environment
 
     from mvptr_ds import assembly
     from mvptr_ds.config import DataConfig, ModelConfig, RunConfig, TrainConfig, model_config_from

@@ -208,7 +208,7 @@ def test_generated_batches_on_both_sides():
 
 
 def test_median_and_spread_arithmetic():
-    from throughput import median_ratios, phase_stats, spread
+    from timing import median_ratios, phase_stats, spread
 
     assert spread([4.0, 1.0, 3.0, 2.0]) == {"median": 2.5, "q1": 1.75, "q3": 3.25, "min": 1.0, "max": 4.0, "n": 4}
     assert spread([5.0, 1.0, 3.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0, "n": 3}
@@ -222,7 +222,7 @@ def test_median_and_spread_arithmetic():
 
 
 def test_interleaving_alternates_baseline_then_ours():
-    from throughput import interleave
+    from timing import interleave
 
     calls = []
 
@@ -353,7 +353,7 @@ def authors_repo():
 
 
 def test_authors_driver_runs_their_code_at_a_tiny_size(authors_repo):
-    from throughput import AuthorsProcess, BaselineUnavailable
+    from authors_process import AuthorsProcess, BaselineUnavailable
 
     from authors_data import AUTHORS_IDS
 
