@@ -32,6 +32,8 @@
 # Results: gpu_check.log (everything), summary.md (the table), kernels_<device>.json, throughput.tar.gz
 # (the throughput benchmark's own output folder), authors_step.txt (the authors' median step time).
 # Exit status 0 only if every step ran and passed.
+# To report them: copy the result JSONs into benchmarks/results/runs/<date>_<commit>_<device>/ and name that
+# folder in a note of benchmarks/notes/ (benchmarks/README.md), then python benchmarks/report.py --all.
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600).
 set -uo pipefail
