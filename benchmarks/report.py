@@ -65,8 +65,8 @@ def load(folders: List[str]) -> Dict[str, List[Dict]]:
 
 def check_runs(runs: Path, notes: Path) -> List[str]:
     """What is wrong with the recorded runs, one ``error:`` line each: a folder not named
-    ``<date>_<commit>_<device>``, a JSON without its date and command or from another date than its folder's,
-    an empty folder, and a folder that no note names (by its tables line or its path)."""
+    ``<date>_<commit>_<device>``, a JSON without its date and command or from another date or commit than its
+    folder's, an empty folder, and a folder that no note names (by its tables line or its path)."""
     text = "\n".join(p.read_text() for p in sorted(notes.glob("*.md")))
     errors = []
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
@@ -85,6 +85,9 @@ def check_runs(runs: Path, notes: Path) -> List[str]:
                     errors.append(f"error: {path}: field {field!r} missing (a recorded result says when and how)")
             if r.get("date") and not str(r["date"]).startswith(name.group(1)):
                 errors.append(f"error: {path}: field 'date' is {r['date']!r}, not the folder's {name.group(1)}")
+            commit = str(r.get("commit") or "")
+            if commit and not (commit.startswith(name.group(2)) or name.group(2).startswith(commit)):
+                errors.append(f"error: {path}: field 'commit' is {commit!r}, not the folder's {name.group(2)}")
         if folder.name not in text:
             errors.append(f"error: {folder}: no note in {notes} names this run (a tables line or its path)")
     return errors

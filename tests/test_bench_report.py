@@ -45,11 +45,13 @@ def test_run_folders_are_named_by_date_commit_device_and_reported(tmp_path):
     for name in ("2026-11-29_abcdef0_cpu", "2026-11-30_abcdef0_cpu", "results_of_today", "2026-12-01_1234567_gpu"):
         (runs / name).mkdir(parents=True)
     (runs / "2026-11-29_abcdef0_cpu" / "a.json").write_text(json.dumps({"date": "2026-11-29 03:00 UTC"}))
-    (runs / "2026-11-30_abcdef0_cpu" / "b.json").write_text(json.dumps({"date": "2026-11-29", "command": "x"}))
+    (runs / "2026-11-30_abcdef0_cpu" / "b.json").write_text(json.dumps({"date": "2026-11-29", "command": "x",
+                                                                        "commit": "1234567"}))
     (notes / "10_x.md").write_text("see 2026-11-29_abcdef0_cpu and 2026-11-30_abcdef0_cpu and results_of_today\n")
     errors = report.check_runs(runs, notes)
-    assert all(e.startswith("error: ") for e in errors) and len(errors) == 5, errors
+    assert all(e.startswith("error: ") for e in errors) and len(errors) == 6, errors
     assert "a.json: field 'command' missing" in errors[0]
     assert "b.json: field 'date' is '2026-11-29', not the folder's 2026-11-30" in errors[1]
-    assert "2026-12-01_1234567_gpu: no result JSON" in errors[2] and "no note" in errors[3]
-    assert "results_of_today: run folders are named" in errors[4]
+    assert "b.json: field 'commit' is '1234567', not the folder's abcdef0" in errors[2]
+    assert "2026-12-01_1234567_gpu: no result JSON" in errors[3] and "no note" in errors[4]
+    assert "results_of_today: run folders are named" in errors[5]
