@@ -75,8 +75,14 @@ def reference_run(tmp_path_factory, model_json):
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_ranks_match_one_process(tmp_path, model_json, reference_run, zero):
     out = tmp_path / f"z{zero}"
-    run_cli(common(out, model_json, "--stage", "2", "--max_steps", "4", "--micro_batch", "2",
-                   "--ds_config", f"ds_configs/zero{zero}.json"), launcher_procs=2, timeout=420)
+    proc = run_cli(common(out, model_json, "--stage", "2", "--max_steps", "4", "--micro_batch", "2",
+                          "--ds_config", f"ds_configs/zero{zero}.json"), launcher_procs=2, timeout=420)
+    # the launcher's output (no terminal): one line per record, from rank 0 only; the final message once;
+    # DeepSpeed's prints while the ZeRO checkpoint is consolidated for final/ kept out
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == [f"step {k}/4" for k in range(1, 5)], proc.stdout[-3000:]
+    assert proc.stdout.count("trained 4 steps; final weights in") == 1, proc.stdout[-3000:]
+    assert "Processing zero checkpoint" not in proc.stdout + proc.stderr
     ref, got = metrics(reference_run), metrics(out)
     assert sorted(got) == [1, 2, 3, 4]
     for step in ref:

@@ -17,6 +17,7 @@ it, with every ``torch.load`` forced to weights-only (``safe_load.weights_only_l
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -376,21 +377,29 @@ def restore_train_state(state: Any, path: str, loader) -> Tuple[int, int]:
     return step, skipped
 
 
+def zero_fp32_state_dict(step_dir: str) -> Dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint folder (``step<N>``), rebuilt by DeepSpeed's ``zero_to_fp32`` with
+    every ``torch.load`` weights-only. Its progress prints ("Processing zero checkpoint", a progress bar, "Detected
+    checkpoint of type ...") are kept out of the run's log; a failure is raised as it is."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(step_dir.rstrip("/"))
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), weights_only_loads():
+        return dict(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+
+
 def consolidated_state_dict(engine, checkpoint_path: Optional[str]) -> Dict[str, torch.Tensor]:
     """fp32 weights of the whole model, gathered from any ZeRO stage. Call on every rank; result on rank 0.
 
     With ZeRO the fp32 master weights live in the (sharded) optimizer state, so they are rebuilt from the
-    checkpoint just written with DeepSpeed's ``zero_to_fp32`` utilities.
+    checkpoint just written (:func:`zero_fp32_state_dict`).
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     distributed.barrier()
     state: Dict[str, torch.Tensor] = {}
     if engine.global_rank == 0:
         if engine.zero_optimization_stage() > 0 and checkpoint_path is not None:
-            root, tag = os.path.split(checkpoint_path.rstrip("/"))
-            with weights_only_loads():
-                state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+            state = zero_fp32_state_dict(checkpoint_path)
         else:
             state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     distributed.barrier()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Dict
 
@@ -53,6 +54,10 @@ def setup(timeout_minutes: float = 30.0) -> DistInfo:
         raise RuntimeError(f"incomplete launcher environment: {', '.join(missing)} not set")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed calls it; every rank would print this once, and there is nothing for the user to do about it.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))

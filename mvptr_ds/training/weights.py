@@ -90,10 +90,8 @@ def read_model_weights(path: str, option: str) -> Tuple[Dict[str, torch.Tensor],
     file safe-loaded; collective when a process group exists) and consolidated to fp32 with every
     ``torch.load`` forced to weights-only. ``option`` names the flag in errors (``--init_from``, ...).
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from mvptr_ds.training import checkpoint
-    from mvptr_ds.training.safe_load import refusal, weights_only_loads
+    from mvptr_ds.training.safe_load import refusal
 
     if not os.path.isdir(path):
         raise ConfigError(f"{option} {path}: no such directory")
@@ -110,18 +108,16 @@ def read_model_weights(path: str, option: str) -> Tuple[Dict[str, torch.Tensor],
         raise ConfigError(f"{option} {path}: no {WEIGHTS_NAME} and no complete training checkpoint there")
     meta = checkpoint.verify(step_dir)
     cfg = RunConfig.load(os.path.join(step_dir, CONFIG_NAME))
-    root, tag = os.path.split(step_dir)
     if not glob.glob(os.path.join(step_dir, "*optim_states.pt")):  # ZeRO stage 0 (e.g. one process)
         return _stage0_weights(step_dir, meta), cfg, step_dir
     try:
-        with weights_only_loads():
-            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        state = checkpoint.zero_fp32_state_dict(step_dir)
     except Exception as e:
         refused = refusal(step_dir, e)
         if refused is not None:
             raise refused from None
         raise ConfigError(f"{option} {step_dir}: cannot be consolidated ({type(e).__name__}: {e})") from None
-    return dict(state), cfg, step_dir
+    return state, cfg, step_dir
 
 
 def _stage0_weights(step_dir: str, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
