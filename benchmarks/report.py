@@ -5,11 +5,11 @@
     python benchmarks/report.py --results DIR [DIR ...] --out DIR --title "CPU figures"   # one section, ad hoc
 
 ``--all`` reads the hand-written sections ``benchmarks/notes/*.md`` in name order (it never writes them) and
-replaces each ``<!-- tables: RUN [RUN ...] -->`` line in them by the throughput and memory tables of those
-recorded runs (folders under ``benchmarks/results/runs/``, named ``<date>_<commit>_<device>``, holding the raw
-JSON with its command; see ``benchmarks/README.md``), with plots under ``benchmarks/results/plots/<section>/``.
-It refuses a run folder whose name does not match its JSON's date, a result without its command, and a run
-folder no note names (a recorded run nobody reports).
+replaces each ``<!-- tables: RUN [RUN ...] -->`` line in them by the throughput, memory and data-path
+(``data_scale_*.json``) tables of those recorded runs (folders under ``benchmarks/results/runs/``, named
+``<date>_<commit>_<device>``, holding the raw JSON with its command; see ``benchmarks/README.md``), with plots
+under ``benchmarks/results/plots/<section>/``. It refuses a run folder whose name does not match its JSON's date,
+a result without its command, and a run folder no note names (a recorded run nobody reports).
 
 ``--results``: every ``throughput_*.json`` (``throughput.py``) and ``memory_*.json`` (``memory.py``) under the
 given folders -> ``<out>/throughput.md`` plus ``throughput_vs_micro_batch.png``, ``mfu_vs_micro_batch.png``,
@@ -54,7 +54,7 @@ RUN_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})_([0-9a-f]{7,40})_([a-z0-9][a-z0-9-]
 
 
 def load(folders: List[str]) -> Dict[str, List[Dict]]:
-    out: Dict[str, List[Dict]] = {"throughput": [], "memory": []}
+    out: Dict[str, List[Dict]] = {"throughput": [], "memory": [], "data_scale": []}
     for folder in folders:
         for kind in out:
             for path in sorted(glob.glob(os.path.join(folder, "**", f"{kind}_*.json"), recursive=True)):
@@ -107,8 +107,9 @@ def render_all(notes: Path = NOTES, runs: Path = RUNS, plots_dir: Path = PLOTS, 
             if missing:
                 raise SystemExit(f"error: {note}: tables line names {', '.join(missing)}, not a folder of {runs}")
             results = load([str(runs / n) for n in names])
-            if not results["throughput"] and not results["memory"]:
-                raise SystemExit(f"error: {note}: no throughput_*.json or memory_*.json in {', '.join(names)}")
+            if not any(results.values()):
+                raise SystemExit(f"error: {note}: no throughput_*.json, memory_*.json or data_scale_*.json in "
+                                 f"{', '.join(names)}")
             out = plots_dir / section
             if draw:
                 plots(results, str(out))

@@ -1,5 +1,6 @@
-"""The markdown tables of ``report.py``: one row per throughput result (and its baseline) or memory result,
-each with the command, machine, software versions and date it was measured with."""
+"""The markdown tables of ``report.py``: one row per throughput result (and its baseline) or memory result, and
+the data-path tables of a ``data_scale.py`` result, each with the command, machine, software versions and date
+it was measured with."""
 from __future__ import annotations
 
 import os
@@ -138,6 +139,55 @@ def tables(results: Dict[str, List[Dict]], images: List[str]) -> str:
         lines += ["", "Measured with:", ""]
         lines += [f"- ZeRO-{r['zero_stage']}{' offload' if r['offload'] else ''} x{r['world_size']}: {provenance(r)}"
                   for r in mem] + [""]
+    for r in sorted(results.get("data_scale", []), key=lambda r: r["images"]):
+        lines += data_scale_tables(r)
     for img in images:
         lines += [f"![{os.path.splitext(os.path.basename(img))[0]}]({img})", ""]
     return "\n".join(lines)
+
+
+def _n(x) -> str:
+    return f"{x:,.0f}"
+
+
+def data_scale_tables(r: Dict) -> List[str]:
+    """The tables of one ``data_scale.py`` result: building and opening the store, reads, the training loader
+    by worker count, and the loader cores one GPU needs."""
+    b, o, rd, ps, need, m = r["build"], r["open"], r["reads"], r["per_sample"], r["need"], r["machine"]
+    lines = [f"### Data path at {_n(r['images'])} images ({_n(r['regions'])} regions, "
+             f"{r['store_gb']:.1f} GB store)", "",
+             "| step | figure |", "|---|---:|",
+             f"| TSV -> store, `convert_features` ({_n(b['convert_images'])} images, {b['convert_tsv_mb']:,.0f} MB "
+             f"of base64 TSV) | {b['convert_mb_per_s']:.1f} MB/s, {_n(b['convert_regions_per_s'])} regions/s |",
+             f"| store written directly, `write_store` (all images) | {_n(b['write_store_regions_per_s'])} regions/s "
+             f"({b['write_store_s']:,.0f} s) |",
+             f"| open the store (index memory-mapped: {o['store_index_mb']:.1f} MB) | "
+             f"{1e3 * o['store_open_s']:.1f} ms |",
+             f"| open the data directory (every caption and tag row validated, every image looked up) | "
+             f"{o['dataset_open_s']:.1f} s |",
+             f"| memory a rank keeps for the indices (RSS growth while opening) | {o['rss_growth_mb']:.0f} MB |",
+             f"| random reads of one image's regions, fp16 as stored (one process) | "
+             f"{_n(rd['fp16_raw']['regions_per_s'])} regions/s |",
+             f"| the same, converted to fp32 on the host (before: what the loader did) | "
+             f"{_n(rd['fp32']['regions_per_s'])} regions/s |",
+             f"| CPU per sample: dataset item (text, tags, regions as stored) | {ps['item_us']:.0f} us |",
+             f"| of which its regions, fp16 as stored / fp32 on the host | {ps['features_fp16_us']:.0f} / "
+             f"{ps['features_fp32_us']:.0f} us |",
+             f"| CPU per sample: collation (corruption, padding, WPG draws) | {ps['collate_us']:.0f} us |",
+             "", f"Training loader (`ResumableLoader`, micro batch {r['micro_batch']}; CPU seconds from the kernel's "
+             "counters of the loading processes):", "",
+             "| workers | samples/s | regions/s | loader CPU ms per sample | main process CPU ms per sample | "
+             "samples per loader core-second |", "|---:|---:|---:|---:|---:|---:|"]
+    for w in r["loader"]:
+        main = "-" if w["main_cpu_ms_per_sample"] is None else f"{w['main_cpu_ms_per_sample']:.2f}"
+        lines.append(f"| {w['workers']} | {w['samples_per_s']:,.0f} | {_n(w['regions_per_s'])} | "
+                     f"{w['loader_cpu_ms_per_sample']:.2f} | {main} | {w['samples_per_cpu_s']:,.0f} |")
+    lines += ["", f"One GPU at {need['gpu_tflops']:.0f} TFLOP/s over {need['sample_gflop']:.0f} GFLOP per sample "
+              f"consumes {_n(need['samples_per_s'])} samples/s ({_n(need['regions_per_s'])} regions/s): at "
+              f"{need['loader_cpu_ms_per_sample']:.2f} ms of loader CPU per sample that is **{need['cores']:.1f} "
+              f"cores**.", "",
+              f"Measured with: `{r['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['memory_gb']:.0f} GB, "
+              f"1-min load average {r.get('load_average_1min_start', float('nan')):.1f} at the start and "
+              f"{m['load_average_1min']:.1f} at the end), Python {m['python']}, numpy {m['numpy']}, torch "
+              f"{m['torch']}, commit {m['commit'] or '?'}, {r['date']}", ""]
+    return lines
