@@ -226,7 +226,16 @@ def measure_loader(dataset, collator: Collator, workers: int, batches: int, micr
             "samples_per_cpu_s": round(samples / loader_cpu, 1), "regions_per_cpu_s": round(regions / loader_cpu)}
 
 
-def machine() -> dict:
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def machine(commit: str) -> dict:
+    """The machine, its load now, the software and the commit the benchmark started at."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -235,11 +244,6 @@ def machine() -> dict:
         pass
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) * 1024
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
     import torch
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gb": round(mem / 1e9, 1),
             "load_average_1min": round(os.getloadavg()[0], 2), "host": socket.gethostname(),
@@ -265,6 +269,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
+    commit = git_commit()
     work = args.workdir or tempfile.mkdtemp(prefix="mvptr_data_scale_")
     os.makedirs(work, exist_ok=True)
     result = {"bench": "data_scale", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -289,7 +294,7 @@ def main(argv=None) -> dict:
             result["loader"].append(measure_loader(dataset, collator, int(w), args.batches, args.micro_batch,
                                                    args.seed))
             say(f"loader: {result['loader'][-1]}")
-        result["machine"] = machine()
+        result["machine"] = machine(commit)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
