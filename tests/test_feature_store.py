@@ -98,11 +98,11 @@ CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from mvptr_ds.data import feature_store
-real = feature_store._atomic_json
-def slow(path, obj):  # slow storage: each manifest commit takes a while
-    real(path, obj)
+real = feature_store.atomic_write_json
+def slow(path, obj, **kwargs):  # slow storage: each manifest commit takes a while
+    real(path, obj, **kwargs)
     time.sleep(0.03)
-feature_store._atomic_json = slow
+feature_store.atomic_write_json = slow
 feature_store.convert_features({tsv!r}, {out!r}, dtype="float16", shard_size=40, progress=False)
 """
 

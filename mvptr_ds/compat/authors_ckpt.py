@@ -19,7 +19,6 @@ into their code).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -27,6 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from mvptr_ds.config import ConfigError, ModelConfig, RunConfig
+from mvptr_ds.config_types import read_json
+from mvptr_ds.files import atomic_write_json
 from mvptr_ds.model.heads import ITMHead, MaskedTokenHead
 from mvptr_ds.model.mvptr import MVPTRModel
 from mvptr_ds.training.weights import save_weights
@@ -291,11 +292,7 @@ def write_original(dst: str, state_dict: Mapping[str, torch.Tensor], model_cfg: 
     tmp = f"{weights}.tmp{os.getpid()}"
     torch.save({k: v.detach().to("cpu").contiguous() for k, v in theirs.items()}, tmp)
     os.replace(tmp, weights)
-    tmp = f"{config}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(authors_config_from(model_cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, config)
+    atomic_write_json(config, authors_config_from(model_cfg))
     return {"out": dst, "tensors": len(theirs)}
 
 
@@ -344,14 +341,8 @@ def convert_original(src: str, dst: str, config: Optional[str] = None, strict: b
         raise ConfigError(f"{src}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     if authors_config is None:
         path = config or os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
-        try:
-            with open(path) as f:
-                authors_config = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{src}: the checkpoint holds no config and {path} does not exist; pass the "
-                              f"authors' config.json with --config") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        authors_config = read_json(path, path, f" (the checkpoint {src} holds no config: pass the authors' "
+                                               f"config.json with --config)")
     if not isinstance(authors_config, Mapping):
         raise ConfigError(f"{src}: 'config' must be a dict of the authors' config fields")
     state, model_cfg, report = authors_to_project(obj, authors_config)

@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mvptr_ds.files import atomic_write_lines
+
 from .readers import CaptionIndex, ConceptVocab, DataError, read_id2phrase, write_id2phrase
 
 Tuple_ = Tuple[str, ...]
@@ -328,11 +330,7 @@ def extract_tuples(caption: str, lexicon: Lexicon) -> List[Tuple_]:
 
 
 def _write_jsonl(path: str, records) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_lines(path, (json.dumps(r) + "\n" for r in records))
 
 
 def extract_concepts(captions: str, vocab: str, out: str, labels: Optional[str] = None) -> dict:

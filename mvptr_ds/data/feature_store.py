@@ -24,11 +24,12 @@ workers) and after pickling (spawn). The TSV slow path (:class:`TsvFeatureStore`
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
+
+from mvptr_ds.files import atomic_write_json
 
 from .readers import (FEATURE_DIM, DataError, IdIndex, MissingImageError, iter_feature_rows,
                       read_json_no_dup)
@@ -36,15 +37,6 @@ from .tsv_store import TsvFeatureStore
 
 FORMAT = "mvptr_ds.feature_store.v1"
 DTYPES = {"float16": "<f2", "fp16": "<f2", "float32": "<f4", "fp32": "<f4"}
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _shard_name(k: int) -> str:
@@ -90,7 +82,7 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
                             field="settings")
     else:
         manifest = dict(settings, shards=[], next_offset=0, next_row=0, done=False)
-        _atomic_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=None, sort_keys=False)
     resumed_from = int(manifest["next_row"])
 
     if not manifest["done"]:
@@ -100,7 +92,7 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
             nonlocal shard
             manifest["shards"].append(shard.commit())
             manifest["next_offset"], manifest["next_row"] = next_offset, next_row
-            _atomic_json(manifest_path, manifest)
+            atomic_write_json(manifest_path, manifest, indent=None, sort_keys=False)
             shard = None
 
         start = int(manifest["next_offset"])
@@ -119,7 +111,7 @@ def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int
                 commit(tsv_size, row + 1)
         _finalize(out, manifest, np_dtype)
         manifest["done"] = True
-        _atomic_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=None, sort_keys=False)
     meta = read_json_no_dup(os.path.join(out, "meta.json"))
     return {"out": out, "num_images": meta["num_images"], "num_regions": meta["num_regions"],
             "shards": len(meta["shards"]), "dtype": dtype, "resumed_from_row": resumed_from}
@@ -155,7 +147,7 @@ def write_store(images: Iterable[Tuple[str, np.ndarray]], out: str, dtype: str =
         manifest["shards"].append(shard.commit())
     _finalize(out, manifest, np_dtype)
     manifest["done"] = True
-    _atomic_json(os.path.join(out, "progress.json"), manifest)
+    atomic_write_json(os.path.join(out, "progress.json"), manifest, indent=None, sort_keys=False)
     meta = read_json_no_dup(os.path.join(out, "meta.json"))
     return {"out": out, "num_images": meta["num_images"], "num_regions": meta["num_regions"],
             "shards": len(meta["shards"]), "dtype": dtype, "resumed_from_row": 0}
@@ -253,10 +245,10 @@ def _finalize(out: str, manifest: dict, np_dtype: np.dtype) -> None:
     np.save(os.path.join(out, "index_loc.tmp.npy"), loc[order])
     os.replace(os.path.join(out, "index_ids.tmp.npy"), os.path.join(out, "index_ids.npy"))
     os.replace(os.path.join(out, "index_loc.tmp.npy"), os.path.join(out, "index_loc.npy"))
-    _atomic_json(os.path.join(out, "meta.json"), {
+    atomic_write_json(os.path.join(out, "meta.json"), {
         "format": FORMAT, "dtype": np_dtype.str, "dim": FEATURE_DIM, "num_images": len(ids),
         "num_regions": int(loc[:, 2].sum()), "shards": [s["name"] for s in manifest["shards"]],
-        "source": manifest["source"]})
+        "source": manifest["source"]}, indent=None, sort_keys=False)
 
 
 class FeatureStore:

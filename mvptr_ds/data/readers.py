@@ -24,6 +24,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mvptr_ds.files import atomic_write_json, atomic_write_lines
+
 FEATURE_DIM = 2054
 
 
@@ -155,10 +157,7 @@ def read_lineidx(path: str, data_path: str) -> np.ndarray:
 
 def write_lineidx(path: str, offsets: np.ndarray) -> None:
     """Write ``offsets`` (int ``[num_rows]``) as a ``.lineidx`` file, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(f"{int(o)}\n" for o in offsets)
-    os.replace(tmp, path)
+    atomic_write_lines(path, (f"{int(o)}\n" for o in offsets))
 
 
 def read_json_no_dup(path: str):
@@ -512,7 +511,4 @@ def read_id2phrase(path: str) -> ConceptVocab:
 
 def write_id2phrase(path: str, id_to_tuple: Dict[int, Sequence[str]]) -> None:
     """Write ``{"id": [element, ...]}`` sorted by id, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({str(i): list(id_to_tuple[i]) for i in sorted(id_to_tuple)}, f)
-    os.replace(tmp, path)
+    atomic_write_json(path, {str(i): list(id_to_tuple[i]) for i in sorted(id_to_tuple)}, indent=None, sort_keys=False)

@@ -13,12 +13,12 @@ grounding batches are split over the ranks and rank 0 writes the file.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Dict, Optional, Sequence
 
 from mvptr_ds.config import ConfigError, EvalConfig
+from mvptr_ds.files import atomic_write_json
 
 TASKS = ("retrieval", "grounding")
 
@@ -84,7 +84,7 @@ def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Sequence[str] =
         gr["seconds"] = round(time.perf_counter() - start, 3)
         result["grounding"] = gr
     if output is not None and main:
-        write_json(output, result)
+        atomic_write_json(output, result)
     return result
 
 
@@ -111,12 +111,3 @@ def _first_images(dataset, max_images: int):
     return _Subset(dataset, keep)
 
 
-def write_json(path: str, result: Dict[str, object]) -> None:
-    """Write atomically (a crash never leaves half a file); parent directories are created."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -12,7 +12,6 @@ uniformly random prediction), the checkpoint and the data evaluated.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
 
@@ -22,6 +21,7 @@ from mvptr_ds.config import ConfigError, RunConfig
 from mvptr_ds.finetune.data import TaskData, build_task_data
 from mvptr_ds.finetune.metrics import IOU_THRESHOLD
 from mvptr_ds.finetune.tasks import FinetuneModule
+from mvptr_ds.files import atomic_write_json
 
 METRICS = {"vqa": "vqa_soft_accuracy", "snli_ve": "accuracy", "refcoco": "iou50_accuracy"}
 
@@ -137,11 +137,7 @@ def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, check
     report = {"task": cfg.eval.finetune_task, cfg.eval.finetune_task: result, "checkpoint": checkpoint, "data": cfg.data.source,
               "eval_data": data.eval_source}
     path = os.path.join(cfg.train.output_dir, "eval.json")
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, report, indent=1)
     return path
 
 

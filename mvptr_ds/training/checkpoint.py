@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from mvptr_ds.config import ConfigError, RunConfig
+from mvptr_ds.config_types import read_json
+from mvptr_ds.files import atomic_write_json, atomic_write_text
 from mvptr_ds.training import distributed, writes
 from mvptr_ds.training.safe_load import (first_line, manifest_entry, refusal, verify_checkpoint_files,
                                          weights_only_loads)
@@ -189,8 +191,8 @@ def save(engine, output_dir: str, step: int, train_state: Dict[str, Any], config
         def mark_complete():
             meta = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
                     "files": files}
-            _write_atomic(os.path.join(path, COMPLETE), json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            _write_atomic(os.path.join(root, "latest"), tag)
+            atomic_write_json(os.path.join(path, COMPLETE), meta, indent=1)
+            atomic_write_text(os.path.join(root, "latest"), tag)
             prune(root, keep_last, step)
         failure = writes.agree_failure(writes.attempt(mark_complete) if main else None)
     if failure is not None:
@@ -250,20 +252,6 @@ def _remove(root: str, path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def verify(path: str) -> Dict[str, Any]:
     """Check a checkpoint before loading it: manifest sizes and hashes, safe unpickling of every file.
 
@@ -291,13 +279,7 @@ def verify(path: str) -> Dict[str, Any]:
 def check_compatible(path: str, cfg: RunConfig) -> None:
     """The checkpoint's model (``step<N>/config.json``) has the same parameters as this run's, else ConfigError."""
     file = os.path.join(path, "config.json")
-    try:
-        with open(file) as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: missing (every mvptr_ds checkpoint has one)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    saved = read_json(file, file, " (every mvptr_ds checkpoint has one)")
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise ConfigError(f"{file}: no model section; not an mvptr_ds checkpoint config")
     now = cfg.to_dict()

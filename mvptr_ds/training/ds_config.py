@@ -26,6 +26,7 @@ from typing import Any, Dict, List
 
 from mvptr_ds import ds_configs
 from mvptr_ds.config import ConfigError, TrainConfig
+from mvptr_ds.config_types import read_json
 
 # Keys this module reads itself before DeepSpeed does: their values must be objects.
 _OBJECT_KEYS = ("zero_optimization", "bf16", "bfloat16", "fp16")
@@ -39,13 +40,7 @@ MONITOR_DIR = "monitor"
 def read_template(path: str) -> Dict[str, Any]:
     """The template ``path`` names (a JSON file, or a shipped template's name: ``mvptr_ds.ds_configs.resolve``)."""
     path = ds_configs.resolve(path)
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--ds_config {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    d = read_json(path, f"--ds_config {path}")
     if not isinstance(d, dict):
         raise ConfigError(f"--ds_config {path}: expected a JSON object at the top level")
     for key in (k for k in _OBJECT_KEYS if k in d):
