@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import torch; print('cuda' if tor
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-fault bench-cpu
+.PHONY: install demo test test-fault
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"

@@ -258,7 +258,7 @@ def stage_note(path: str, cfg: Dict[str, Any]) -> str:
 def precision_warning(precision: str, device_type: str) -> str:
     """A warning line when bf16 is asked for on a CPU without bf16 instructions (avx512_bf16 or AMX), else "".
 
-    Measured on an AVX2-only CPU (BENCHMARKS.md): a base-size bf16 step took about 27x the fp32 one.
+    Measured on an AVX2-only CPU (BENCHMARKS.md): a base-size bf16 step took about 38x the fp32 one.
     """
     if precision != "bf16" or device_type != "cpu":
         return ""
