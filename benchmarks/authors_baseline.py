@@ -6,8 +6,9 @@ path (MVPTR.md section 3, "known defects of the released code"):
 
 * fixed-length padding: every batch padded to ``max_seq_length + max_phrases`` text positions (35 + 5 = 40),
   ``max_tag_length`` tag positions (20) and ``max_img_seq_length`` regions (50), whatever the real lengths;
-* ``ModelConfig.kernels="eager"``: attention as explicit ``softmax(QK^T/sqrt(d) - 10000 * (1 - mask)) V``,
-  every padded position through every layer, the cross-modal input not packed (``model/layers.py``);
+* ``ModelConfig.kernels="eager"``: attention as explicit ``softmax(QK^T/sqrt(d) - 10000 * (1 - mask)) V``;
+  ``ModelConfig.skip_padding=False``: every padded position through every layer, the cross-modal input not
+  packed (``model/layers.py``);
 * WPG as a Python loop over the pairs of the batch, with host synchronisations per pair (boolean indexing,
   ``.item()``), instead of the batched computation of ``objectives/wpg.py``;
 * fp16 with loss scaling where the device supports it (CUDA); fp32 on the CPU.
@@ -35,7 +36,7 @@ from mvptr_ds.objectives.pretraining import PretrainingModule
 def authors_config(cfg: RunConfig, device: torch.device) -> RunConfig:
     """``cfg`` with the re-creation's kernels and the authors' precision (fp16 on CUDA, fp32 elsewhere)."""
     precision = "fp16" if device.type == "cuda" else "fp32"
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernels="eager"),
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernels="eager", skip_padding=False),
                                train=dataclasses.replace(cfg.train, precision=precision))
 
 

@@ -73,7 +73,7 @@ def bench_wpg(backbone, batch, reps: int) -> dict:
 
 
 def bench_encoders(cfg: RunConfig, parts, batch, reps: int) -> dict:
-    eager_cfg = dataclasses.replace(cfg.model, kernels="eager")
+    eager_cfg = dataclasses.replace(cfg.model, kernels="eager", skip_padding=False)
     eager = type(parts.module.backbone)(eager_cfg)
     eager.load_state_dict(parts.module.backbone.state_dict())
     ours = parts.module.backbone

@@ -31,7 +31,7 @@ One encoder layer over a sequence of n real positions costs, forward,
 **Executed** counts the shapes a path really multiplies, which is what DeepSpeed's flops profiler sees
 (forward only): unpadded encoders run the linear layers on the N real rows but attention on the padded
 ``[B, L]`` block (4 B L^2 H), the packed cross encoder on ``L = max_i n_i``; the authors-style path
-(``kernels="eager"``) runs every layer on all B L rows; the region projection always runs on all ``B Lr``
+(``skip_padding=False``) runs every layer on all B L rows; the region projection always runs on all ``B Lr``
 padded rows and the WPG cosines on the padded ``[B, Lt, Lr]`` blocks. ``tests/test_throughput.py`` checks the
 executed forward count against the profiler.
 """
@@ -67,7 +67,7 @@ class _EncoderCall:
     layers: int
     lengths: torch.Tensor  # [B] real positions per row
     padded_len: int      # L of the [B, L] block the call received
-    padded_rows: bool    # True when every position runs through the layers (kernels="eager")
+    padded_rows: bool    # True when every position runs through the layers (skip_padding off)
 
 
 class FlopCounter:

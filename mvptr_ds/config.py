@@ -53,12 +53,18 @@ class ModelConfig:
     hidden_dropout: float = option(0.1, "Dropout of hidden states.", cli=False)
     attention_dropout: float = option(0.1, "Dropout of attention probabilities.", cli=False)
     img_feature_dim: int = option(2054, "Region feature size (VinVL: 2048 + 6 box coordinates).", cli=False)
-    use_img_layernorm: bool = option(True, "LayerNorm after the region projection.", cli=False)
+    use_img_layernorm: bool = option(
+        False, "LayerNorm after the region projection: off in the release's pre-training, on in its retrieval "
+        "fine-tuning (the finetune command's retrieval default, config.TASK_MODEL_DEFAULTS).", cli=False)
     initializer_range: float = option(0.02, "Standard deviation of the initial weights.", cli=False)
     kernels: str = option(
         "auto", "Attention and embedding kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), "
         "triton, torch, or eager (the authors' additive -10000 mask and explicit softmax, for the baseline "
         "benchmark).", metavar="|".join(KERNELS))
+    skip_padding: bool = option(
+        True, "Compute real positions only: the position-wise parts of every layer on the real tokens, the "
+        "cross-modal sequences packed; off, every padded position goes through every layer as in the authors' "
+        "code (the baseline benchmark). The outputs at real positions are the same.", cli=False)
     activation_checkpointing: bool = option(
         False, "Recompute each encoder layer in backward (non-reentrant torch.utils.checkpoint): less memory, "
         "about a third more compute.")
@@ -273,7 +279,9 @@ class EvalConfig:
         64, "Retrieval: images per caption re-ranked by ITM (0: the contrastive ranking alone).")
     batch_size: int = option(64, "Evaluation batch size.", flag="eval_batch_size")
     num_answers: int = option(3129, "VQA answer vocabulary (taken from the data).", cli=False)
-    head_dropout: float = option(0.3, "Dropout before the VQA and SNLI-VE heads.")
+    head_dropout: Optional[float] = option(
+        None, "Dropout before the task heads; not given: the model's hidden dropout, as the release (which its "
+        "fine-tuning sets per task: config.TASK_MODEL_DEFAULTS).")
     eval_data: Optional[str] = option(
         None, "Evaluation data when not the training source's own evaluation split (the built-in world's "
         "held-out images, a data directory's --eval_split files).", metavar="SOURCE")
@@ -288,7 +296,7 @@ class EvalConfig:
                               f"{', '.join(FINETUNE_TASKS)}")
         at_least(self, "eval", ("rerank_captions", "rerank_images"), 0)
         at_least(self, "eval", ("batch_size", "num_answers", "ref_layer"), 1)
-        if not 0.0 <= self.head_dropout < 1.0:
+        if self.head_dropout is not None and not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"eval.head_dropout={self.head_dropout} must be in [0, 1)")
 
 
@@ -298,6 +306,15 @@ TASK_TRAIN_DEFAULTS: Dict[str, Dict[str, float]] = {
     "vqa": {"lr": 5e-5},
     "snli_ve": {"lr": 5e-5},
     "refcoco": {"lr": 5e-5},
+}
+# Model settings of the release's fine-tuning scripts (run_vqa.py / run_ve.py / run_re.py / run_retrieval.py as its
+# README runs them: --drop_out on every BERT dropout; retrieval's --use_img_layernorm 1), applied by the finetune
+# command over the model preset unless given.
+TASK_MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "retrieval": {"hidden_dropout": 0.1, "use_img_layernorm": True},
+    "vqa": {"hidden_dropout": 0.3},
+    "snli_ve": {"hidden_dropout": 0.1},
+    "refcoco": {"hidden_dropout": 0.1},
 }
 # Evaluation split of a task directory (retrieval evaluates the whole --eval_data directory instead).
 TASK_EVAL_SPLITS = {"vqa": "val", "snli_ve": "dev", "refcoco": "val"}

@@ -58,17 +58,60 @@ def test_retrieval_then_vqa_from_its_weights(tmp_path):
     for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
         assert 0.0 <= r[k] <= 100.0
     assert {"loss/vsc", "loss/itm"} <= set(records[-1])
-    assert "heads.itm.classifier.weight" in state
+    assert "heads.retrieval.classifier.weight" in state and "backbone.img_layernorm.weight" in state
 
     report, records, state = _finetune("vqa", tmp_path / "vqa", "--init_from", str(tmp_path / "ret" / "final"))
     init = json.loads((tmp_path / "vqa" / "init_report.json").read_text())
     assert any(k.startswith("backbone.") for k in init["loaded"])
     assert all(k.startswith("heads.vqa.") for k in init["newly_initialised"]) and init["newly_initialised"]
-    assert "heads.itm.classifier.weight" in init["unused"]
+    assert "heads.retrieval.classifier.weight" in init["unused"]
     world = SceneWorld(SceneSpec(images=16, held_out=6, captions_per_image=2))
     assert state["heads.vqa.decoder.weight"].shape[0] == len(vqa_answers(world))
     assert report["vqa"]["n"] == 3 * 6
     assert 0.0 <= report["vqa"]["vqa_soft_accuracy"] <= 100.0
+
+
+def test_release_heads_and_inputs(tmp_path):
+    """VQA: transform started from the pre-trained MLM head's (the release's shared names), tags after the
+    question (type 1); retrieval: a new classifier that evaluate re-ranks with; dropout: the model's."""
+    import dataclasses
+
+    from mvptr_ds.config import MODEL_PRESETS, ObjectiveConfig, RunConfig
+    from mvptr_ds.data.batching import Collator
+    from mvptr_ds.evaluation.loading import build_model
+    from mvptr_ds.finetune.batching import TaskCollator, TaskExample
+    from mvptr_ds.finetune.tasks import FinetuneModule
+    from mvptr_ds.objectives import build_pretraining_module
+    from mvptr_ds.training.init_from import init_weights
+    from mvptr_ds.training.weights import save_weights
+
+    world = SceneWorld(SceneSpec(images=6, held_out=0, captions_per_image=1))
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=world.vocab.vocab_size,
+                              only_word_size=world.vocab.only_word_size, hidden_dropout=0.3)
+    pre = build_pretraining_module(cfg, ("mcr", "vsc", "itm", "mlm", "wpg"), ObjectiveConfig())
+    save_weights(str(tmp_path / "pre"), pre.state_dict(), RunConfig(model=cfg))
+    vqa = FinetuneModule(cfg, "vqa", num_answers=7)
+    assert vqa.heads["vqa"].dropout.p == 0.3  # the model's hidden dropout
+    lines = init_weights(vqa, str(tmp_path / "pre"))
+    assert torch.equal(vqa.heads["vqa"].transform.dense.weight, pre.heads["mlm"].transform.dense.weight)
+    assert any("heads.vqa.transform.dense.weight <- heads.mlm.transform.dense.weight" in line for line in lines)
+
+    data_cfg = RunConfig().data
+    examples = [TaskExample(world.train[i], answers={0: 1.0}) for i in range(3)]
+    tb = TaskCollator(data_cfg, world.vocab, "vqa", 7)(examples)
+    plain = Collator.from_config(data_cfg, world.vocab, ())([t.example for t in examples])
+    for i, t in enumerate(examples):
+        n = int(plain.text_mask[i].sum())
+        tags = t.example.tag_ids
+        assert tb.batch.text_ids[i, n:n + len(tags)].tolist() == tags and int(tb.batch.text_mask[i].sum()) == n + len(tags)
+        assert tb.batch.text_type_ids[i, :n].eq(0).all() and tb.batch.text_type_ids[i, n:n + len(tags)].eq(1).all()
+    assert vqa(tb).loss.isfinite()
+
+    ret = FinetuneModule(cfg, "retrieval")
+    state = ret.state_dict()
+    assert "heads.retrieval.classifier.weight" in state and not any(k.startswith("heads.itm.") for k in state)
+    loaded = build_model(state, RunConfig(model=cfg), "test")
+    assert torch.equal(loaded.itm_head.classifier.weight, ret.heads["retrieval"].classifier.weight)
 
 
 def test_bad_task_data_is_one_clear_line_from_the_cli(tmp_path):

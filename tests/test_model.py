@@ -190,9 +190,10 @@ def test_bert_style_init():
             assert abs(p.std().item() - TINY.initializer_range) < 0.005, name
 
 
-def test_img_layernorm_is_optional():
-    assert MVPTRModel(replace(TINY, use_img_layernorm=False)).img_layernorm is None
-    assert MVPTRModel(TINY).img_layernorm is not None
+def test_img_layernorm_is_optional_and_off_by_default():
+    """Off in the release's pre-training (run_pretrain_ml.py --use_img_layernorm 0), on in its retrieval."""
+    assert MVPTRModel(TINY).img_layernorm is None
+    assert MVPTRModel(replace(TINY, use_img_layernorm=True)).img_layernorm is not None
 
 
 def test_heads():
@@ -221,7 +222,8 @@ def _expected_base_counts(vocab, words):
 
 
 def test_base_parameter_count():
-    cfg = replace(MODEL_PRESETS["base"], vocab_size=86051, only_word_size=30522)
+    # The authors' checkpoint key list holds the region LayerNorm (MVPTR.md section 6): counted with it.
+    cfg = replace(MODEL_PRESETS["base"], vocab_size=86051, only_word_size=30522, use_img_layernorm=True)
     with torch.device("meta"):
         backbone = MVPTRModel(cfg)
         heads = [MaskedTokenHead(cfg), MaskedTokenHead(cfg), ITMHead(cfg)]

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from mvptr_ds.config import (DEFAULT_MODEL, FINETUNE_TASKS, MODEL_PRESETS, RECIPES, TASK_TRAIN_DEFAULTS, ConfigError,
+from mvptr_ds.config import (DEFAULT_MODEL, FINETUNE_TASKS, MODEL_PRESETS, RECIPES, TASK_MODEL_DEFAULTS,
+                             TASK_TRAIN_DEFAULTS, ConfigError,
                              EvalConfig, RunConfig, TrainConfig, apply_recipe, model_config_from)
 from mvptr_ds.config_types import option
 
@@ -78,8 +79,9 @@ def pretraining_config(given: Dict[str, Any]) -> RunConfig:
 
 def finetune_defaults(task: str) -> Dict[str, Any]:
     """The ``finetune`` settings of ``task`` that differ from pre-training's (without ``--config``)."""
-    return {f"train.{k}": v for k, v in TASK_TRAIN_DEFAULTS[task].items()} | {
-        "train.output_dir": f"runs/finetune_{task}"}
+    return ({f"train.{k}": v for k, v in TASK_TRAIN_DEFAULTS[task].items()}
+            | {f"model.{k}": v for k, v in TASK_MODEL_DEFAULTS[task].items()}
+            | {"train.output_dir": f"runs/finetune_{task}"})
 
 
 def finetune_default_texts() -> Dict[str, str]:

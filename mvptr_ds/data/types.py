@@ -43,7 +43,8 @@ class Example:
 class Batch:
     """A padded, corrupted batch. B = batch size, Lt/Lg/Lr = longest text / tag / region sequence.
 
-    Text stream ``[CLS] w1..wn p1..pk [SEP] [PAD]..`` (type 0, positions 0..Lt-1 straight through).
+    Text stream ``[CLS] w1..wn p1..pk [SEP] [PAD]..`` (type 0, positions 0..Lt-1 straight through; VQA appends
+    the image's tags after ``[SEP]``, type 1, as the release's ``--use_b_text``).
     Visual stream ``[CLS] t1..tm [SEP] [PAD]..`` (type 1, positions from 0) followed by the regions.
     """
 
@@ -64,6 +65,7 @@ class Batch:
     itm_text_side: torch.Tensor     # [B] bool: ITM pairs this row's text with a mined image (else its image with a text)
     itm_negative_draw: torch.Tensor  # [B, 2] float in [0, 1): ITM's sampled/random negative (text side, image side)
     phrase_regions: Optional[torch.Tensor] = None  # [B, Lt] long, true region of each concept (-1 unknown)
+    text_type_ids: Optional[torch.Tensor] = None   # [B, Lt] long; None: type 0 everywhere (VQA's tags: type 1)
 
     @property
     def size(self) -> int:

@@ -8,8 +8,9 @@
   complete ``step<N>``); the weights are consolidated to fp32 (any ZeRO stage) and the config is the
   ``config.json`` saved with the checkpoint.
 
-The state dict holds ``backbone.*`` and the heads of the objectives it was trained with
-(``heads.itm.*`` when ITM was among them); other heads are ignored.
+The state dict holds ``backbone.*`` and the heads of the objectives it was trained with: the matching head
+that re-ranks is ``heads.itm.*`` (pre-training's ITM) or ``heads.retrieval.*`` (retrieval fine-tuning's own
+classifier, as the release's); other heads are ignored.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from mvptr_ds.config import ConfigError, RunConfig
 
 BACKBONE_PREFIX = "backbone."
-ITM_PREFIX = "heads.itm."
+MATCH_PREFIXES = ("heads.itm.", "heads.retrieval.")  # pre-training's ITM head, retrieval fine-tuning's
 
 
 @dataclass
@@ -43,7 +44,8 @@ def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.T
 
 
 def build_model(state: Dict[str, torch.Tensor], cfg: RunConfig, source: str, device="cpu") -> LoadedModel:
-    """Backbone and ITM head from a state dict; every backbone parameter must be present with its shape."""
+    """Backbone and matching head (ITM or retrieval's) from a state dict; every backbone parameter must be present
+    with its shape."""
     from mvptr_ds.model.heads import ITMHead
     from mvptr_ds.model.mvptr import MVPTRModel
 
@@ -53,11 +55,11 @@ def build_model(state: Dict[str, torch.Tensor], cfg: RunConfig, source: str, dev
     with_cross = any(k.startswith("cross_encoder.") for k in backbone_state)
     backbone = MVPTRModel(cfg.model, with_cross=with_cross)
     _load_strict(backbone, backbone_state, source, BACKBONE_PREFIX)
-    itm_state = _sub_state(state, ITM_PREFIX)
+    prefix = next((p for p in MATCH_PREFIXES if _sub_state(state, p)), None)
     itm_head = None
-    if itm_state and with_cross:
+    if prefix is not None and with_cross:
         itm_head = ITMHead(cfg.model)
-        _load_strict(itm_head, itm_state, source, ITM_PREFIX)
+        _load_strict(itm_head, _sub_state(state, prefix), source, prefix)
     for m in (backbone, itm_head):
         if m is not None:
             m.to(device).eval()

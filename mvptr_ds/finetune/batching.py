@@ -1,7 +1,9 @@
 """Task examples and batches: an image-text :class:`~mvptr_ds.data.types.Example` plus the task's target.
 
 The text stream carries the task's text (the caption for retrieval, the question for VQA, the hypothesis
-for SNLI-VE, the referring expression for RefCOCO); images are the usual tags + regions. Targets:
+for SNLI-VE, the referring expression for RefCOCO); images are the usual tags + regions. For VQA the image's
+tag pieces also follow the question's ``[SEP]`` in the text stream, with token type 1, up to
+``max_seq_length + max_phrases`` positions in all (the release's README runs VQA with ``--use_b_text``). Targets:
 
 * ``answers``: VQA, ``{answer index: soft score}`` (answers outside the vocabulary are not stored);
 * ``label``: SNLI-VE, 0 entailment, 1 neutral, 2 contradiction;
@@ -13,11 +15,13 @@ batch (``to``, ``size``, ``sample_ids``, ``num_real_tokens``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mvptr_ds.data.batching import BatchContext, Collator, TruncationCounts
 from mvptr_ds.data.types import Batch, Example
@@ -69,6 +73,7 @@ class TaskCollator:
 
     def __init__(self, data_cfg, vocab, task: str, num_answers: int = 0):
         self.base = Collator.from_config(data_cfg, vocab, objectives=())  # clean inputs: nothing is corrupted
+        self.text_limit = data_cfg.max_seq_length + data_cfg.max_phrases
         self.task = task
         self.num_answers = num_answers
         self.counters = self.base.counters
@@ -81,8 +86,10 @@ class TaskCollator:
     def collate(self, examples: Sequence[TaskExample], ctx: BatchContext = BatchContext()
                 ) -> Tuple[TaskBatch, TruncationCounts]:
         batch, counts = self.base.collate([t.example for t in examples], ctx)
-        out = TaskBatch(batch)
         b = len(examples)
+        if self.task == "vqa":
+            batch = tags_in_text(batch, [t.example.tag_ids for t in examples], self.text_limit)
+        out = TaskBatch(batch)
         if self.task == "vqa":
             scores = torch.zeros(b, self.num_answers)
             for i, t in enumerate(examples):
@@ -99,3 +106,24 @@ class TaskCollator:
                 iou[i, :n] = torch.from_numpy(np.asarray(t.region_iou[:n], dtype=np.float32))
             out.region_iou = iou
         return out, counts
+
+
+def tags_in_text(batch: Batch, tags: Sequence[Sequence[int]], limit: int) -> Batch:
+    """``batch`` with each row's ``tags`` (word pieces) appended after its text, token type 1, as many as fit in
+    ``limit`` text positions; every ``[B, Lt]`` field padded to the new length (tags are never concepts, never
+    labelled)."""
+    lengths = batch.text_mask.sum(dim=1).tolist()
+    kept = [list(t[:max(limit - n, 0)]) for t, n in zip(tags, lengths)]
+    lt = max([batch.text_ids.shape[1]] + [n + len(t) for n, t in zip(lengths, kept)])
+    grow = lambda x, value: F.pad(x, (0, lt - x.shape[1]), value=value)  # noqa: E731 (B, Lt) -> (B, lt)
+    text_ids, text_mask = grow(batch.text_ids, 0), grow(batch.text_mask, False)
+    types = torch.zeros_like(text_ids)
+    for i, (n, t) in enumerate(zip(lengths, kept)):
+        text_ids[i, n:n + len(t)] = torch.tensor(t, dtype=text_ids.dtype)
+        text_mask[i, n:n + len(t)] = True
+        types[i, n:n + len(t)] = 1
+    return dataclasses.replace(
+        batch, text_ids=text_ids, text_mask=text_mask, text_type_ids=types,
+        phrase_mask=grow(batch.phrase_mask, False), mlm_labels=grow(batch.mlm_labels, -1),
+        wpg_pick_positive=grow(batch.wpg_pick_positive, 0.0), wpg_pick_negative=grow(batch.wpg_pick_negative, 0.0),
+        phrase_regions=None if batch.phrase_regions is None else grow(batch.phrase_regions, -1))

@@ -108,7 +108,7 @@ def evaluate_retrieval_task(module: FinetuneModule, data: TaskData, cfg: RunConf
     from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set
 
     rank, world = _rank_world()
-    return evaluate_retrieval(module.backbone, module.heads["itm"], retrieval_set(data.eval_pairs),
+    return evaluate_retrieval(module.backbone, module.heads["retrieval"], retrieval_set(data.eval_pairs),
                               eval_collator(cfg.data, data.vocab), k_captions=cfg.eval.rerank_captions,
                               k_images=cfg.eval.rerank_images, batch_size=cfg.eval.batch_size, device=device,
                               rank=rank, world_size=world)

@@ -2,13 +2,14 @@
 
 :class:`FinetuneModule` is the ``nn.Module`` handed to DeepSpeed by the same training loop as pre-training
 (``training.trainer.train`` with :class:`mvptr_ds.finetune.runner.TaskBuilder`). Its state dict is ``backbone.*``
-(the names of pre-training, so ``--init_from`` a pre-training run loads the backbone) plus ``heads.<task>.*``
-(``heads.itm.*`` for retrieval: the pre-trained ITM head is reused, and ``evaluate`` reads it).
+(the names of pre-training, so ``--init_from`` a pre-training run loads the backbone) plus ``heads.<task>.*``:
+new heads as the release builds them (``finetune.heads``); VQA's transform starts from the pre-trained MLM
+head's (``init_aliases``), retrieval's classifier is new (``evaluate`` re-ranks with it).
 
 Losses (``forward``), and what ``predict`` returns for evaluation:
 
-* ``retrieval``: VSC + ITM of pre-training on the task's image-caption pairs (predictions: see
-  ``evaluation.retrieval``);
+* ``retrieval``: VSC + ITM of pre-training on the task's image-caption pairs, ITM scored by the new head
+  (predictions: see ``evaluation.retrieval``);
 * ``vqa``: binary cross-entropy of the answer logits (text ``[CLS]`` of the cross-modal encoder) against
   the soft scores, summed over answers, mean over questions; predicts the top answer;
 * ``snli_ve``: cross-entropy of 3 logits from the pooled output; predicts the top label;
@@ -21,7 +22,7 @@ so ZeRO (stage 3 included) sees the same gradients on every step, as in pre-trai
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,7 @@ from torch import nn
 
 from mvptr_ds.config import ConfigError, ModelConfig, ObjectiveConfig
 from mvptr_ds.finetune.batching import TaskBatch
-from mvptr_ds.finetune.heads import EntailmentHead, VQAHead, cross_states, region_scores
-from mvptr_ds.model.heads import ITMHead
+from mvptr_ds.finetune.heads import EntailmentHead, RetrievalHead, VQAHead, region_scores
 from mvptr_ds.model.mvptr import MVPTRModel
 from mvptr_ds.objectives.base import ModuleOutput, zero_loss
 from mvptr_ds.objectives.itm import itm_loss
@@ -40,7 +40,10 @@ TASK_NAMES = ("retrieval", "vqa", "snli_ve", "refcoco")
 
 
 class FinetuneModule(nn.Module):
-    def __init__(self, model_cfg: ModelConfig, task: str, num_answers: int = 0, head_dropout: float = 0.3,
+    """The backbone, the task's head and its loss; ``head_dropout`` None: the model's hidden dropout (the
+    release)."""
+
+    def __init__(self, model_cfg: ModelConfig, task: str, num_answers: int = 0, head_dropout: Optional[float] = None,
                  ref_layer: int = 3, objective_cfg: ObjectiveConfig = ObjectiveConfig()):
         super().__init__()
         self.objective_cfg = objective_cfg  # retrieval's VSC and ITM options
@@ -49,17 +52,26 @@ class FinetuneModule(nn.Module):
         self.task = task
         self.backbone = MVPTRModel(model_cfg, with_cross=True)
         self.ref_layer = min(ref_layer, model_cfg.cross_layers)
+        dropout = model_cfg.hidden_dropout if head_dropout is None else head_dropout
         if task == "retrieval":
-            head = ITMHead(model_cfg)
+            head = RetrievalHead(model_cfg, dropout)
         elif task == "vqa":
             if num_answers < 1:
                 raise ConfigError("vqa: the answer vocabulary is empty")
-            head = VQAHead(model_cfg, num_answers, head_dropout)
+            head = VQAHead(model_cfg, num_answers, dropout)
         elif task == "snli_ve":
-            head = EntailmentHead(model_cfg, head_dropout)
+            head = EntailmentHead(model_cfg, dropout)
         else:
             head = None
-        self.heads = nn.ModuleDict({"itm" if task == "retrieval" else task: head} if head is not None else {})
+        self.heads = nn.ModuleDict({task: head} if head is not None else {})
+
+    def init_aliases(self) -> Dict[str, str]:
+        """Parameters that ``--init_from`` fills from a differently named tensor of a pre-training checkpoint
+        (ours -> theirs): VQA's transform from the MLM head's, whose names the release's VQA head shares."""
+        if self.task != "vqa":
+            return {}
+        return {k: "heads.mlm." + k[len("heads.vqa."):] for k in self.state_dict()
+                if k.startswith("heads.vqa.transform.")}
 
     def logits(self, tb: TaskBatch):
         """(task scores, backbone outputs): answers ``[B, A]``, labels ``[B, 3]``, regions ``[B, Lr]``."""
@@ -67,9 +79,11 @@ class FinetuneModule(nn.Module):
         if self.task == "refcoco":
             out = self.backbone(b, run_cross=False)
             regions = out.visual[:, out.num_tags:]  # (B, Lr, H)
-            picked, out.cross = cross_states(self.backbone, out.text, b.text_mask, regions, b.region_mask,
-                                             self.ref_layer)
-            out.pooled = self.backbone.pool(out.cross)  # unused by the task: tied in with an exact zero
+            # Every cross-modal layer runs (ZeRO-3 gathers parameters, and reduces their gradients, only through
+            # module calls); the layers above ref_layer and the pooler are tied in with an exact zero.
+            picked, out.cross = self.backbone.encode_cross(out.text, b.text_mask, regions, b.region_mask,
+                                                           keep_layer=self.ref_layer)
+            out.pooled = self.backbone.pool(out.cross)
             return region_scores(picked, b.text_ids.shape[1]), out
         out = self.backbone(b)
         if self.task == "vqa":
@@ -86,7 +100,7 @@ class FinetuneModule(nn.Module):
             oc = self.objective_cfg
             vsc = vsc_loss(out.text_embed, out.visual_embed, b.image_ids, out.logit_scale,
                            exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
-            itm = itm_loss(out, b, self.backbone, self.heads["itm"], negatives=oc.itm_negatives,
+            itm = itm_loss(out, b, self.backbone, self.heads["retrieval"], negatives=oc.itm_negatives,
                            exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
             losses = {"vsc": vsc.loss, "itm": itm.loss}
             metrics.update({f"vsc/{k}": v for k, v in vsc.metrics.items()})

@@ -11,7 +11,7 @@ get no position or type embedding. The parameters sit directly on the model (``i
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,9 @@ class BertEmbeddings(nn.Module):
         self.dropout_p = cfg.hidden_dropout
         self.impl = cfg.kernels
 
-    def forward(self, input_ids: torch.Tensor, token_type: int) -> torch.Tensor:
-        """input_ids: ``[B, L]`` long; every position gets type ``token_type`` and position ``0..L-1``.
+    def forward(self, input_ids: torch.Tensor, token_type: Union[int, torch.Tensor]) -> torch.Tensor:
+        """input_ids: ``[B, L]`` long; positions ``0..L-1``; types ``token_type``, one for every position or a
+        ``[B, L]`` long tensor.
 
         Returns ``[B, L, H]``.
         """
@@ -43,7 +44,7 @@ class BertEmbeddings(nn.Module):
             raise ValueError(f"sequence of {l} tokens exceeds model.max_position_embeddings="
                              f"{self.position_embeddings.num_embeddings}")
         position_ids = torch.arange(l, device=input_ids.device).expand(b, l)  # (B, L)
-        type_ids = torch.full_like(input_ids, token_type)
+        type_ids = token_type if isinstance(token_type, torch.Tensor) else torch.full_like(input_ids, token_type)
         return kernels.concept_embedding(
             input_ids, position_ids, type_ids, self.word_embeddings.weight, self.position_embeddings.weight,
             self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias,

@@ -10,8 +10,8 @@ projections, residuals, LayerNorms, the feed-forward block) runs on those N rows
 sees the ``[B, heads, L, head_dim]`` layout, scattered just for the kernel call and gathered back after.
 Padded positions of the encoder's output are zeros. Real positions are computed exactly as in a padded
 layer (everything but attention is position-wise, and attention masks padded keys).
-With ``kernels="eager"`` (the authors-style baseline of ``benchmarks/throughput.py``) the encoder computes
-the way the authors' code does instead: every position, padding included, goes through every layer
+With ``ModelConfig.skip_padding`` off (the authors-style baseline of ``benchmarks/throughput.py``) the encoder
+computes the way the authors' code does instead: every position, padding included, goes through every layer
 (``index=None``: no gather/scatter), and padded positions of the output hold whatever the layers computed.
 Reference: Devlin et al., BERT (2019); MVPTR (Li et al., ACM MM 2022) section 3.1.
 """
@@ -124,10 +124,11 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(num_layers))
         self.activation_checkpointing = cfg.activation_checkpointing
-        self.padded = cfg.kernels == "eager"  # the authors' way: every position through every layer
+        self.padded = not cfg.skip_padding  # the authors' way: every position through every layer
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding."""
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, keep_layer: Optional[int] = None):
+        """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding; with
+        ``keep_layer`` k, also the states after the first k layers: ``(states after layer k, output)``."""
         b, l, hidden = h.shape
         mask = mask.bool()
         if self.padded:
@@ -136,14 +137,21 @@ class BertEncoder(nn.Module):
             index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
             x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layer:
+        kept = None
+        for k, layer in enumerate(self.layer):
             if recompute:
                 x = checkpoint(layer, x, mask, index, use_reentrant=False)
             else:
                 x = layer(x, mask, index)
-        if index is None:
-            return x.view(b, l, hidden)
-        return x.new_zeros(b * l, hidden).index_copy(0, index, x).view(b, l, hidden)  # (B, L, H)
+            if k + 1 == keep_layer:
+                kept = x
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            if index is None:
+                return t.view(b, l, hidden)
+            return t.new_zeros(b * l, hidden).index_copy(0, index, t).view(b, l, hidden)  # (B, L, H)
+
+        return padded(x) if keep_layer is None else (padded(kept), padded(x))
 
 
 class BertPooler(nn.Module):

@@ -22,7 +22,7 @@ exactly what the naive padded computation gives; only padding work is removed. T
 shape, so it costs one host sync per call. Inside every encoder (``layers.BertEncoder``) the position-wise
 work (projections, feed-forward, LayerNorms: most of the FLOPs) runs on the real tokens only; only the
 attention kernel sees the padded ``[B, L]`` layout. Encoder outputs are zeros at padded positions.
-``kernels="eager"`` turns all of this off (the authors-style baseline of ``benchmarks/throughput.py``).
+``ModelConfig.skip_padding`` off turns all of this off (the authors-style baseline of ``benchmarks/throughput.py``).
 (Attention without any padding, i.e. varlen/segment masks, would need a kernel behind the attention seam
 that takes segment ids instead of a key-padding mask.)
 """
@@ -103,9 +103,11 @@ class MVPTRModel(nn.Module):
     def with_cross(self) -> bool:
         return self.cross_encoder is not None
 
-    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Textual encoder. text_ids ``[B, Lt]`` long, text_mask ``[B, Lt]`` bool -> ``[B, Lt, H]``."""
-        h = self.embeddings(text_ids, TEXT_TYPE)
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                    text_types: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Textual encoder. text_ids ``[B, Lt]`` long, text_mask ``[B, Lt]`` bool, text_types ``[B, Lt]`` long
+        (None: type 0 everywhere) -> ``[B, Lt, H]``."""
+        h = self.embeddings(text_ids, TEXT_TYPE if text_types is None else text_types)
         return self.text_encoder(h, text_mask.bool())
 
     def encode_visual(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor, region_feats: torch.Tensor,
@@ -133,27 +135,29 @@ class MVPTRModel(nn.Module):
         return F.normalize(self.vis_proj(cls), dim=-1)
 
     def encode_cross(self, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
-                     region_mask: torch.Tensor) -> torch.Tensor:
+                     region_mask: torch.Tensor, keep_layer: Optional[int] = None):
         """Cross-modal encoder over packed text + regions (see the module docstring).
 
         text_h ``[B, Lt, H]``, text_mask ``[B, Lt]``, region_h ``[B, Lr, H]``, region_mask ``[B, Lr]``.
-        Returns ``[B, Lt+Lr, H]``: text positions then regions; zeros at padded positions.
+        Returns ``[B, Lt+Lr, H]``: text positions then regions; zeros at padded positions. With ``keep_layer``
+        k: ``(states after the first k cross-modal layers, output)``, both in that layout.
         """
         if self.cross_encoder is None:
             raise ConfigError("this MVPTRModel was built with with_cross=False (stage 1): it has no "
                               "cross-modal encoder")
         joint = torch.cat([text_h, region_h.to(text_h.dtype)], dim=1)  # (B, Lt+Lr, H)
         mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)  # (B, Lt+Lr)
-        if self.cfg.kernels == "eager":  # the authors' way (benchmark baseline): no packing, padding computed
-            return self.cross_encoder(joint, mask)
+        if not self.cfg.skip_padding:  # the authors' way (benchmark baseline): no packing, padding computed
+            return self.cross_encoder(joint, mask, keep_layer)
         lengths = mask.sum(dim=1)  # (B,)
         packed_len = int(lengths.max())  # host sync: the packed length is a shape
         # Real positions first, in their original order: a stable sort of "is padding".
         order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices[:, :packed_len]  # (B, Lp)
         index = order.unsqueeze(-1).expand(-1, -1, joint.shape[-1])  # (B, Lp, H)
         packed_mask = torch.arange(packed_len, device=mask.device)[None, :] < lengths[:, None]  # (B, Lp)
-        out = self.cross_encoder(joint.gather(1, index), packed_mask)  # (B, Lp, H), zeros at padding
-        return torch.zeros_like(joint).scatter(1, index, out)  # (B, Lt+Lr, H)
+        out = self.cross_encoder(joint.gather(1, index), packed_mask, keep_layer)  # (B, Lp, H), zeros at padding
+        unpack = lambda t: torch.zeros_like(joint).scatter(1, index, t)  # noqa: E731 (B, Lt+Lr, H)
+        return unpack(out) if keep_layer is None else (unpack(out[0]), unpack(out[1]))
 
     def pool(self, cross_h: torch.Tensor) -> torch.Tensor:
         """``tanh(dense(cross_h[:, 0]))``: ``[B, L, H]`` -> ``[B, H]``."""
@@ -163,7 +167,7 @@ class MVPTRModel(nn.Module):
 
     def forward(self, batch: Batch, run_cross: bool = True) -> EncoderOutputs:
         """Run the uni-modal encoders and, if ``run_cross`` and the model has one, the cross-modal encoder."""
-        text = self.encode_text(batch.text_ids, batch.text_mask)
+        text = self.encode_text(batch.text_ids, batch.text_mask, batch.text_type_ids)
         visual = self.encode_visual(batch.tag_ids, batch.tag_mask, batch.region_feats, batch.region_mask)
         num_tags = batch.tag_ids.shape[1]
         out = EncoderOutputs(text=text, visual=visual, text_embed=self.embed_text(text),

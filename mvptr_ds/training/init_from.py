@@ -28,19 +28,25 @@ def init_weights(module: torch.nn.Module, path: str, report_path: Optional[str] 
         return init_from_bert_folder(module, path, report_path)
     source = read_model_weights(path, "--init_from")[0]
     target = module.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in target.items() if k in source and source[k].shape != v.shape]
+    aliases = module.init_aliases() if hasattr(module, "init_aliases") else {}
+    origin = {k: k if k in source else aliases[k] for k in target if k in source or aliases.get(k) in source}
+    mismatched = [f"{k}: checkpoint {tuple(source[src].shape)} vs model {tuple(target[k].shape)}"
+                  for k, src in origin.items() if source[src].shape != target[k].shape]
     if mismatched:
         raise ConfigError(f"--init_from {path}: shape mismatch for {mismatched[0]}"
                           + (f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
-    loaded = [k for k in target if k in source]
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
-    module.load_state_dict({k: source[k] for k in loaded}, strict=False)
+    loaded = list(origin)
+    renamed = {k: src for k, src in origin.items() if k != src}
+    missing = [k for k in target if k not in origin]
+    unexpected = [k for k in source if k not in target and k not in renamed.values()]
+    module.load_state_dict({k: source[src] for k, src in origin.items()}, strict=False)
     if report_path:
-        atomic_write_json(report_path, {"source": path, "loaded": loaded, "newly_initialised": missing,
-                                        "unused": unexpected}, indent=1, sort_keys=False)
+        atomic_write_json(report_path, {"source": path, "loaded": loaded, "loaded_from_other_names": renamed,
+                                        "newly_initialised": missing, "unused": unexpected},
+                          indent=1, sort_keys=False)
     lines = [f"init_from {path}: loaded {len(loaded)} tensors"]
+    if renamed:
+        lines.append(f"  from other names ({len(renamed)}): " + ", ".join(f"{k} <- {v}" for k, v in renamed.items()))
     if missing:
         lines.append(f"  newly initialised ({len(missing)}): {summarise_names(missing)}")
     if unexpected:
