@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import torch; print('cuda' if tor
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-fault
+.PHONY: install demo test test-quick test-fault
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The fast unit tests only (a few minutes): no launcher runs (slow), no fault injection (fault).
+test-quick: install
+	$(PYTHON) -m pytest -q -m "not slow and not fault" tests
 
 test-fault: install
 	$(PYTHON) -m pytest -q -m fault tests

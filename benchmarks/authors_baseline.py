@@ -18,7 +18,7 @@ AdamW groups), their module structure and their other per-step host work; so its
 computational differences above, not the speed-up over their code.
 
 The weights, the data order, the corruption and every loss value are the same as mvptr_ds's (checked in
-``tests/test_throughput.py``), so the ratio of the two measured speeds is the speed-up of those differences.
+``tests/benchmarks/test_throughput.py``), so the ratio of the two measured speeds is the speed-up of those differences.
 """
 from __future__ import annotations
 

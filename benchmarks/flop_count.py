@@ -32,7 +32,7 @@ One encoder layer over a sequence of n real positions costs, forward,
 (forward only): unpadded encoders run the linear layers on the N real rows but attention on the padded
 ``[B, L]`` block (4 B L^2 H), the packed cross encoder on ``L = max_i n_i``; the authors-style path
 (``skip_padding=False``) runs every layer on all B L rows; the region projection always runs on all ``B Lr``
-padded rows and the WPG cosines on the padded ``[B, Lt, Lr]`` blocks. ``tests/test_throughput.py`` checks the
+padded rows and the WPG cosines on the padded ``[B, Lt, Lr]`` blocks. ``tests/benchmarks/test_throughput.py`` checks the
 executed forward count against the profiler.
 """
 from __future__ import annotations

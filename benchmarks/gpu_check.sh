@@ -12,7 +12,7 @@
 #   install       pip install --no-index --no-deps --target $SITE $WHEELS/*.whl  (skipped if $WHEELS is empty)
 #   imports       torch, triton, mvptr_ds.kernels import; on cuda, torch must see the GPU
 #   imports_training  deepspeed, fire, mvptr_ds.run import (needed by the throughput runs only)
-#   kernel_tests  cuda: pytest -m gpu tests/test_kernels_gpu.py; cpu: a few interpreted parity tests
+#   kernel_tests  cuda: pytest -m gpu tests/kernels/test_kernels_gpu.py; cpu: a few interpreted parity tests
 #   kernel_bench  python benchmarks/kernels.py --device $CHECK_DEVICE --out $RESULTS/kernels_<device>.json
 #   throughput:*  python benchmarks/throughput.py --device cuda --model base --stage 2 --precision bf16
 #                 --micro_batch MB [--baseline authors] --out <dir>, for each entry of THROUGHPUT_RUNS
@@ -145,9 +145,9 @@ training_ok=$?
 
 if (( imports_ok == 0 )); then
     if [[ "$DEV" == cuda ]]; then
-        step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py
+        step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py
     else
-        step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels.py \
+        step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py tests/kernels/test_kernels.py \
             -k "gpu or fp32_matches_float64_reference or auto_is_fused"
     fi
     read -r -a bench_args <<< "${KERNEL_BENCH_ARGS:-}"

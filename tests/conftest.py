@@ -11,6 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# tests/ mirrors the package (tests/model, tests/training, ...); shared helpers (test_fault_harness, kernel_parity,
+# objective_fixtures, ...) are imported by module name from any of these folders.
+for _folder in sorted(Path(__file__).resolve().parent.iterdir()):
+    if _folder.is_dir() and not _folder.name.startswith((".", "__")) and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

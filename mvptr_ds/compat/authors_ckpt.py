@@ -14,7 +14,7 @@ directions. This project's canonical keys are ``backbone.<MVPTRModel key>`` and 
 ``authors_to_project`` returns a ``ConversionReport`` listing missing, unexpected and dropped keys and shape
 mismatches by name, checked against the model that the converted config builds. The other direction,
 ``write_original`` (``python -m mvptr_ds.run export_original``), writes ``pytorch_model.bin`` and a
-``config.json`` their ``BiBertImgForPreTraining.from_pretrained`` reads (``tests/test_fidelity.py`` loads one
+``config.json`` their ``BiBertImgForPreTraining.from_pretrained`` reads (``tests/compat/test_fidelity.py`` loads one
 into their code).
 """
 from __future__ import annotations

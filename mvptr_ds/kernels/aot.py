@@ -5,7 +5,7 @@ backward, ``triton_embedding.concept_embedding`` and its backward, the ``dropout
 model preset in ``mvptr_ds.config.MODEL_PRESETS`` and each precision: argument types, and the constexprs the
 wrappers choose on CUDA (their own helpers where they have one; otherwise the literal they pass, marked
 "as in"). ``compile_launch`` compiles one launch for a CUDA compute capability with ``triton.compile`` (ttir,
-ttgir, llir, ptx, then cubin through the ptxas that Triton ships), no device needed. ``tests/test_kernels_aot.py``
+ttgir, llir, ptx, then cubin through the ptxas that Triton ships), no device needed. ``tests/kernels/test_kernels_aot.py``
 runs it for sm_90 (H100/H200) and sm_80 (A100). The kernel modules must be imported without
 ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled).
 """

@@ -7,7 +7,7 @@ Pre-Training via Multi-Stage Learning", ACM MM 2022):
   ``visual_encoder`` over ``[CLS] tags [SEP]`` (type 1, positions from 0) followed by the projected regions
   (no position/type embedding). ``txt_proj``/``vis_proj`` map the two ``[CLS]`` outputs to the contrastive
   space (``x @ P``, then L2 normalisation; the orientation of the authors' raw matrices, checked against
-  their outputs in ``tests/test_compat.py``); ``logit_scale`` starts at ln(1/0.07).
+  their outputs in ``tests/compat/test_compat.py``); ``logit_scale`` starts at ln(1/0.07).
 - stage 2, cross-modal: ``cross_encoder`` over the text outputs followed by the visual encoder's **region**
   outputs only; ``pooler`` = tanh(dense) at position 0 (the text ``[CLS]``).
 

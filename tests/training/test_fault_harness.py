@@ -23,7 +23,7 @@ import pytest
 
 from conftest import clear_stale_build_lock, prebuild_deepspeed_ops
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
            "deepspeed.checkpoint.ds_to_universal", "deepspeed.utils.zero_to_fp32", "torch._dynamo",
            "deepspeed.runtime.zero.muon.original_muon", "mvptr_ds.run", "mvptr_ds.assembly", "mvptr_ds.objectives",

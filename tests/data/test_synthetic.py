@@ -10,7 +10,7 @@ from mvptr_ds.data.synthetic import (FEATURE_DIM, ROI_DIM, SceneSpec, SceneWorld
                                      parse_synthetic_source)
 from mvptr_ds.data.vocab import SPECIAL_TOKENS, VocabInfo, WordTokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SMALL = SceneSpec(images=40, held_out=10, captions_per_image=2)
 
 

@@ -11,7 +11,7 @@ from mvptr_ds.training import elastic
 from mvptr_ds.training.ds_config import build_ds_config, stage_note, zero_stage
 from mvptr_ds.training.optim import build_optimizer, decay_groups
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def template(tmp_path, d):

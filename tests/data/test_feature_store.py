@@ -14,7 +14,7 @@ from mvptr_ds.data.feature_store import (FeatureStore, TsvFeatureStore, convert_
                                          open_feature_store, write_store)
 from mvptr_ds.data.readers import FEATURE_DIM, DataError, encode_feature_row, write_lineidx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_rows(n, seed=0, max_boxes=4):

@@ -3,12 +3,12 @@
 Tiny model, the built-in synthetic world, fixed seeds, one process, one thread (``conftest.clean_env``),
 deterministic kernels: the same code gives the same numbers to the last bit. This guards refactors of the loop
 (``training/``, ``assembly``): they must not change what is trained. The expected values are the one data
-block ``tests/golden_losses.json``.
+block ``tests/training/golden_losses.json``.
 
 A change that is MEANT to change the losses (data corruption, model or objective fidelity) re-records them, and
 says so in its commit message:
 
-    DS_ACCELERATOR=cpu python3 tests/test_golden_losses.py --record
+    DS_ACCELERATOR=cpu python3 tests/training/test_golden_losses.py --record
 
 The runs take about 20 s together (one subprocess; three trainings in it).
 """

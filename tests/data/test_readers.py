@@ -11,7 +11,7 @@ from mvptr_ds.data.readers import (FEATURE_DIM, CaptionIndex, DataError, Predict
                                    encode_feature_row, iter_feature_rows, read_id2phrase, read_lineidx,
                                    write_lineidx)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _feats(n, seed):

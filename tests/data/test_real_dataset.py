@@ -15,7 +15,7 @@ from mvptr_ds.data.caption_text import _Pieces
 from mvptr_ds.data.real_dataset import RealDataset, load_tokenizer, real_vocab_info
 from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 BIG = dict(max_seq_length=200, max_phrases=50, max_tag_length=200, max_img_seq_length=500)
 
 

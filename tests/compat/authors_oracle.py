@@ -1,6 +1,6 @@
-"""The authors' pre-training model as an oracle, run in a process of its own (``tests/test_fidelity.py``).
+"""The authors' pre-training model as an oracle, run in a process of its own (``tests/compat/test_fidelity.py``).
 
-    python tests/authors_oracle.py PEER_DIR IN.pt OUT.pt
+    python tests/compat/authors_oracle.py PEER_DIR IN.pt OUT.pt
 
 ``PEER_DIR`` is ``../shared/peer/mvp_pytorch`` (their ``oscar/`` and vendored ``transformers/``, a package that
 shadows the real ``transformers``: hence a process of its own). Nothing of their code is copied here; it is

@@ -15,7 +15,7 @@ from mvptr_ds.config import MODEL_PRESETS, ConfigError
 from mvptr_ds.model import ITMHead, MaskedTokenHead, MVPTRModel
 from mvptr_ds.training.weights import load_weights
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FIXTURE = DATA / "fixtures" / "mvptr_original_tiny.pt"
 KEYS = DATA / "original_checkpoint_keys.txt"
 TINY = replace(MODEL_PRESETS["tiny"], hidden_size=32, num_attention_heads=4, intermediate_size=64,

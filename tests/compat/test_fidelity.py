@@ -1,7 +1,7 @@
 """Fidelity to the authors' released code: the five losses and every parameter's gradient, and the reverse converter.
 
 The authors' ``BiBertImgForPreTraining`` (``../shared/peer/mvp_pytorch``) runs in a subprocess
-(``tests/authors_oracle.py``): it initialises a small model, computes one training step's five losses on a batch
+(``tests/compat/authors_oracle.py``): it initialises a small model, computes one training step's five losses on a batch
 this project's collator built (in their input layout), takes each loss's gradient w.r.t. every parameter, and
 records the random choices it made (ITM's side split, WPG's negative pair and top-3 picks). This project's model
 then loads the same weights through the converter (``compat.authors_to_project``), takes the same batch with
@@ -34,7 +34,7 @@ from mvptr_ds.objectives import build_pretraining_module
 from mvptr_ds.objectives.itm import negative_pairs
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+SHARED = HERE.parents[2] / "shared"
 PEER = SHARED / "peer" / "mvp_pytorch"
 ID2PHRASE = SHARED / "data" / "id2phrase_new.json"
 LOSSES = ("mcr", "vsc", "mlm", "itm", "wpg")

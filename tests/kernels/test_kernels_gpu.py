@@ -1,6 +1,6 @@
 """CUDA parity of the compiled Triton kernels with a float64 reference, bf16 / fp16 / fp32, near-base shapes.
 
-Run on the GPU machine (``benchmarks/gpu_check.sh`` does): ``pytest -m gpu tests/test_kernels_gpu.py``.
+Run on the GPU machine (``benchmarks/gpu_check.sh`` does): ``pytest -m gpu tests/kernels/test_kernels_gpu.py``.
 Skipped where torch sees no CUDA device. If the CPU test module made the kernels interpreted earlier in the
 same process, they are reloaded compiled for this module and handed back afterwards.
 """

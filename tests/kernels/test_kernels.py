@@ -25,7 +25,7 @@ from mvptr_ds.kernels import flex, reference, triton_attention, triton_embedding
 from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, nan_empty, rel,  # noqa: E402
                            run_attention, run_embedding)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def set_interpreted(flag: bool) -> None:

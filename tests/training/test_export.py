@@ -1,6 +1,6 @@
 """``final/`` is self-contained: weights, config with what wrote it, tokenizer and concept vocabulary, files that
 follow the umask (safetensors alone would write 0600). End to end (a trained run's final/, from_pretrained):
-tests/test_evaluate_cli.py."""
+tests/evaluation/test_evaluate_cli.py."""
 import json
 import os
 import stat

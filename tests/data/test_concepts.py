@@ -8,7 +8,7 @@ from mvptr_ds.data.concepts import (Lexicon, build_lexicon, build_vocab, extract
                                     extract_with_words, lemma_candidates, tokenize)
 from mvptr_ds.data.readers import DataError, read_id2phrase
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 VOCAB = SHARED / "id2phrase_new.json"
 LABELS = SHARED / "VG-SGG-dicts-vgoi6-clipped.json"
 
