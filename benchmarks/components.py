@@ -8,7 +8,7 @@
 2. Encoders: the backbone forward + backward of mvptr_ds (unpadded position-wise work, packed cross-modal
    input) vs ``kernels="eager"`` on the batch padded to the authors' fixed 40 + 20 + 50 positions.
 3. WPG negatives: a whole training step (forward + backward of every stage-2 objective) with WPG's
-   negatives scored on the joint cross-modal encoding (``wpg_negatives="joint"``; one extra cross-modal pass
+   negatives scored on the joint cross-modal encoding (``wpg_negative_encoding="joint"``; one extra cross-modal pass
    over B pairs) vs on the two positive encodings (``"separate"``, the release and default), same weights
    and batch.
 4. Loader: batches/s of the full data path (sampling, corruption, collation) at the chosen micro batch with
@@ -97,7 +97,7 @@ def bench_wpg_negatives(parts, batch, reps: int) -> dict:
 
     def variant(mode):  # the same backbone and heads (weights), another WPG negative mode
         m = type(module)(module.backbone, module.objectives,
-                         dataclasses.replace(module.objective_cfg, wpg_negatives=mode), gather=module.gather)
+                         dataclasses.replace(module.objective_cfg, wpg_negative_encoding=mode), gather=module.gather)
         m.heads = module.heads
         return m
 

@@ -18,7 +18,7 @@ One encoder layer over a sequence of n real positions costs, forward,
     text encoder      per pair, n = caption tokens (+ concepts, [CLS], [SEP])
     visual encoder    per pair, n = tag tokens + regions
     cross encoder     per pair, n = text tokens + regions, for the B positives, the B ITM negatives and the
-                      B WPG negatives (``wpg_negatives="joint"``); the negatives' lengths depend on the
+                      B WPG negatives (``wpg_negative_encoding="joint"``); the negatives' lengths depend on the
                       choice, so every encoder call's lengths are read from the calls
     region projection 2 R F H          R = real regions
     MCR / MLM heads   2 N (H^2 + H V)  N = scored (corrupted) positions; dense transform + decoder

@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     p.add_argument("--stage1_lr", type=float, default=2e-4)
     p.add_argument("--objectives", default="vsc,itm,wpg")
     p.add_argument("--itm_negatives", default="random", help="default: the demo's choice (the release: hardest)")
-    p.add_argument("--wpg_negatives", default="joint", help="default: the demo's choice (the release: separate)")
+    p.add_argument("--wpg_negative_encoding", default="joint",
+                   help="default: the demo's choice (the release: separate)")
     p.add_argument("--loss_weights", default="")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -108,7 +109,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     source = f"synthetic:seed={args.seed}"
     objective_cfg = ObjectiveConfig(weights=name_values("--loss_weights", "wpg=3")(args.loss_weights) if args.loss_weights else (),
-                                    itm_negatives=args.itm_negatives, wpg_negatives=args.wpg_negatives)
+                                    itm_negatives=args.itm_negatives,
+                                    wpg_negative_encoding=args.wpg_negative_encoding)
     objective_cfg.validate()
     stage1 = None
     if args.stage1_steps:

@@ -22,7 +22,7 @@ DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "triton", "torch", "eager")
 WANDB_MODES = ("offline", "online", "disabled")
-WPG_NEGATIVES = ("joint", "separate")
+WPG_NEGATIVE_ENCODINGS = ("joint", "separate")
 ITM_NEGATIVES = ("hardest", "sampled", "random")
 FINETUNE_TASKS = ("retrieval", "vqa", "snli_ve", "refcoco")
 RESUME_KEYWORDS = ("auto", "none")
@@ -147,11 +147,11 @@ class ObjectiveConfig:
         parse=name_values("--loss_weights", "wpg=3"), metavar="NAME=W,...")
     wpg_margin: float = option(0.2, "Hinge margin of weakly-supervised phrase grounding (WPG).")
     wpg_topk: int = option(3, "Regions each phrase is scored on in WPG.")
-    wpg_negatives: str = option(
+    wpg_negative_encoding: str = option(
         "separate", "Whose cross-modal states score WPG's negative (caption i, image j): separate (the release) "
         "reuses the two positive encodings, where a sequence-level shortcut meets the hinge; joint encodes the "
         "pair together (one extra cross-modal pass; phrase grounding learns, see objectives/wpg.py).",
-        metavar="|".join(WPG_NEGATIVES))
+        metavar="|".join(WPG_NEGATIVE_ENCODINGS))
     itm_negatives: str = option(
         "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
         "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
@@ -170,9 +170,9 @@ class ObjectiveConfig:
         return dict(self.weights).get(name, 1.0)
 
     def validate(self) -> None:
-        if self.wpg_negatives not in WPG_NEGATIVES:
-            raise ConfigError(f"objectives.wpg_negatives={self.wpg_negatives!r}: expected one of "
-                              f"{', '.join(WPG_NEGATIVES)}")
+        if self.wpg_negative_encoding not in WPG_NEGATIVE_ENCODINGS:
+            raise ConfigError(f"objectives.wpg_negative_encoding={self.wpg_negative_encoding!r}: expected one of "
+                              f"{', '.join(WPG_NEGATIVE_ENCODINGS)}")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ConfigError(f"objectives.itm_negatives={self.itm_negatives!r}: expected one of "
                               f"{', '.join(ITM_NEGATIVES)}")
@@ -320,6 +320,10 @@ TASK_MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
 TASK_EVAL_SPLITS = {"vqa": "val", "snli_ve": "dev", "refcoco": "val"}
 
 
+# Config keys renamed since run folders and checkpoints were first written: (section, old name) -> new name.
+RENAMED_KEYS: Dict[Tuple[str, str], str] = {("objectives", "wpg_negatives"): "wpg_negative_encoding"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -357,6 +361,9 @@ class RunConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
         if isinstance(d, dict):  # what wrote a model folder's config.json (training/weights.provenance): no setting
             d = {k: v for k, v in d.items() if k != PROVENANCE_KEY}
+            for (section, old), new in RENAMED_KEYS.items():  # configs written before a rename stay readable
+                if isinstance(d.get(section), dict) and old in d[section] and new not in d[section]:
+                    d[section] = {(new if k == old else k): v for k, v in d[section].items()}
         return build(cls, d, "").validate()
 
     def dump(self, path: str) -> None:
@@ -383,7 +390,7 @@ class RunConfig:
 # * "project" (the defaults): the same, with the corrections on.
 # The README's recipe table lists these settings with the reason for each correction.
 _RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
-    "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negatives": "separate",
+    "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negative_encoding": "separate",
                    "global_negatives": False},
 }
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {

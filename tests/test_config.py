@@ -111,3 +111,10 @@ def test_recipes_switch_every_correction():
     assert {s: set(v) for s, v in RECIPES["release"].items()} == {s: set(v) for s, v in RECIPES["project"].items()}
     with pytest.raises(ConfigError, match="--recipe 'paper': expected one of release, project"):
         apply_recipe(RunConfig(), "paper")
+
+
+def test_a_config_written_before_a_rename_is_read():
+    old = RunConfig().to_dict()
+    old["objectives"]["wpg_negatives"] = old["objectives"].pop("wpg_negative_encoding")
+    old["objectives"]["wpg_negatives"] = "joint"
+    assert RunConfig.from_dict(old).objectives.wpg_negative_encoding == "joint"

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
     run_cli(["--stage", "1", "--max_steps", "20", "--lr", "2e-4", "--warmup_steps", "2",
              "--output_dir", str(root / "s1")] + COMMON, timeout=300)
-    run_cli(["--stage", "2", "--objectives", "vsc,itm,wpg", "--itm_negatives", "random", "--wpg_negatives", "joint",
+    run_cli(["--stage", "2", "--objectives", "vsc,itm,wpg", "--itm_negatives", "random", "--wpg_negative_encoding", "joint",
              "--loss_weights", "wpg=2",
              "--lr", "3e-4", "--max_steps", "250", "--warmup_steps", "40", "--init_from", str(root / "s1" / "final"),
              "--output_dir", str(root / "s2")] + COMMON, timeout=900)

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import pickle
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -97,9 +97,9 @@ class PretrainingModule(nn.Module):
 
     def wpg_negative_cross(self, outputs, batch: Batch) -> Optional[torch.Tensor]:
         """``[B, Lt+Lr, H]`` cross-modal encoding of (caption i, image ``wpg_negative_pair[i]``) for WPG's negatives
-        (``wpg_negatives="joint"``); None for ``"separate"``. Rows without a negative (-1) pair with row 0's
+        (``wpg_negative_encoding="joint"``); None for ``"separate"``. Rows without a negative (-1) pair with row 0's
         image; WPG masks them out."""
-        if self.objective_cfg.wpg_negatives == "separate":
+        if self.objective_cfg.wpg_negative_encoding == "separate":
             return None
         neg = batch.wpg_negative_pair.clamp(min=0)  # (B,)
         regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)

@@ -10,7 +10,7 @@ on both sides; with ``exclude_same_image`` (a correction, on by default) also an
 i's (the data pipeline then draws j among such pairs). Phrase states are the cross-modal outputs at the
 concept positions; region states the cross-modal outputs at the region positions.
 
-Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negatives``):
+Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_negative_encoding``):
 
 * ``"separate"`` (default, the release): phrases and regions of the positive encodings of pair i and pair
   j, no extra pass. The hinge can then be met by a sequence-level shortcut: every state of one sequence

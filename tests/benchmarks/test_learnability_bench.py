@@ -16,7 +16,7 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads must not change this process
     out = tmp_path / "r.json"
     result = learnability.main(["--seed", "3", "--stage1_steps", "2", "--objectives", objectives,
-                                "--wpg_negatives", negatives, "--loss_weights", "wpg=2", "--steps", "4",
+                                "--wpg_negative_encoding", negatives, "--loss_weights", "wpg=2", "--steps", "4",
                                 "--eval_every", "2", "--micro_batch", "8", "--threads", "1", "--out", str(out)])
     assert out.exists() and [row["step"] for row in result["history"]] == [2, 4]
     last = result["history"][-1]

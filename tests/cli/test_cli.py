@@ -186,8 +186,8 @@ def test_options_not_given_keep_the_config_files_values(tmp_path):
 
 
 def test_negatives_and_loss_weights_reach_the_config_and_survive_a_config_file(tmp_path):
-    cfg = config_of(["--itm_negatives", "random", "--wpg_negatives", "separate", "--loss_weights", "wpg=2, mlm=0.5"])
-    assert (cfg.objectives.itm_negatives, cfg.objectives.wpg_negatives) == ("random", "separate")
+    cfg = config_of(["--itm_negatives", "random", "--wpg_negative_encoding", "separate", "--loss_weights", "wpg=2, mlm=0.5"])
+    assert (cfg.objectives.itm_negatives, cfg.objectives.wpg_negative_encoding) == ("random", "separate")
     assert cfg.objectives.weight("wpg") == 2.0 and cfg.objectives.weight("mlm") == 0.5
     assert cfg.objectives.weight("vsc") == 1.0
     path = tmp_path / "config.json"
@@ -223,7 +223,7 @@ def test_rerank_zero_means_zero():
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such directory"),
     (["--precision", "fp8"], "train.precision='fp8'"),
     (["--itm_negatives", "easy"], "itm_negatives='easy'"),
-    (["--wpg_negatives", "both"], "wpg_negatives='both'"),
+    (["--wpg_negative_encoding", "both"], "wpg_negative_encoding='both'"),
     (["--loss_weights", "wpg"], "'wpg' is not NAME=VALUE (e.g. wpg=3)"),
     (["--loss_weights", "wpg=-2"], "must be a finite number >= 0"),
     (["--loss_weights", "foo=2"], "unknown objective 'foo'"),

@@ -103,7 +103,8 @@ def test_release_heads_and_inputs(tmp_path):
     for i, t in enumerate(examples):
         n = int(plain.text_mask[i].sum())
         tags = t.example.tag_ids
-        assert tb.batch.text_ids[i, n:n + len(tags)].tolist() == tags and int(tb.batch.text_mask[i].sum()) == n + len(tags)
+        assert tb.batch.text_ids[i, n:n + len(tags)].tolist() == tags
+        assert int(tb.batch.text_mask[i].sum()) == n + len(tags)
         assert tb.batch.text_type_ids[i, :n].eq(0).all() and tb.batch.text_type_ids[i, n:n + len(tags)].eq(1).all()
     assert vqa(tb).loss.isfinite()
 

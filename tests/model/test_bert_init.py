@@ -154,14 +154,15 @@ def test_init_from_a_bert_folder_on_the_command_line(tmp_path):
     bert = transformers.BertForPreTraining(config).eval()
     bert.save_pretrained(str(tmp_path / "bert"))
     out = tmp_path / "run"
-    proc = run_cli(["--stage", "2", "--model", "tiny", "--data", "synthetic:images=8,held_out=0", "--max_steps", "1",
-                    "--micro_batch", "4", "--lr", "1e-12", "--warmup_steps", "0", "--wandb", "disabled",
-                    "--init_from", str(tmp_path / "bert"), "--output_dir", str(out)])
+    proc = run_cli(["--stage", "2", "--model", "tiny", "--data", "synthetic:images=8,held_out=0",
+                    "--max_steps", "1", "--micro_batch", "4", "--lr", "1e-12", "--warmup_steps", "0",
+                    "--wandb", "disabled", "--init_from", str(tmp_path / "bert"), "--output_dir", str(out)])
     assert "(Hugging Face BERT)" in proc.stdout + proc.stderr
     report = json.loads((out / "init_report.json").read_text())
     assert report["kind"] == "huggingface_bert"
-    assert report["loaded"]["backbone.cross_encoder.layer.1.output.dense.weight"] == "encoder.layer.3.output.dense.weight"
-    assert report["loaded"]["backbone.visual_encoder.layer.0.output.dense.weight"] == "encoder.layer.0.output.dense.weight"
+    loaded = report["loaded"]
+    assert loaded["backbone.cross_encoder.layer.1.output.dense.weight"] == "encoder.layer.3.output.dense.weight"
+    assert loaded["backbone.visual_encoder.layer.0.output.dense.weight"] == "encoder.layer.0.output.dense.weight"
     assert "backbone.img_embedding.weight" in report["newly_initialised"]
     assert "heads.mcr.transform.dense.weight" in report["newly_initialised"]
     w = load_file(str(out / "final" / "model.safetensors"))

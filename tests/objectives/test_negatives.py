@@ -97,13 +97,13 @@ def test_global_candidates_are_drawn_and_rows_keep_their_side(mode):
 def test_objective_config_rejects_unknown_negative_modes():
     with pytest.raises(ConfigError, match="itm_negatives='easy'"):
         ObjectiveConfig(itm_negatives="easy").validate()
-    with pytest.raises(ConfigError, match="wpg_negatives='both'"):
-        ObjectiveConfig(wpg_negatives="both").validate()
+    with pytest.raises(ConfigError, match="wpg_negative_encoding='both'"):
+        ObjectiveConfig(wpg_negative_encoding="both").validate()
     with pytest.raises(ConfigError, match="unknown objective 'foo'"):
         ObjectiveConfig(weights=(("foo", 2.0),)).validate()
     with pytest.raises(ConfigError, match="finite number >= 0"):
         ObjectiveConfig(weights=(("wpg", float("nan")),)).validate()
-    assert ObjectiveConfig().wpg_negatives == "separate" and ObjectiveConfig().itm_negatives == "hardest"
+    assert ObjectiveConfig().wpg_negative_encoding == "separate" and ObjectiveConfig().itm_negatives == "hardest"
 
 
 # ---- WPG ----------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def world_batch():
 def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_batch):
     cfg, batch = world_batch
     torch.manual_seed(0)
-    module = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negatives="joint")).eval()
+    module = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negative_encoding="joint")).eval()
     with torch.no_grad():
         outputs = module.backbone(batch)
         neg_cross = module.wpg_negative_cross(outputs, batch)
@@ -180,7 +180,7 @@ def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_ba
             assert torch.allclose(neg_cross[i, :nt], alone[0, :nt], atol=1e-5)
             assert torch.allclose(neg_cross[i, lt:lt + nr], alone[0, nt:], atol=1e-5)
             assert neg_cross[i, nt:lt].abs().sum() == 0 and neg_cross[i, lt + nr:].abs().sum() == 0  # padding
-    separate = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negatives="separate"))
+    separate = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negative_encoding="separate"))
     assert separate.wpg_negative_cross(outputs, batch) is None
 
 
@@ -188,7 +188,7 @@ def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_ba
 def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_batch, mode):
     cfg, batch = world_batch
     torch.manual_seed(0)
-    module = build_pretraining_module(cfg, ("itm", "wpg"), ObjectiveConfig(wpg_negatives=mode,
+    module = build_pretraining_module(cfg, ("itm", "wpg"), ObjectiveConfig(wpg_negative_encoding=mode,
                                                                            itm_negatives="random"))
     out = module(batch)
     out.loss.backward()
