@@ -8,7 +8,10 @@
 * Referring expressions: a prediction (one detected region) is right when its box has IoU >= 0.5 with the
   target box (:func:`box_iou`, :func:`iou_accuracy`).
 
-All return percentages (0-100) as Python floats; nothing here reduces across ranks (callers sum counts).
+The percentages (0-100, Python floats) are means of per-example scores, which are also exposed
+(:func:`task_scores`: each example's score and its chance, the expected score of a uniformly random
+prediction) for callers that sum them over ranks (``finetune.runner.evaluate_task``); nothing here reduces
+across ranks.
 """
 from __future__ import annotations
 
@@ -30,19 +33,21 @@ def vqa_answer_score(matches: int, annotators: int) -> float:
     return (left_out_agreeing + left_out_other) / annotators
 
 
-def vqa_soft_accuracy(predicted: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean soft score of the predicted answers, in percent.
-
-    predicted ``[N]`` long answer indices; targets ``[N, A]`` soft scores in [0, 1].
-    """
+def vqa_scores(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft score of each predicted answer: predicted ``[N]`` long answer indices, targets ``[N, A]`` soft scores
+    in [0, 1] -> ``[N]`` float64."""
     if predicted.dim() != 1 or targets.dim() != 2 or targets.shape[0] != predicted.shape[0]:
         raise ValueError(f"vqa_soft_accuracy: predicted {tuple(predicted.shape)} must be [N] and targets "
                          f"{tuple(targets.shape)} [N, A]")
-    if predicted.numel() == 0:
-        return 0.0
-    if int(predicted.min()) < 0 or int(predicted.max()) >= targets.shape[1]:
+    if predicted.numel() and (int(predicted.min()) < 0 or int(predicted.max()) >= targets.shape[1]):
         raise ValueError(f"vqa_soft_accuracy: predicted answers must be in [0, {targets.shape[1]})")
-    return 100.0 * float(targets.gather(1, predicted.long()[:, None]).double().mean())
+    return targets.gather(1, predicted.long()[:, None]).squeeze(1).double()
+
+
+def vqa_soft_accuracy(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean soft score of the predicted answers, in percent (shapes: :func:`vqa_scores`)."""
+    scores = vqa_scores(predicted, targets)
+    return 100.0 * float(scores.mean()) if scores.numel() else 0.0
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -70,6 +75,25 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def task_scores(task: str, predicted: torch.Tensor, answer_scores=None, labels=None, region_iou=None,
+                region_mask=None):
+    """Per-example ``(score, chance)``, each ``[N]`` float64 in [0, 1], of a task's predictions: the metric's
+    score (VQA: the predicted answer's soft score; SNLI-VE: correct; RefCOCO: the predicted region's IoU with the
+    target >= 0.5) and the expected score of a uniformly random prediction (over the answers; 1/3; over the
+    image's real regions). ``predicted`` ``[N]`` long; the task's targets as in ``finetune.batching.TaskBatch``."""
+    if task == "vqa":
+        return vqa_scores(predicted, answer_scores.float()), answer_scores.double().mean(dim=1)
+    if task == "snli_ve":
+        return (predicted == labels).double(), torch.full(predicted.shape, 1 / 3, dtype=torch.float64,
+                                                           device=predicted.device)
+    if task == "refcoco":
+        hit = region_iou >= IOU_THRESHOLD  # (N, Lr)
+        real = region_mask.bool()
+        chance = (hit & real).sum(1).double() / real.sum(1).clamp(min=1).double()
+        return hit.gather(1, predicted[:, None]).squeeze(1).double(), chance
+    raise ValueError(f"task_scores: no metric for task {task!r}")
 
 
 def iou_accuracy(predicted_iou: torch.Tensor, threshold: float = IOU_THRESHOLD) -> float:

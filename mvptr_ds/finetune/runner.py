@@ -19,7 +19,7 @@ import torch
 
 from mvptr_ds.config import ConfigError, RunConfig
 from mvptr_ds.finetune.data import TaskData, build_task_data
-from mvptr_ds.finetune.metrics import IOU_THRESHOLD
+from mvptr_ds.finetune.metrics import task_scores
 from mvptr_ds.finetune.tasks import FinetuneModule
 from mvptr_ds.files import atomic_write_json
 
@@ -83,19 +83,10 @@ def evaluate_task(module: FinetuneModule, data: TaskData, batch_size: int, devic
         for start in range(0, len(mine), batch_size):
             examples = [data.eval[i] for i in mine[start:start + batch_size]]
             tb = data.collator(examples).to(device)
-            pred = module.predict(tb)
-            if task == "vqa":
-                targets = tb.answer_scores.float()
-                score += float(targets.gather(1, pred[:, None]).sum())
-                chance += float(targets.mean(dim=1).sum())
-            elif task == "snli_ve":
-                score += float((pred == tb.labels).sum())
-                chance += len(examples) / 3
-            else:
-                hit = tb.region_iou >= IOU_THRESHOLD  # (B, Lr)
-                score += float(hit.gather(1, pred[:, None]).sum())
-                real = tb.batch.region_mask.bool()
-                chance += float(((hit & real).sum(1) / real.sum(1).clamp(min=1)).sum())
+            scores, chances = task_scores(task, module.predict(tb), tb.answer_scores, tb.labels, tb.region_iou,
+                                          tb.batch.region_mask)
+            score += float(scores.sum())
+            chance += float(chances.sum())
     finally:
         module.train(was_training)
     total = _sum_over_ranks(torch.tensor([score, chance, float(len(mine))], dtype=torch.float64))

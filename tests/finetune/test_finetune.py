@@ -150,6 +150,20 @@ def test_vqa_soft_accuracy_scores_the_predicted_answer():
         metrics.vqa_soft_accuracy(torch.tensor([3, 0, 0]), targets)
 
 
+def test_task_scores_are_the_metrics_per_example():
+    targets = torch.tensor([[0.0, 1.0, 0.3], [0.6, 0.0, 0.9]])
+    pred = torch.tensor([1, 0])
+    score, chance = metrics.task_scores("vqa", pred, answer_scores=targets)
+    assert 100 * float(score.mean()) == pytest.approx(metrics.vqa_soft_accuracy(pred, targets))
+    assert chance.tolist() == pytest.approx([1.3 / 3, 1.5 / 3])
+    score, chance = metrics.task_scores("snli_ve", torch.tensor([0, 2, 1]), labels=torch.tensor([0, 1, 1]))
+    assert 100 * float(score.mean()) == pytest.approx(metrics.accuracy(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1])))
+    iou = torch.tensor([[0.6, 0.1, 0.7], [0.2, 0.5, 0.0]])
+    score, chance = metrics.task_scores("refcoco", torch.tensor([1, 1]), region_iou=iou,
+                                        region_mask=torch.tensor([[True, True, False], [True, True, True]]))
+    assert score.tolist() == [0.0, 1.0] and chance.tolist() == pytest.approx([0.5, 1 / 3])
+
+
 def test_box_iou_and_threshold():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
     cases = [([0, 0, 2, 2], 1.0), ([1, 0, 3, 2], 2 / 6), ([2, 2, 4, 4], 0.0), ([0, 0, 1, 1], 0.25),
