@@ -301,7 +301,8 @@ def evaluate_retrieval(backbone, itm_head, rset: RetrievalSet, collator, k_capti
                        world_size: int = 1, show_progress: bool = False) -> Dict[str, float]:
     """Coarse-to-fine retrieval metrics (module docstring): ``tr_r1/5/10``, ``ir_r1/5/10``, ``rsum``,
     ``r_mean``, ``n_images``, ``n_captions``, ``itm_pairs`` (pairs the ITM head scored; 0 without a head),
-    ``tr_r1_chance``/``ir_r1_chance`` (R@1 of a random ranking). ``itm_head`` None: coarse ranking only.
+    ``tr_r1_chance``/``ir_r1_chance`` (R@1 of a random ranking), and ``coarse``: the same recalls of the
+    contrastive ranking alone (what the re-ranking starts from). ``itm_head`` None: coarse ranking only.
     """
     modules = [m for m in (backbone, itm_head) if m is not None]
     was_training = [m.training for m in modules]
@@ -323,6 +324,9 @@ def evaluate_retrieval(backbone, itm_head, rset: RetrievalSet, collator, k_capti
         for m, mode in zip(modules, was_training):
             m.train(mode)
     out = retrieval_recalls(i2t.cpu(), t2i.cpu(), rset.caption_image, image_key=rset.image_key)
+    coarse = retrieval_recalls(sim.t().double().cpu(), sim.double().cpu(), rset.caption_image,
+                               image_key=rset.image_key)
+    out["coarse"] = {k: v for k, v in coarse.items() if k not in ("n_images", "n_captions")}
     truth = retrieval_truth(rset.caption_image, len(rset.images), rset.image_key)  # (C, I)
     out["itm_pairs"] = n_pairs
     out["tr_r1_chance"] = chance_recall(truth.t(), 1)

@@ -86,6 +86,9 @@ def test_partial_rerank_matches_a_loop_reference(setup, kc, ki):
     assert got["itm_pairs"] == candidate_pairs(sim, kc, ki).shape[0] < n_cap * n_img
     for key in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
         assert got[key] == expected[key], key
+    coarse = retrieval_recalls(sim.t(), sim, s.rset.caption_image, image_key=s.rset.image_key)  # before re-ranking
+    for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"):
+        assert got["coarse"][key] == coarse[key], key
 
 
 def test_duplicate_rows_of_one_image_are_one_image(setup):
