@@ -181,3 +181,14 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
         acc = ((logits.argmax(1) == labels).float() * weight).sum() / denom
         neg_valid = valid.float().mean() if b else logits.new_zeros(())
     return LossOutput("itm", loss, {"acc": acc, "neg_valid": neg_valid})
+
+
+def cold_start_note(objective_names, itm_negatives: str) -> str:
+    """The log line for a run that mines ITM's hardest negatives on weights nobody trained (no ``--init_from``,
+    no resume), else "": the contrastive similarity that picks them is noise then, and the ITM loss stays near
+    ln 2 until it is not (``benchmarks/results/learnability.md``)."""
+    if "itm" not in objective_names or itm_negatives != "hardest":
+        return ""
+    return ("note: ITM's hardest negatives are mined from the contrastive similarity, which a randomly initialised "
+            "model does not have yet (the ITM loss stays near ln 2): start from trained weights (--init_from a "
+            "pre-trained checkpoint or a Hugging Face BERT folder) or mine --itm_negatives random (or sampled)")

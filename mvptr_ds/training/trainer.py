@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
+from mvptr_ds.objectives.itm import cold_start_note
 from mvptr_ds.training import checkpoint, cleanup, distributed, faults, guard, host_memory, lock, resume, writes
 from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, precision_warning, stage_note,
                                          zero_stage)
@@ -153,6 +154,8 @@ def _restore(cfg: RunConfig, build: Build, ds_cfg: Dict, info, hooks: LoopHooks,
         report = os.path.join(train_cfg.output_dir, "init_report.json") if info.is_main else None
         start.events.extend(init_weights(parts.module, train_cfg.init_from, report,
                                          reset_decoders=train_cfg.reset_decoders_on_init))
+    else:
+        start.events += [n for n in (cold_start_note(cfg.objective_names, cfg.objectives.itm_negatives),) if n]
     engine, scheduler = build_engine(parts.module, train_cfg, ds_cfg, info.device)
     step, skipped_batches = resume.restore(start, engine, parts.loader, train_cfg.seed, info.rank)
     if info.is_main:

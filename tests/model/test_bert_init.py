@@ -158,6 +158,7 @@ def test_init_from_a_bert_folder_on_the_command_line(tmp_path):
                     "--max_steps", "1", "--micro_batch", "4", "--lr", "1e-12", "--warmup_steps", "0",
                     "--wandb", "disabled", "--init_from", str(tmp_path / "bert"), "--output_dir", str(out)])
     assert "(Hugging Face BERT)" in proc.stdout + proc.stderr
+    assert "hardest negatives" not in proc.stdout  # the cold-start note is for runs from random weights
     report = json.loads((out / "init_report.json").read_text())
     assert report["kind"] == "huggingface_bert"
     loaded = report["loaded"]

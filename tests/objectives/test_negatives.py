@@ -202,3 +202,10 @@ def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_bat
         separate = wpg_loss(outputs, batch).loss.item()
     assert abs(joint - separate) > 1e-4
     assert out.losses["wpg"].item() == pytest.approx(joint if mode == "joint" else separate, abs=1e-6)
+
+
+def test_cold_start_note_only_for_hardest_negatives():
+    from mvptr_ds.objectives.itm import cold_start_note
+
+    assert "--itm_negatives random" in cold_start_note(("vsc", "itm"), "hardest")
+    assert cold_start_note(("vsc", "itm"), "random") == "" and cold_start_note(("mcr",), "hardest") == ""
