@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import difflib
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ _REJECTED = {
     "scheduler": "the schedule is built by mvptr_ds (linear warm-up/decay); set --warmup_steps instead",
 }
 MONITOR_DIR = "monitor"
+_MONITOR_PACKAGES = {"tensorboard": "tensorboard", "comet": "comet_ml"}
 
 
 def read_template(path: str) -> Dict[str, Any]:
@@ -143,6 +145,11 @@ def build_ds_config(path: str, train: TrainConfig, world_size: int, check_device
         block = cfg.get(monitor)
         if isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
             cfg[monitor] = {**block, "output_path": os.path.join(os.path.abspath(train.output_dir), MONITOR_DIR)}
+    for monitor, package in _MONITOR_PACKAGES.items():  # DeepSpeed would fail at engine start, on every rank
+        block = cfg.get(monitor)
+        if isinstance(block, dict) and block.get("enabled") and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--ds_config {path}: the {monitor!r} monitor needs the {package} package (pip install "
+                              f"{package}), which is not installed")
     check_with_deepspeed(cfg, path)
     return cfg
 

@@ -1,6 +1,7 @@
 """DeepSpeed templates are checked by DeepSpeed's own parser (its pydantic models) before any process group
 exists: whatever DeepSpeed understands passes, what it would ignore or refuse is one line naming the key; the
 keys the typed config owns are still refused when they disagree; its W&B monitor is refused (use --wandb)."""
+import importlib.util
 import json
 import os
 
@@ -55,7 +56,13 @@ def test_deepspeed_wandb_monitor_is_refused_naming_the_option(tmp_path):
 
 
 def test_file_monitors_write_into_the_run_folder_unless_told(tmp_path):
-    cfg = build(tmp_path, {**ZERO2, "csv_monitor": {"enabled": True}, "tensorboard": {"enabled": True,
-                                                                                      "output_path": "/elsewhere"}})
+    cfg = build(tmp_path, {**ZERO2, "csv_monitor": {"enabled": True}})
     assert cfg["csv_monitor"]["output_path"] == os.path.join(str(tmp_path / "run"), MONITOR_DIR)
-    assert cfg["tensorboard"]["output_path"] == "/elsewhere"
+    cfg = build(tmp_path, {**ZERO2, "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "elsewhere")}})
+    assert cfg["csv_monitor"]["output_path"] == str(tmp_path / "elsewhere")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
+def test_tensorboard_monitor_without_its_package_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"'tensorboard' monitor needs the tensorboard package \(pip install"):
+        build(tmp_path, {**ZERO2, "tensorboard": {"enabled": True}})
