@@ -129,8 +129,10 @@ def progress_line(record: Dict[str, Any], total_steps: int, eta_s: Optional[floa
         terms = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(record.items())
                           if k.startswith("loss/"))
         parts.append(f"loss {record['loss']:.4f}" + (f" ({terms})" if terms else ""))
-    parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{record['samples_per_s']:.1f} samples/s")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if "samples_per_s" in record:
+        parts.append(f"{record['samples_per_s']:.1f} samples/s")
     if eta_s is not None:
         parts.append(f"ETA {duration(eta_s)}")
     return " | ".join(parts)
