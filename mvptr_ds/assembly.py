@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
 from mvptr_ds.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from mvptr_ds.training.trainer import RunParts, TrainResult, train
@@ -75,7 +75,14 @@ def build(cfg: RunConfig, info) -> RunParts:
     gather = global_gather_fn() if cfg.objectives.global_negatives else None
     module = build_pretraining_module(cfg.model, cfg.objective_names, cfg.objectives, gather=gather)
     module.to(info.device)
-    return RunParts(config=cfg, data=data, module=module, loader=loader)
+    return RunParts(config=cfg, data=data, module=module, loader=loader, fresh_start_notes=fresh_start_notes(cfg))
+
+
+def fresh_start_notes(cfg: RunConfig) -> List[str]:
+    """Lines the run log shows when the weights start untrained (no ``--init_from``, no resume)."""
+    from mvptr_ds.objectives.itm import cold_start_note
+
+    return [n for n in (cold_start_note(cfg.objective_names, cfg.objectives.itm_negatives),) if n]
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:

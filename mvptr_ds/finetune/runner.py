@@ -42,7 +42,7 @@ class TaskBuilder:
     def __call__(self, cfg: RunConfig, info):
         import dataclasses
 
-        from mvptr_ds.assembly import resolve_model_config, training_loader
+        from mvptr_ds.assembly import fresh_start_notes, resolve_model_config, training_loader
         from mvptr_ds.training.trainer import RunParts
 
         data = build_task_data(cfg)
@@ -53,7 +53,8 @@ class TaskBuilder:
         loader = training_loader(data.train, data.collator, cfg, info,
                                  f"{cfg.data.source} ({cfg.eval.finetune_task}, split train)", check_size=self.training)
         module = build_module(cfg, data).to(info.device)
-        self.parts = RunParts(config=cfg, data=data, module=module, loader=loader)
+        self.parts = RunParts(config=cfg, data=data, module=module, loader=loader,
+                              fresh_start_notes=fresh_start_notes(cfg))
         return self.parts
 
 

@@ -19,7 +19,6 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from mvptr_ds.config import RunConfig
-from mvptr_ds.objectives.itm import cold_start_note
 from mvptr_ds.training import checkpoint, cleanup, distributed, faults, guard, host_memory, lock, resume, writes
 from mvptr_ds.training.ds_config import (build_ds_config, offloads_optimizer, precision_warning, stage_note,
                                          zero_stage)
@@ -42,6 +41,7 @@ class RunParts:
     data: object             # the data bundle (kept for the caller, e.g. evaluation after training)
     module: torch.nn.Module  # forward(batch) -> output with ``loss`` and a ``losses`` dict
     loader: object           # this rank's resumable loader (state_dict / load_state_dict)
+    fresh_start_notes: List[str] = field(default_factory=list)  # logged when the weights start untrained
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _restore(cfg: RunConfig, build: Build, ds_cfg: Dict, info, hooks: LoopHooks,
         start.events.extend(init_weights(parts.module, train_cfg.init_from, report,
                                          reset_decoders=train_cfg.reset_decoders_on_init))
     else:
-        start.events += [n for n in (cold_start_note(cfg.objective_names, cfg.objectives.itm_negatives),) if n]
+        start.events += parts.fresh_start_notes
     engine, scheduler = build_engine(parts.module, train_cfg, ds_cfg, info.device)
     step, skipped_batches = resume.restore(start, engine, parts.loader, train_cfg.seed, info.rank)
     if info.is_main:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # tests/conftest.py, also when this file runs as a script (--collect, --record)
 from conftest import REPO, clean_env, prebuild_deepspeed_ops  # noqa: E402
 
 pytestmark = pytest.mark.slow
