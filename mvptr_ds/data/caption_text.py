@@ -41,13 +41,20 @@ class _Pieces:
             self.backend.no_truncation()
             self.backend.no_padding()
 
-    def __call__(self, text: str, limit: int):
+    def __call__(self, text: str, limit: Optional[int]):
+        """``limit`` None: every piece."""
         if self.backend is not None:
             enc = self.backend.encode(text, add_special_tokens=False)
             return enc.ids[:limit], enc.offsets[:limit]
-        enc = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max(limit, 1),
-                             return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=False, truncation=limit is not None,
+                             max_length=None if limit is None else max(limit, 1), return_offsets_mapping=True)
         return list(enc["input_ids"])[:limit], list(enc["offset_mapping"])[:limit]
+
+    def many(self, texts: Sequence[str]) -> List[Tuple[List[int], List[Tuple[int, int]]]]:
+        """Every piece of each text, ``[(ids, offsets), ...]`` (the Rust backend encodes them in parallel)."""
+        if self.backend is not None:
+            return [(enc.ids, enc.offsets) for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [self(t, None) for t in texts]
 
 
 def _pieces_in(offsets, spans) -> List[int]:
@@ -110,17 +117,36 @@ class CaptionEncoder:
         """Word pieces of ``text``, its concept ids (``phrases`` as given, tuples outside the vocabulary left
         out, or extracted) and each concept's linked word-piece indices."""
         ids, offsets = self._pieces(text, self.max_words)
-        slots = self.max_phrases + self.max_words - len(ids)
+        concept_ids, links = self.concepts(text, phrases, offsets, self.max_phrases + self.max_words - len(ids))
+        return list(ids), concept_ids, links
+
+    def concepts(self, text: str, phrases: Optional[Sequence[Tuple[str, ...]]], offsets,
+                 limit: Optional[int] = None) -> Tuple[List[int], List[List[int]]]:
+        """The first ``limit`` (None: all) concepts of ``text`` in the vocabulary and their links to the word pieces
+        whose character ``offsets`` are given."""
         concept_ids, links = [], []
         for t, spans in self._concepts(text, phrases):
-            if len(concept_ids) >= slots:
+            if limit is not None and len(concept_ids) >= limit:
                 break
             cid = self.vocab.lookup(t)
             if cid is not None:
                 concept_ids.append(cid)
                 links.append(_pieces_in(offsets, spans))
-        return list(ids), concept_ids, links
+        return concept_ids, links
+
+    def truncate(self, ids: Sequence[int], concept_ids: Sequence[int], links: Sequence[Sequence[int]]
+                 ) -> Tuple[List[int], List[int], List[List[int]]]:
+        """What :meth:`caption` gives, from the untruncated encoding (every piece, every concept with its links):
+        the first pieces, the concepts that fit the slots they leave, links to kept pieces only."""
+        ids = list(ids[:self.max_words])
+        n, slots = len(ids), self.max_phrases + self.max_words - len(ids)
+        return ids, list(concept_ids[:slots]), [[p for p in w if p < n] for w in links[:slots]]
 
     def tags(self, classes: Sequence[str]) -> List[int]:
         """Word pieces of an image's tag names (``PredictionsReader.classes``), the first ``max_tag_length - 2``."""
-        return list(self._pieces(" ".join(classes), self.max_tags)[0]) if classes else []
+        return list(self._pieces(self.tag_text(classes), self.max_tags)[0]) if classes else []
+
+    @staticmethod
+    def tag_text(classes: Sequence[str]) -> str:
+        """The text whose word pieces are an image's tags."""
+        return " ".join(classes)

@@ -323,6 +323,24 @@ class FeatureStore:
     def __getitem__(self, image_id: str) -> np.ndarray:
         return self.raw(image_id).astype(np.float32, copy=False)                     # [count, 2054]
 
+    def locate(self, image_ids: np.ndarray) -> np.ndarray:
+        """Position of each image id (``[n]`` bytes, UTF-8) in the store's index, -1 where absent; for
+        :meth:`view_at`. One array search for all of them."""
+        keys, _ = self._index()
+        ids = np.asarray(image_ids, dtype=bytes)
+        width = max(keys.dtype.itemsize, ids.dtype.itemsize, 1)
+        keys, ids = keys.astype(f"S{width}"), ids.astype(f"S{width}")
+        if len(keys) == 0:
+            return np.full(len(ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        return np.where(keys[pos] == ids, pos, -1).astype(np.int64)
+
+    def view_at(self, pos: int) -> np.ndarray:
+        """The regions of the image at index position ``pos`` (:meth:`locate`) as stored, read-only, without a copy:
+        ``[num_boxes, 2054]`` (the collator copies them into the batch, once)."""
+        shard, start, count, _ = self._index()[1][pos].tolist()
+        return self._shard(shard)[start:start + count]
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state.update(_keys=None, _loc=None, _maps={}, _pid=None)

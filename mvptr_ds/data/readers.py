@@ -289,6 +289,14 @@ def parse_prediction_row(line: bytes, path, row: int) -> Tuple[str, dict]:
     return image_id, rec
 
 
+def row_classes(line: bytes) -> List[str]:
+    """The tags of a ``predictions.tsv`` row already validated (:func:`parse_prediction_row`), as
+    :meth:`PredictionsReader.classes` gives them."""
+    rec = json.loads(line.split(b"\t", 1)[1])
+    objects = rec["gt_objects"] if "gt_objects" in rec else rec["objects"]
+    return list(dict.fromkeys(o["class"].strip() for o in objects))
+
+
 class PredictionsReader:
     """Lazy ``predictions.tsv``: an index of byte offsets and sorted ids; rows parsed on access.
 
@@ -340,9 +348,7 @@ class PredictionsReader:
         if self._fh is None or self._pid != os.getpid():
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(int(self.offsets[row]))
-        rec = json.loads(self._fh.readline().split(b"\t", 1)[1])
-        objects = rec["gt_objects"] if "gt_objects" in rec else rec["objects"]
-        return list(dict.fromkeys(o["class"].strip() for o in objects))
+        return row_classes(self._fh.readline())
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -379,6 +385,13 @@ def validate_caption(rec, path, line: int) -> Tuple[str, str, Optional[List[Tupl
                             f"phrases[{k}]", "line")
         out.append(tuple(e.strip().lower() for e in t))
     return image_id, cap, out
+
+
+def example_image_ids(keys: Sequence[str]) -> np.ndarray:
+    """``Example.image_id`` of each (sorted, distinct) image id of the files: the integer itself when every id is
+    a decimal integer (COCO, Flickr30k), else the id's rank; int64 ``[len(keys)]``."""
+    numeric = all(k.isdigit() for k in keys)
+    return np.asarray([int(k) for k in keys] if numeric else range(len(keys)), dtype=np.int64)
 
 
 class CaptionIndex:

@@ -12,10 +12,14 @@ Directory layout::
       captions.jsonl        ``{"image_id", "caption", "phrases"?: [[elem, ...], ..]}`` per line
                             (or captions.json, a JSON list); extra keys (e.g. "split") are ignored
       id2phrase.json        concept vocabulary ``{"id": [elem, ...]}``
+      text/                 optional: the captions and tags as ids (``convert_text``; :mod:`.text_store`)
 
-Opening validates everything once (every caption record, every tag row, that every caption's image has
-features and tags) and keeps only compact numpy indices; ``dataset[i]`` reads caption ``i`` and its
-image lazily, so each rank can address its own samples without holding the corpus as Python objects.
+Without ``text/``, opening validates everything (every caption record, every tag row, that every caption's
+image has features and tags) and keeps only compact numpy indices; ``dataset[i]`` reads caption ``i`` and its
+image's tags lazily and tokenizes them, so each rank can address its own samples without holding the corpus as
+Python objects. With ``text/`` (validated when it was made) opening maps its arrays, checks that it was made
+from these files and that every image has features, and re-encodes a few captions to check the store against
+the tokenizer, vocabulary and encoder in use; ``dataset[i]`` then only slices arrays.
 Tuples given in ``phrases`` that are not in the vocabulary are counted in ``dataset.report`` (not an
 error); captions without ``phrases`` get theirs from :func:`~mvptr_ds.data.concepts.extract_with_words`.
 Text becomes ids in :class:`~mvptr_ds.data.caption_text.CaptionEncoder`; the tags are
@@ -28,6 +32,7 @@ captions is a decimal integer (COCO, Flickr30k), else the image's rank among the
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from collections import Counter
@@ -36,8 +41,10 @@ from typing import Optional, Union
 import numpy as np
 
 from .caption_text import CaptionEncoder
-from .feature_store import open_feature_store
-from .readers import CaptionIndex, ConceptVocab, DataError, PredictionsReader, read_id2phrase
+from .feature_store import FeatureStore, open_feature_store
+from .readers import (CaptionIndex, ConceptVocab, DataError, PredictionsReader, example_image_ids, read_id2phrase,
+                      read_json_no_dup, row_classes, validate_caption)
+from .text_store import TextStore, encoder_fingerprints, file_fingerprint, write_text_store
 from .types import Example
 from .vocab import VocabInfo
 
@@ -123,6 +130,23 @@ class RealDataset:
         self.max_seq_length, self.max_phrases = max_seq_length, max_phrases
         self.max_tag_length, self.max_img_seq_length = max_tag_length, max_img_seq_length
         self.features = open_feature_store(self.data_dir, progress=progress)
+        self.store: Optional[TextStore] = None
+        text_dir = os.path.join(self.data_dir, "text")
+        if os.path.exists(text_dir):
+            self._open_store(text_dir)
+        else:
+            self._open_files()
+        unknown = self.report["tuples_not_in_vocab"]
+        if unknown:
+            log.warning("%s: %d of %d given tuples are not in %s (e.g. %s); they are left out",
+                        _caption_file(self.data_dir), unknown, self.report["tuples_given"], self.vocab.path,
+                        self.report["not_in_vocab_examples"][:3])
+
+    def _keys(self):
+        return [k.decode("utf-8") for k in self._image_keys]
+
+    def _open_files(self) -> None:
+        """Validate the caption and tag files (every record) and index them."""
         self.predictions = PredictionsReader(os.path.join(self.data_dir, "predictions.tsv"))
         unknown: Counter = Counter()
         counts = Counter()
@@ -139,46 +163,145 @@ class RealDataset:
         self.captions = CaptionIndex(_caption_file(self.data_dir), check=check)
         if len(self.captions) == 0:
             raise DataError(self.captions.path, "no caption records (the file is empty)", field="captions")
-        keys = [k.decode("utf-8") for k in self.captions.image_keys]
-        for k, image_id in enumerate(keys):
-            for source, what in ((self.features, "region features"), (self.predictions, "tags")):
-                if image_id not in source:
-                    first = int(np.argmax(self.captions.image_of == k))
-                    raise DataError(self.captions.path, f"image {image_id!r} has no {what} in {source.path}",
-                                    int(self.captions.lines[first]), "image_id", "line")
-        numeric = all(k.isdigit() for k in keys)
-        self._image_ints = np.asarray([int(k) for k in keys] if numeric else range(len(keys)), dtype=np.int64)
-        self.report = {"captions": len(self.captions), "images": len(keys),
+        self._image_keys, self._image_of, self._lines = (self.captions.image_keys, self.captions.image_of,
+                                                         self.captions.lines)
+        for k, image_id in enumerate(self._keys()):
+            if image_id not in self.predictions:
+                self._missing(k, "tags", self.predictions.path)
+        self._locate_features()
+        self._image_ints = example_image_ids(self._keys())
+        self.report = {"captions": len(self.captions), "images": len(self._image_keys),
                        "tuples_given": counts["tuples_given"], "tuples_not_in_vocab": sum(unknown.values()),
                        "not_in_vocab_examples": [list(t) for t, _ in unknown.most_common(10)],
                        "captions_to_extract": counts["captions_to_extract"]}
-        if unknown:
-            log.warning("%s: %d of %d given tuples are not in %s (e.g. %s); they are left out",
-                        self.captions.path, sum(unknown.values()), counts["tuples_given"], self.vocab.path,
-                        self.report["not_in_vocab_examples"][:3])
+
+    def _open_store(self, path: str) -> None:
+        """Map the text store; check its sources, that every image has features, and a few of its encodings."""
+        captions, predictions = _caption_file(self.data_dir), os.path.join(self.data_dir, "predictions.tsv")
+        sources = dict(encoder_fingerprints(self.text), captions=file_fingerprint(captions),
+                       predictions=file_fingerprint(predictions))
+        self.store = TextStore(path, sources, self.vocab_info.vocab_size)
+        self.report = dict(self.store.report)
+        self.__setstate__({})                               # the indices are the store's arrays
+        self._spot_check(captions, predictions)
+
+    def _missing(self, k: int, what: str, where: str):
+        first = int(np.argmax(self._image_of == k))
+        raise DataError(_caption_file(self.data_dir), f"image {self._image_keys[k].decode()!r} has no {what} in "
+                        f"{where}", int(self._lines[first]), "image_id", "line")
+
+    def _locate_features(self) -> None:
+        """Every image has region features; a converted store's positions are kept (no search per sample)."""
+        f = self.features
+        if isinstance(f, FeatureStore):
+            self._feature_pos = f.locate(self._image_keys)
+            absent = np.flatnonzero(self._feature_pos < 0)
+        else:
+            self._feature_pos = None
+            absent = [k for k, image_id in enumerate(self._keys()) if image_id not in f]
+        if len(absent):
+            self._missing(int(absent[0]), "region features", f.path)
+
+    def _spot_check(self, captions: str, predictions: str, count: int = 8) -> None:
+        """Re-encode ``count`` captions spread over the store (and their images' tags) and compare: a store made
+        by another version of the encoder, or with another tokenizer or vocabulary, is an error."""
+        n = len(self.store)
+        rows = sorted(set(np.linspace(0, n - 1, min(count, n)).astype(int).tolist()))
+        records = _read_captions(captions, [(int(self.store.captions[i, 1]), int(self.store.captions[i, 2]))
+                                            for i in rows])
+        with open(predictions, "rb") as pf:
+            for i, (image_id, caption, phrases) in zip(rows, records):
+                ids, offsets = self.text._pieces(caption, None)
+                concepts, links = self.text.concepts(caption, phrases, offsets)
+                k = int(self._image_of[i])
+                pf.seek(int(self.store.images[k, 1]))
+                tags = list(self.text._pieces(self.text.tag_text(row_classes(pf.readline())), None)[0])
+                if (image_id.encode("utf-8") != self._image_keys[k] or (list(ids), concepts, links)
+                        != self.store.caption(i) or tags != self.store.tags(k)):
+                    raise DataError(os.path.join(self.store.path, "meta.json"), f"the caption at line "
+                                    f"{int(self._lines[i])} of {captions} (or its image's tags) encodes differently "
+                                    "now (the store was made by another version or with another tokenizer or "
+                                    f"vocabulary?): delete {self.store.path} and run convert_text again",
+                                    field="encoding")
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self._image_of)
+
+    _FROM_STORE = ("_image_keys", "_image_of", "_lines", "_image_ints", "_feature_pos")
+
+    def __getstate__(self):     # pickled (spawned workers): the store's arrays are mapped again, not copied
+        if self.store is None:
+            return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k not in self._FROM_STORE}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.store is not None:
+            self._image_keys, self._image_of = self.store.image_keys, self.store.captions[:, 0]
+            self._lines, self._image_ints = self.store.captions[:, 1], self.store.images[:, 0]
+            self._locate_features()
 
     def image_key(self, image_int: int) -> str:
-        """The file's image id of ``Example.image_id``."""
-        k = int(np.searchsorted(self._image_ints, image_int))
-        return self.captions.image_keys[k].decode("utf-8")
+        """The file's image id of ``Example.image_id`` (ids sort as strings, "10" before "2": searched in numeric
+        order)."""
+        order = np.argsort(self._image_ints, kind="stable")
+        k = int(order[min(int(np.searchsorted(self._image_ints[order], image_int)), len(order) - 1)])
+        if self._image_ints[k] != image_int:
+            raise KeyError(f"no image has Example.image_id {image_int}")
+        return self._image_keys[k].decode("utf-8")
 
-    def _region_feats(self, image_id: str):
-        """As stored: fp16 from a converted store (the batch stays fp16 and is converted on the device, no
-        host fp32 copy); float32 from the TSV path."""
-        f = self.features
-        return f.raw(image_id) if hasattr(f, "raw") else f[image_id]
+    def caption_image(self, i: int) -> str:
+        """The file's image id of caption ``i``."""
+        return self._image_keys[self._image_of[i]].decode("utf-8")
+
+    def _regions(self, k: int) -> np.ndarray:
+        """Image ``k``'s regions as stored: fp16 from a converted store, mapped (the collator copies them into the
+        batch, converted on the device: no host fp32 copy); float32 from the TSV path."""
+        if self._feature_pos is not None:
+            return self.features.view_at(int(self._feature_pos[k]))
+        return self.features[self._image_keys[k].decode("utf-8")]
 
     def __getitem__(self, i: int) -> Example:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for {len(self)} captions")
         i = i % len(self)
-        image_id, caption, phrases = self.captions[i]
-        ids, concept_ids, links = self.text.caption(caption, phrases)
-        tags = self.text.tags(self.predictions.classes(image_id))
-        regions = self._region_feats(image_id)[:self.max_img_seq_length]         # [n, 2054] as stored
-        return Example(sample_id=i, image_id=int(self._image_ints[self.captions.image_of[i]]),
-                       caption_ids=ids, concept_ids=concept_ids, concept_word_links=links,
-                       tag_ids=tags, regions=regions)
+        k = int(self._image_of[i])
+        if self.store is not None:
+            ids, concept_ids, links = self.text.truncate(*self.store.caption(i))
+            tags = self.store.tags(k)[:self.text.max_tags]
+        else:
+            image_id, caption, phrases = self.captions[i]
+            ids, concept_ids, links = self.text.caption(caption, phrases)
+            tags = self.text.tags(self.predictions.classes(image_id))
+        return Example(sample_id=i, image_id=int(self._image_ints[k]), caption_ids=ids, concept_ids=concept_ids,
+                       concept_word_links=links, tag_ids=tags, regions=self._regions(k)[:self.max_img_seq_length])
+
+
+def _read_captions(path: str, where) -> list:
+    """``(image_id, caption, phrases)`` of the records at ``where`` = ``[(line, byte offset), ...]`` (a JSON list
+    file: ``line`` is the record's 1-based position)."""
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip().startswith(b"["):
+            data = read_json_no_dup(path)
+            return [validate_caption(data[line - 1], path, line) for line, _ in where]
+        out = []
+        for line, offset in where:
+            f.seek(offset)
+            try:
+                rec = json.loads(f.readline())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(path, f"malformed JSON ({e}; changed since the text store was made?)", line, "json",
+                                "line") from None
+            out.append(validate_caption(rec, path, line))
+        return out
+
+
+def convert_text(data_dir: str, tokenizer: Optional[str] = None, labels: Optional[str] = None,
+                 out: Optional[str] = None, progress: bool = True) -> dict:
+    """Write the text store of a data directory (``DIR/text`` unless ``out``): every caption and tag row
+    validated and encoded once (:func:`~mvptr_ds.data.text_store.write_text_store`)."""
+    data_dir = str(data_dir)
+    tok = load_tokenizer(tokenizer or os.path.join(data_dir, "tokenizer"))
+    encoder = CaptionEncoder(tok, read_id2phrase(os.path.join(data_dir, "id2phrase.json")), labels=labels)
+    return write_text_store(_caption_file(data_dir), os.path.join(data_dir, "predictions.tsv"), encoder,
+                            out or os.path.join(data_dir, "text"), progress=progress)
