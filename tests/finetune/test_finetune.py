@@ -156,8 +156,9 @@ def test_task_scores_are_the_metrics_per_example():
     score, chance = metrics.task_scores("vqa", pred, answer_scores=targets)
     assert 100 * float(score.mean()) == pytest.approx(metrics.vqa_soft_accuracy(pred, targets))
     assert chance.tolist() == pytest.approx([1.3 / 3, 1.5 / 3])
-    score, chance = metrics.task_scores("snli_ve", torch.tensor([0, 2, 1]), labels=torch.tensor([0, 1, 1]))
-    assert 100 * float(score.mean()) == pytest.approx(metrics.accuracy(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1])))
+    pred, labels = torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1])
+    score, chance = metrics.task_scores("snli_ve", pred, labels=labels)
+    assert 100 * float(score.mean()) == pytest.approx(metrics.accuracy(pred, labels))
     iou = torch.tensor([[0.6, 0.1, 0.7], [0.2, 0.5, 0.0]])
     score, chance = metrics.task_scores("refcoco", torch.tensor([1, 1]), region_iou=iou,
                                         region_mask=torch.tensor([[True, True, False], [True, True, True]]))
