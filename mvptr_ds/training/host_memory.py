@@ -8,8 +8,10 @@ about a gigabyte of fresh pages. With ``M_MMAP_MAX = 0`` and the largest trim th
 (2 GiB), glibc serves them from its heap and keeps what is freed: the next step reuses the same pages. The
 process then keeps its peak resident memory until it exits, which a training process does anyway.
 
-Measured in BENCHMARKS.md (the throughput section); the environment variables ``MALLOC_MMAP_MAX_`` /
-``MALLOC_TRIM_THRESHOLD_``, when set, win (glibc reads them at start-up and this module leaves them alone).
+Its effect on a whole training step is not yet a recorded benchmark (the machines it was written on were shared;
+a micro-benchmark of the word-embedding backward alone ran about 2x faster with it). The environment variables
+``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``, when set, win (glibc reads them at start-up and this module
+leaves them alone).
 """
 from __future__ import annotations
 

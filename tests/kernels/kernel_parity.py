@@ -1,4 +1,7 @@
 """Helpers shared by the kernel parity tests (CPU interpreted and CUDA); imports no Triton kernel module."""
+import random
+
+import pytest
 import torch
 
 from mvptr_ds.kernels import reference
@@ -62,3 +65,20 @@ def masked_reference(q, k, v, mask, keep=None, p=0.0):
         probs = torch.softmax(s, -1).nan_to_num(0.0)
         out = (probs * keep / (1 - p)) @ v
     return out * mask[:, None, :, None]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Kernel-written buffers start as NaN (an element a kernel fails to write shows up). Autouse in the modules
+    that import it."""
+    from mvptr_ds.kernels import triton_attention, triton_embedding
+    monkeypatch.setattr(triton_attention, "_empty", nan_empty)
+    monkeypatch.setattr(triton_embedding, "_empty", nan_empty)
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per check (named in its failure message)."""
+    s = random.randrange(2 ** 31)
+    torch.manual_seed(s)
+    return s

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from mvptr_ds import kernels  # noqa: E402
 from mvptr_ds.kernels import flex, reference, triton_attention, triton_embedding  # noqa: E402
 
-from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, nan_empty, rel,  # noqa: E402
-                           run_attention, run_embedding)
+from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, poisoned,  # noqa: E402,F401
+                           rel, run_attention, run_embedding, seed)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,19 +43,6 @@ def set_interpreted(flag: bool) -> None:
 def interpreted():
     """Another test module (the GPU one) may have reloaded the kernels compiled; take them back."""
     set_interpreted(True)
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(triton_attention, "_empty", nan_empty)
-    monkeypatch.setattr(triton_embedding, "_empty", nan_empty)
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2 ** 31)
-    torch.manual_seed(s)
-    return s
 
 
 # ---- concept embedding ------------------------------------------------------------------------------------

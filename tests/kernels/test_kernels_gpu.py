@@ -6,13 +6,12 @@ same process, they are reloaded compiled for this module and handed back afterwa
 """
 import importlib
 import os
-import random
 
 import pytest
 import torch
 
-from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, nan_empty, rel, run_attention,
-                           run_embedding)
+from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, poisoned,  # noqa: F401
+                           rel, run_attention, run_embedding, seed)
 from mvptr_ds import kernels
 from mvptr_ds.kernels import triton_attention, triton_embedding
 
@@ -30,19 +29,6 @@ def compiled():
     yield
     if saved is not None:
         os.environ["TRITON_INTERPRET"] = saved
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(triton_attention, "_empty", nan_empty)
-    monkeypatch.setattr(triton_embedding, "_empty", nan_empty)
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2 ** 31)
-    torch.manual_seed(s)
-    return s
 
 
 def cross_masks(bsz, n_text=40, n_regions=50):

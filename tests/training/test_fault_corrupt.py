@@ -8,24 +8,17 @@ import pytest
 import torch
 
 from mvptr_ds.training.safe_load import manifest_entry
-from test_fault_harness import copy_run, launch, metrics, one_error
+from test_fault_harness import copy_run, launch, metrics, one_error, small_run_args, stopped_after_two
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
-DATA = "synthetic:seed=3,images=16,captions_per_image=1"
-
-
-def args(out, *extra):
-    return ["--model", "tiny", "--data", DATA, "--output_dir", str(out), "--max_steps", "4", "--micro_batch", "2",
-            "--save_every", "2", "--log_every", "1", "--seed", "5", "--wandb", "disabled"] + list(extra)
+args = small_run_args
 
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after step 2 with one complete checkpoint (copied by each test)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    launch(args(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
-    return out
+    return stopped_after_two(tmp_path_factory.mktemp("stopped") / "run")
 
 
 def test_truncated_shard(stopped_run, tmp_path):

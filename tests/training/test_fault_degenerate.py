@@ -46,7 +46,6 @@ def test_thousand_degenerate_batches_never_nan(one_thread):
     torch.manual_seed(0)
     module = build_pretraining_module(TINY, OBJECTIVES, ObjectiveConfig())
     module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
     rng = random.Random(1234)
     for i in range(1000):
         batch = random_degenerate_batch(rng, i)

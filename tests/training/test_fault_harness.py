@@ -127,6 +127,22 @@ def launch(args: List[str], world_size: int = 1, env: Optional[Dict[str, str]] =
     return result
 
 
+SMALL_DATA = "synthetic:seed=3,images=16,captions_per_image=1"
+
+
+def small_run_args(out, *extra, data: str = SMALL_DATA, micro_batch: int = 2) -> List[str]:
+    """The fault suites' small run: tiny model, 4 steps, a checkpoint every 2, metrics every step."""
+    return ["--model", "tiny", "--data", data, "--output_dir", str(out), "--max_steps", "4", "--micro_batch",
+            str(micro_batch), "--save_every", "2", "--log_every", "1", "--seed", "5", "--wandb", "disabled"] \
+        + [str(e) for e in extra]
+
+
+def stopped_after_two(out, args_for=small_run_args):
+    """Run ``args_for(out)`` until it stops after step 2 with one complete checkpoint; returns ``out``."""
+    launch(args_for(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
+    return out
+
+
 def one_error(run: Launch, *must_contain: str) -> str:
     """Exactly one ``error:`` line on rank 0, exit 2 on every rank, no traceback; it contains every string given."""
     assert run.codes and all(code == 2 for code in run.codes), run.log()

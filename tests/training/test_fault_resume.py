@@ -4,10 +4,8 @@ Ranks are forked from a pre-imported server (``test_fault_harness``) so each run
 thread count. CPU fp32 with dropout on: restored RNG states, loader position, optimizer and schedule, and
 deterministic kernels (``train.deterministic``, on by default on CPU) make the runs bit-identical.
 """
-import json
 import os
 import random
-import shutil
 import signal
 import time
 

@@ -23,7 +23,7 @@ from mvptr_ds.training import cleanup, distributed, lock, writes
 from mvptr_ds.training.launcher import LauncherWatch
 from mvptr_ds.training.logging import RunLogger, append_line
 from mvptr_ds.training.logging import truncate_metrics
-from test_fault_harness import copy_run, launch, metrics, one_error
+from test_fault_harness import copy_run, launch, metrics, one_error, small_run_args, stopped_after_two
 
 pytestmark = [pytest.mark.fault]
 
@@ -32,9 +32,7 @@ SMALLER = "synthetic:seed=3,images=6,held_out=2,captions_per_image=1"
 
 
 def args(out, *extra):
-    return ["--model", "tiny", "--data", DATA, "--output_dir", str(out), "--max_steps", "4", "--micro_batch", "4",
-            "--save_every", "2", "--log_every", "1", "--warmup_steps", "0", "--seed", "5",
-            "--wandb", "disabled"] + [str(e) for e in extra]
+    return small_run_args(out, "--warmup_steps", "0", *extra, data=DATA, micro_batch=4)
 
 
 def wait_for(predicate, what, timeout=120.0):
@@ -76,9 +74,7 @@ def shm_files(port):
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after step 2 with one complete checkpoint (copied by each test)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    launch(args(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
-    return out
+    return stopped_after_two(tmp_path_factory.mktemp("stopped") / "run", args)
 
 
 # ------------------------------------------------------------------------------------------------ 1: lock

@@ -13,26 +13,20 @@ import shutil
 import pytest
 import torch
 
-from test_fault_harness import launch, one_error
+from test_fault_harness import launch, one_error, small_run_args, stopped_after_two
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
-DATA = "synthetic:seed=3,images=16,captions_per_image=1"
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-
-
-def train_args(out, *extra):
-    return ["--model", "tiny", "--data", DATA, "--output_dir", str(out), "--max_steps", "4", "--micro_batch", "2",
-            "--save_every", "2", "--log_every", "1", "--seed", "5", "--wandb", "disabled"] + list(extra)
+train_args = small_run_args
 
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after step 2: one complete checkpoint, no ``final/`` (copied by each test). One process
     runs ZeRO stage 0: model and optimizer state in one file."""
-    out = tmp_path_factory.mktemp("untrusted") / "run"
-    launch(train_args(out, "--stop_after", "2"), log_dir=str(out.parent)).ok()
+    out = stopped_after_two(tmp_path_factory.mktemp("untrusted") / "run")
     assert not (out / "final").exists()
     return out
 
