@@ -9,6 +9,7 @@ continues on M ranks without repeating or skipping a sample.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -18,6 +19,7 @@ import torch
 from mvptr_ds.data import corruption
 from mvptr_ds.data.collate import BatchContext, BatchError, Collator, TruncationCounts  # noqa: F401 (re-exported)
 from mvptr_ds.data.types import Batch
+from mvptr_ds.data.worker_buffers import ReleaseTracker, from_wire, to_wire, worker_pool
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -82,10 +84,11 @@ class _PlannedDataset(torch.utils.data.Dataset):
 
 
 class _PlanSampler:
-    """Infinite batch sampler: one list of keys per step, each key carrying its step's plan."""
+    """Infinite batch sampler: one list of keys per step, each key carrying its step's plan and the feature
+    buffers the training process has released (``worker_buffers``)."""
 
-    def __init__(self, loader: "ResumableLoader"):
-        self.loader = loader
+    def __init__(self, loader: "ResumableLoader", tracker: ReleaseTracker):
+        self.loader, self.tracker = loader, tracker
         self.start = (loader.epoch, loader.position)
 
     def __iter__(self):
@@ -95,18 +98,36 @@ class _PlanSampler:
         while True:
             plan = step_plan(len(ld.dataset), epoch, position, ld.micro_batch, ld.rank, ld.world_size, ld.seed,
                              orders)
-            yield [(i, plan) for i in plan.indices]
+            released = self.tracker.released()
+            yield [(i, plan, released) for i in plan.indices]
             epoch, position = plan.next_epoch, plan.next_position
 
 
 class _PlanCollate:
+    """In a worker: collate the step's examples into a pooled feature buffer (when the collator takes one)."""
+
     def __init__(self, collator: Collator):
         self.collator = collator
+        self.pooled = "buffers" in inspect.signature(collator.collate).parameters
+        self.max_regions = getattr(collator, "max_regions", 0)
 
     def __call__(self, items):
-        plan = items[0][1][1]
-        batch, counts = self.collator.collate([ex for ex, _ in items], plan.context)
-        return batch, counts, plan
+        _, plan, released = items[0][1]
+        pool = worker_pool() if self.pooled else None
+        if pool is None:
+            batch, counts = self.collator.collate([ex for ex, _ in items], plan.context)
+            return to_wire(batch), counts, plan, None
+        pool.release(released)
+        slot = None
+
+        def buffers(shape, dtype):
+            nonlocal slot
+            capacity = shape[0] * max(self.max_regions, shape[1]) * shape[2] * np.dtype(dtype).itemsize
+            array, tensor, slot = pool.take(shape, dtype, capacity)
+            return array, tensor
+
+        batch, counts = self.collator.collate([ex for ex, _ in items], plan.context, buffers)
+        return to_wire(batch), counts, plan, slot
 
 
 class ResumableLoader:
@@ -135,6 +156,7 @@ class ResumableLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.epoch, self.position = 0, 0
         self.truncation_counts = TruncationCounts()
+        self.buffer_tracker: Optional[ReleaseTracker] = None    # the workers' feature buffers (last iterator)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -169,9 +191,13 @@ class ResumableLoader:
             yield batch
 
     def _iter_workers(self) -> Iterator[Batch]:
+        tracker = self.buffer_tracker = ReleaseTracker()
         loader = torch.utils.data.DataLoader(
-            _PlannedDataset(self.dataset), batch_sampler=_PlanSampler(self), collate_fn=_PlanCollate(self.collator),
-            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
-        for batch, counts, plan in loader:
+            _PlannedDataset(self.dataset), batch_sampler=_PlanSampler(self, tracker),
+            collate_fn=_PlanCollate(self.collator), num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        for wire, counts, plan, slot in loader:
+            batch = from_wire(wire)
+            tracker.received(slot, getattr(batch, "batch", batch).region_feats)   # (a task batch wraps a Batch)
             self._yielded(plan, counts)
             yield batch
+            del batch, wire             # the consumer's reference alone decides when the buffer is free
