@@ -14,7 +14,7 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 from .concepts import build_lexicon, extract_with_words, lemma_candidates, tokenize
-from .readers import ConceptVocab
+from .caption_files import ConceptVocab
 
 
 @functools.lru_cache(maxsize=1 << 16)

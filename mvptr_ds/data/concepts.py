@@ -32,7 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from mvptr_ds.files import atomic_write_lines
 
-from .readers import CaptionIndex, ConceptVocab, DataError, read_id2phrase, write_id2phrase
+from .caption_files import CaptionIndex, ConceptVocab, read_id2phrase, write_id2phrase
+from .readers import DataError
 
 Tuple_ = Tuple[str, ...]
 

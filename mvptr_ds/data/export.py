@@ -14,7 +14,8 @@ import os
 
 from mvptr_ds.files import atomic_write_json, atomic_write_lines
 
-from .readers import encode_feature_row, write_id2phrase, write_lineidx
+from .caption_files import write_id2phrase
+from .readers import encode_feature_row, write_lineidx
 
 
 def write_real_formats(world, out_dir: str, phrases: bool = True) -> dict:

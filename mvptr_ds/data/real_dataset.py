@@ -42,8 +42,8 @@ import numpy as np
 
 from .caption_text import CaptionEncoder
 from .feature_store import FeatureStore, open_feature_store
-from .readers import (CaptionIndex, ConceptVocab, DataError, PredictionsReader, example_image_ids, read_id2phrase,
-                      read_json_no_dup, row_classes, validate_caption)
+from .caption_files import CaptionIndex, ConceptVocab, example_image_ids, read_id2phrase, validate_caption
+from .readers import DataError, PredictionsReader, read_json_no_dup, row_classes
 from .text_store import TextStore, encoder_fingerprints, file_fingerprint, write_text_store
 from .types import Example
 from .vocab import VocabInfo

@@ -40,7 +40,8 @@ import numpy as np
 from mvptr_ds.files import atomic_write_json
 
 from .caption_text import CaptionEncoder
-from .readers import CaptionIndex, DataError, PredictionsReader, example_image_ids, read_json_no_dup
+from .caption_files import CaptionIndex, example_image_ids
+from .readers import DataError, PredictionsReader, read_json_no_dup
 
 FORMAT = "mvptr_ds.text_store.v1"
 _ENDS = 1 << 20

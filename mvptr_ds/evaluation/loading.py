@@ -92,7 +92,7 @@ def from_pretrained(path: str, device="cpu") -> LoadedModel:
     folder has none, e.g. a DeepSpeed checkpoint or a converted authors' checkpoint)."""
     import os
 
-    from mvptr_ds.data.readers import read_id2phrase
+    from mvptr_ds.data.caption_files import read_id2phrase
     from mvptr_ds.data.real_dataset import load_tokenizer
 
     model = load_model(path, device)

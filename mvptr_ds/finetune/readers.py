@@ -35,7 +35,8 @@ import torch
 
 from mvptr_ds.data.caption_text import CaptionEncoder
 from mvptr_ds.data.feature_store import open_feature_store
-from mvptr_ds.data.readers import DataError, PredictionsReader, decode_utf8, open_data_file, read_id2phrase
+from mvptr_ds.data.caption_files import read_id2phrase
+from mvptr_ds.data.readers import DataError, PredictionsReader, decode_utf8, open_data_file
 from mvptr_ds.data.real_dataset import load_tokenizer, real_vocab_info
 from mvptr_ds.data.types import Example
 from mvptr_ds.finetune.batching import SNLI_LABELS, TaskExample

@@ -27,7 +27,7 @@ import torch
 from mvptr_ds.compat import authors_to_project, project_to_authors, write_original
 from mvptr_ds.config import RunConfig, apply_recipe
 from mvptr_ds.data.batching import BatchContext, Collator
-from mvptr_ds.data.readers import read_id2phrase
+from mvptr_ds.data.caption_files import read_id2phrase
 from mvptr_ds.data.types import Example
 from mvptr_ds.data.vocab import VocabInfo
 from mvptr_ds.objectives import build_pretraining_module

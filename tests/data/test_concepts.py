@@ -6,7 +6,8 @@ import pytest
 
 from mvptr_ds.data.concepts import (Lexicon, build_lexicon, build_vocab, extract_concepts, extract_tuples,
                                     extract_with_words, lemma_candidates, tokenize)
-from mvptr_ds.data.readers import DataError, read_id2phrase
+from mvptr_ds.data.caption_files import read_id2phrase
+from mvptr_ds.data.readers import DataError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 VOCAB = SHARED / "id2phrase_new.json"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mvptr_ds.data.feature_store import TsvFeatureStore
-from mvptr_ds.data.readers import (FEATURE_DIM, CaptionIndex, DataError, PredictionsReader,
-                                   encode_feature_row, iter_feature_rows, read_id2phrase, read_lineidx,
-                                   write_lineidx)
+from mvptr_ds.data.caption_files import CaptionIndex, read_id2phrase
+from mvptr_ds.data.readers import (FEATURE_DIM, DataError, PredictionsReader, encode_feature_row, iter_feature_rows,
+                                   read_lineidx, write_lineidx)
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -9,7 +9,8 @@ import pytest
 
 from mvptr_ds.data.export import synth, write_real_formats
 from mvptr_ds.data.feature_store import FeatureStore, convert_features
-from mvptr_ds.data.readers import DataError, read_id2phrase
+from mvptr_ds.data.caption_files import read_id2phrase
+from mvptr_ds.data.readers import DataError
 from mvptr_ds.data.batching import Collator
 from mvptr_ds.data.caption_text import _Pieces
 from mvptr_ds.data.real_dataset import RealDataset, load_tokenizer, real_vocab_info
