@@ -17,7 +17,7 @@ by the data pipeline), so the objective stays a deterministic function of its in
 (tiny model trained from scratch, VSC + ITM, 400 steps, lr 3e-4) the hardest and the sampled negatives
 leave the ITM loss near ln 2 (0.691 and 0.683 averaged over the run; re-ranked R@1 at most 5.5%); random
 ones bring it to 0.474 (accuracy 0.73) and re-ranked R@1 to 14.1% / 9.4% (chance 1.6%); see
-``benchmarks/results/learnability.md``.
+the learnability section of ``BENCHMARKS.md``.
 
 A row without any allowed negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
@@ -186,7 +186,7 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
 def cold_start_note(objective_names, itm_negatives: str) -> str:
     """The log line for a run that mines ITM's hardest negatives on weights nobody trained (no ``--init_from``,
     no resume), else "": the contrastive similarity that picks them is noise then, and the ITM loss stays near
-    ln 2 until it is not (``benchmarks/results/learnability.md``)."""
+    ln 2 until it is not (the learnability section of ``BENCHMARKS.md``)."""
     if "itm" not in objective_names or itm_negatives != "hardest":
         return ""
     return ("note: ITM's hardest negatives are mined from the contrastive similarity, which a randomly initialised "

@@ -21,7 +21,7 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   *within* one cross-modal sequence, and the only way to separate them is for phrases to sit closer to the
   regions they name. On the built-in world (tiny model, WPG alone, 400 steps at lr 3e-4, same run
   otherwise) grounding accuracy is 5.0% with ``"separate"`` and 39.6% with ``"joint"`` (chance
-  6.7%; ``benchmarks/results/learnability.md``).
+  6.7%; the learnability section of ``BENCHMARKS.md``).
 
 Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
 means. No Python loop over samples and no device-to-host synchronisation. Padded regions get similarity
