@@ -11,7 +11,7 @@
 # "not run (time)"):
 #   install       pip install --no-index --no-deps --target $SITE $WHEELS/*.whl  (skipped if $WHEELS is empty)
 #   imports       torch, triton, mvptr_ds.kernels import; on cuda, torch must see the GPU
-#   imports_training  deepspeed, fire, mvptr_ds.run import (needed by the throughput runs only)
+#   imports_training  deepspeed, mvptr_ds.run import (needed by the throughput runs only)
 #   kernel_tests  cuda: pytest -m gpu tests/kernels/test_kernels_gpu.py; cpu: a few interpreted parity tests
 #   kernel_bench  python benchmarks/kernels.py --device $CHECK_DEVICE --out $RESULTS/kernels_<device>.json
 #   throughput:*  python benchmarks/throughput.py --device cuda --model base --stage 2 --precision bf16
@@ -140,7 +140,7 @@ if sys.argv[1] == "cuda":
 EOF
 imports_ok=$?
 # What the throughput runs need on top (the carried wheels); the kernel steps do not depend on it.
-step imports_training 60 "$PY" -c "import deepspeed, fire, mvptr_ds.run; print('deepspeed', deepspeed.__version__)"
+step imports_training 60 "$PY" -c "import deepspeed, mvptr_ds.run; print('deepspeed', deepspeed.__version__)"
 training_ok=$?
 
 if (( imports_ok == 0 )); then

@@ -20,7 +20,7 @@ OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
 STAGE_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
-KERNELS = ("auto", "triton", "torch", "eager")
+KERNELS = ("auto", "triton", "torch", "eager", "flex")
 WANDB_MODES = ("offline", "online", "disabled")
 WPG_NEGATIVE_ENCODINGS = ("joint", "separate")
 ITM_NEGATIVES = ("hardest", "sampled", "random")
@@ -59,8 +59,8 @@ class ModelConfig:
     initializer_range: float = option(0.02, "Standard deviation of the initial weights.", cli=False)
     kernels: str = option(
         "auto", "Attention and embedding kernels: auto (fused Triton kernels on CUDA, PyTorch elsewhere), "
-        "triton, torch, or eager (the authors' additive -10000 mask and explicit softmax, for the baseline "
-        "benchmark).", metavar="|".join(KERNELS))
+        "triton, torch, eager (the authors' additive -10000 mask and explicit softmax, for the baseline "
+        "benchmark), or flex (attention through torch's flex_attention).", metavar="|".join(KERNELS))
     skip_padding: bool = option(
         True, "Compute real positions only: the position-wise parts of every layer on the real tokens, the "
         "cross-modal sequences packed; off, every padded position goes through every layer as in the authors' "

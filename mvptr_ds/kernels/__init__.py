@@ -1,15 +1,14 @@
 """Kernel dispatch: the model's two seams (attention, concept embedding) select an implementation by name.
 
-``impl`` is one of ``"auto"`` (fused Triton kernels on CUDA, the PyTorch reference elsewhere),
-``"triton"``, ``"torch"`` or ``"eager"`` (the authors' attention: additive -10000 mask, explicit softmax;
-kept for the baseline of ``benchmarks/throughput.py``). Triton is imported lazily, only when a Triton path
-is chosen; ``"triton"`` on CPU tensors runs the kernels in Triton's interpreter (slow: for tests), which
-needs ``TRITON_INTERPRET=1`` in the environment from the start.
-
-On CUDA the fused attention path is ``CUDA_ATTENTION``: "triton" (own kernel, ``triton_attention``), "flex"
-(``flex_attention`` with a padding block mask) or "sdpa" (the reference). Switching is this one line; the
-choice follows ``benchmarks/kernels.py`` on the GPU. Fused paths write 0 for padded query rows (the reference
-computes them; they are meaningless either way).
+``impl`` (``ModelConfig.kernels``, ``--kernels``) is one of ``"auto"`` (the fused Triton kernels on CUDA, the
+PyTorch reference elsewhere), ``"triton"`` (own kernels: ``triton_attention``, ``triton_embedding``), ``"torch"``
+(the reference: ``scaled_dot_product_attention`` and the embedding sum), ``"flex"`` (attention through PyTorch's
+``flex_attention`` with a padding block mask, the embedding by the reference; an alternative fused attention on
+CUDA, compared with the Triton kernel by ``benchmarks/kernels.py``) or ``"eager"`` (the authors' attention:
+additive -10000 mask, explicit softmax; kept for the baseline of ``benchmarks/throughput.py``). Triton is
+imported lazily, only when a Triton path is chosen; ``"triton"`` on CPU tensors runs the kernels in Triton's
+interpreter (slow: for tests), which needs ``TRITON_INTERPRET=1`` in the environment from the start. Fused paths
+write 0 for padded query rows (the reference computes them; they are meaningless either way).
 """
 from __future__ import annotations
 
@@ -20,12 +19,11 @@ import torch
 
 from mvptr_ds.kernels import reference
 
-IMPLS = ("auto", "triton", "torch", "eager")
-CUDA_ATTENTION = "triton"  # "triton" | "flex" | "sdpa": fused attention on CUDA, per the GPU benchmark
+IMPLS = ("auto", "triton", "torch", "eager", "flex")
 
 
 def resolve(impl: str, device: torch.device) -> str:
-    """Map ``impl`` to the concrete implementation used on ``device`` ("torch", "triton" or "eager")."""
+    """Map ``impl`` to the concrete implementation used on ``device`` ("torch", "triton", "eager" or "flex")."""
     if impl not in IMPLS:
         raise ValueError(f"kernels={impl!r}: expected one of {', '.join(IMPLS)}")
     if impl == "auto":
@@ -63,12 +61,10 @@ def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "au
     if resolved == "eager":
         return reference.eager_attention(q, k, v, key_padding_mask, dropout_p)
     if resolved == "triton":
-        backend = CUDA_ATTENTION if q.device.type == "cuda" else "triton"
-        if backend == "triton":
-            return _kernel_module("triton_attention", q.device).attention(q, k, v, key_padding_mask, dropout_p)
-        if backend == "flex":
-            from mvptr_ds.kernels import flex
-            return flex.attention(q, k, v, key_padding_mask, dropout_p)
+        return _kernel_module("triton_attention", q.device).attention(q, k, v, key_padding_mask, dropout_p)
+    if resolved == "flex":
+        from mvptr_ds.kernels import flex
+        return flex.attention(q, k, v, key_padding_mask, dropout_p)
     return reference.attention(q, k, v, key_padding_mask, dropout_p)
 
 

@@ -87,5 +87,5 @@ def test_fetch_downloads_for_the_gpu_python_and_builds_deepspeed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     download, build = calls.read_text().splitlines()
     assert download.startswith("-m pip download --no-deps --only-binary=:all: --python-version 3.12")
-    assert "pydantic==" in download and "fire==" in download and "deepspeed" not in download
+    assert "pydantic==" in download and "hjson==" in download and "deepspeed" not in download
     assert build.startswith("-m pip wheel --no-deps --no-build-isolation") and build.endswith("deepspeed==0.19.8")

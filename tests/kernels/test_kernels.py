@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from mvptr_ds import kernels  # noqa: E402
 from mvptr_ds.kernels import flex, reference, triton_attention, triton_embedding  # noqa: E402
+from mvptr_ds.kernels.flex import attention as flex_attention  # noqa: E402
 
 from kernel_parity import (LOWP, check, embedding_inputs, masked_reference, poisoned,  # noqa: E402,F401
                            rel, run_attention, run_embedding, seed)
@@ -212,6 +213,23 @@ def test_flex_forward_matches_reference(seed):
     mask = attention_masks(shape[0], shape[2])
     want = masked_reference(q.double(), k.double(), v.double(), mask)
     check("flex output", flex.attention(q, k, v, mask), want, 1e-5, seed)
+
+
+def test_kernels_flex_selects_flex_attention_and_the_reference_embedding(seed, monkeypatch):
+    """--kernels flex reaches flex.py (no constant to edit): attention through flex_attention, equal to the
+    reference; the embedding seam stays on the reference."""
+    shape = (2, 2, 19, 16)
+    q, k, v = (torch.randn(*shape) for _ in range(3))
+    mask = attention_masks(shape[0], shape[2])
+    calls = []
+    monkeypatch.setattr(flex, "attention", lambda *a: calls.append(1) or flex_attention(*a))
+    assert kernels.resolve("flex", torch.device("cuda")) == "flex"
+    want = masked_reference(q.double(), k.double(), v.double(), mask)
+    check("flex dispatch", kernels.attention(q, k, v, mask, 0.0, impl="flex"), want, 1e-5, seed)
+    assert calls == [1]
+    ids, pos, types, tables = embedding_inputs(2, 7)
+    got = kernels.concept_embedding(ids, pos, types, *tables, 1e-12, impl="flex")
+    assert torch.equal(got, reference.concept_embedding(ids, pos, types, *tables, 1e-12))
 
 
 # ---- dispatch and benchmark -------------------------------------------------------------------------------
