@@ -84,7 +84,7 @@ def all_rng_states() -> List[Dict[str, Any]]:
 
 
 def read_marker(path: str) -> Dict[str, Any]:
-    """The ``COMPLETE`` manifest of a checkpoint directory ({} for markers of older versions)."""
+    """The ``COMPLETE`` marker of a checkpoint directory (a JSON object; anything else is refused)."""
     try:
         with open(os.path.join(path, COMPLETE)) as f:
             text = f.read()
@@ -94,8 +94,11 @@ def read_marker(path: str) -> Dict[str, Any]:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        meta = None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{os.path.join(path, COMPLETE)}: not a JSON object (the marker this version writes); "
+                          f"refusing to read the checkpoint")
+    return meta
 
 
 def complete_checkpoints(root: str) -> List[Tuple[int, str]]:
@@ -122,8 +125,7 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
 
     ``auto``: the newest complete checkpoint of this run, if any. ``none``: start fresh. A path: either a
     ``step<N>`` directory or a ``checkpoints`` root / run directory holding some. The ``latest`` file is not
-    needed: the ``COMPLETE`` markers decide (``latest`` is written after ``COMPLETE``, but older versions let
-    DeepSpeed write it before, so it may name a save that was interrupted).
+    needed: the ``COMPLETE`` markers decide (a save interrupted before its marker is not a candidate).
     ``output_dir`` is checked first (:func:`check_output_dir`): this runs before anything is written.
     """
     check_output_dir(output_dir)

@@ -131,6 +131,4 @@ def convert_to_universal(path: str, target: str) -> None:
 
 def rank_rng_state(states: Any, rank: int) -> Optional[Dict[str, Any]]:
     """Rank ``rank``'s saved RNG state out of a checkpoint's ``rng`` entry, or None if it had no such rank."""
-    if isinstance(states, dict):  # checkpoints of older versions: rank 0's state only
-        return states if rank == 0 else None
     return states[rank] if rank < len(states) else None

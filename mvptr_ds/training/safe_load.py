@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import os
 import re
-import sys
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
@@ -115,23 +114,20 @@ def _confined(folder: str, name: Any, marker: str) -> str:
 def check_manifest(path: str, manifest: Any, shard: int = 0, num_shards: int = 1) -> None:
     """Every file the manifest lists exists in ``path`` with its size, and (this caller's share) its SHA-256.
 
-    ``manifest``: name -> ``{"size", "sha256"}`` (an older marker's name -> size is checked by size only, with a
-    warning). Every ``.pt`` file of the checkpoint must be listed. Raises ConfigError naming the file.
+    ``manifest``: name -> ``{"size", "sha256"}``. Every ``.pt`` file of the checkpoint must be listed. Raises
+    ConfigError naming the file (a marker without a manifest, or with sizes only, is refused: nothing could
+    tell its files from tampered ones).
     """
     marker = os.path.join(path, "COMPLETE")
     if manifest is None:
-        print(f"warning: {marker}: no file manifest (an older marker): sizes and hashes cannot be checked",
-              file=sys.stderr)
-        return
+        raise ConfigError(f"{marker}: no file manifest (field 'files'): the checkpoint's files cannot be checked; "
+                          f"refusing to read it")
     if not isinstance(manifest, Mapping):
         raise ConfigError(f"{marker}: field 'files' must map file names to sizes and hashes, "
                           f"not {type(manifest).__name__}")
-    legacy = False
     for i, (name, entry) in enumerate(sorted(manifest.items(), key=lambda kv: str(kv[0]))):
         file = _confined(path, name, marker)
-        if isinstance(entry, int) and not isinstance(entry, bool):
-            size, digest, legacy = entry, None, True
-        elif (isinstance(entry, Mapping) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
+        if (isinstance(entry, Mapping) and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool)
               and isinstance(entry.get("sha256"), str) and _HEX64.match(entry["sha256"])):
             size, digest = entry["size"], entry["sha256"]
         else:
@@ -142,7 +138,7 @@ def check_manifest(path: str, manifest: Any, shard: int = 0, num_shards: int = 1
         actual = os.path.getsize(file)
         if actual != size:
             raise ConfigError(f"{file}: truncated or modified ({actual} bytes, {size} when the checkpoint was saved)")
-        if digest is not None and i % num_shards == shard and sha256_file(file) != digest:
+        if i % num_shards == shard and sha256_file(file) != digest:
             raise ConfigError(f"{file}: modified since the checkpoint was saved (SHA-256 differs from the "
                               f"COMPLETE manifest's)")
     listed = {os.path.normpath(str(n)) for n in manifest}
@@ -150,9 +146,6 @@ def check_manifest(path: str, manifest: Any, shard: int = 0, num_shards: int = 1
         name = os.path.relpath(file, path)
         if name.split(os.sep)[0] != "universal" and name not in listed:
             raise ConfigError(f"{file}: not listed in the checkpoint's COMPLETE manifest; refusing to read it")
-    if legacy:
-        print(f"warning: {marker}: written by an older mvptr_ds without content hashes; sizes checked only",
-              file=sys.stderr)
 
 
 def checkpoint_files(path: str) -> List[str]:

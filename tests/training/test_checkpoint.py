@@ -1,5 +1,6 @@
 """Checkpoint helpers in-process: RNG states survive ``weights_only=True``, pruning, resume resolution,
 metrics truncation, the safe loader and the world-size/ZeRO-stage plan of an elastic resume."""
+import hashlib
 import json
 import os
 import pickle
@@ -76,11 +77,16 @@ def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
 
 def test_manifest_names_truncated_and_missing_files(tmp_path):
     (tmp_path / "a.pt").write_bytes(b"12345")
-    check_manifest(str(tmp_path), {"a.pt": 5})
+    digest = hashlib.sha256(b"12345").hexdigest()
+    check_manifest(str(tmp_path), {"a.pt": {"size": 5, "sha256": digest}})
     with pytest.raises(ConfigError, match=r"a.pt: truncated or modified \(5 bytes, 9 when"):
-        check_manifest(str(tmp_path), {"a.pt": 9})
+        check_manifest(str(tmp_path), {"a.pt": {"size": 9, "sha256": digest}})
     with pytest.raises(ConfigError, match=r"b.pt: missing"):
-        check_manifest(str(tmp_path), {"b.pt": 1})
+        check_manifest(str(tmp_path), {"a.pt": {"size": 5, "sha256": digest}, "b.pt": {"size": 1, "sha256": digest}})
+    with pytest.raises(ConfigError, match=r"field 'files'\['a.pt'\] must be"):  # sizes only: refused
+        check_manifest(str(tmp_path), {"a.pt": 5})
+    with pytest.raises(ConfigError, match=r"no file manifest"):
+        check_manifest(str(tmp_path), None)
 
 
 class _Exploit:

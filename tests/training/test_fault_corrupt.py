@@ -29,15 +29,14 @@ def test_truncated_shard(stopped_run, tmp_path):
     one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(shard), "truncated")
 
 
-def test_truncated_shard_without_manifest(stopped_run, tmp_path):
-    """A checkpoint whose marker has no manifest (older format): the safe reader reports the file."""
+@pytest.mark.parametrize("marker,says", [("2\n", "not a JSON object"), ('{"step": 2}', "no file manifest")])
+def test_marker_without_a_manifest_is_refused(stopped_run, tmp_path, marker, says):
+    """A marker that cannot vouch for the files (not JSON, or no size + SHA-256 per file) is refused, naming it:
+    a stripped marker must not downgrade the check."""
     run_dir = copy_run(stopped_run, tmp_path)
     step = run_dir / "checkpoints" / "step2"
-    (step / "COMPLETE").write_text("2\n")
-    model = step / "mp_rank_00_model_states.pt"
-    with open(model, "r+b") as f:
-        f.truncate(1000)
-    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(model), "truncated or corrupted")
+    (step / "COMPLETE").write_text(marker)
+    one_error(launch(args(run_dir), log_dir=str(tmp_path)), str(step / "COMPLETE"), says)
 
 
 def test_missing_latest_is_not_needed(stopped_run, tmp_path):
