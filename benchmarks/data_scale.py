@@ -5,7 +5,8 @@
         --out benchmarks/results/runs/<run>/data_scale_100k.json      # ~12 GB of fp16 features
 
 Builds, under ``--workdir`` (a temporary folder unless given; removed at the end unless ``--keep``), a data
-directory in the formats :class:`~mvptr_ds.data.real_dataset.RealDataset` reads, at the realistic base lengths
+directory in the formats :class:`~mvptr_ds.data.real_dataset.RealDataset` reads (with its text store,
+``convert_text``), at the realistic base lengths
 of ``benchmarks/realistic.py``: 10-50 regions per image (uniform), one caption per image of 10-25 word pieces
 with 0-5 concepts, 3-18 detector tags. Words, concepts and tags come from the built-in scene world (its
 captions lengthened by repeating their own words), region features are random (fp16 in the store, as
@@ -15,18 +16,23 @@ writer; a base64 TSV of 100k images would be ~33 GB), and the converter's rate i
 
 Measured (one JSON object, printed and written to ``--out``):
 
-- ``build``: TSV -> store conversion (MB/s of TSV, regions/s) and the direct store write (regions/s);
-- ``open``: seconds to open the store and the whole data directory (every caption validated, every image
-  looked up), and the memory one rank keeps for the indices (RSS growth while opening);
+- ``build``: TSV -> store conversion (MB/s of TSV, regions/s), the direct store write (regions/s) and the text
+  store (``convert_text``: every caption and tag row validated and encoded once; captions/s);
+- ``open``: seconds to open the store and the data directory with its text store, and without it (every
+  caption and tag row validated, every image looked up: the path without ``convert_text``), and the memory one
+  rank keeps for the indices (RSS growth while opening, with the text store);
 - ``reads``: random reads of one image's regions: fp16 as stored and converted to fp32 (regions/s);
-- ``per_sample``: where one process spends the CPU time of a sample (dataset item, its features read as fp16
-  and as fp32, collation);
+- ``per_sample``: where one process spends the CPU time of a sample (dataset item: ids sliced from the text
+  store, the regions a mapped view; a copy of its features as fp16 and as fp32, for comparison; collation,
+  which copies the regions into the batch);
 - ``loader``: the training loader (``ResumableLoader``, micro batch 64) with 0, 1 and 2 worker processes:
   samples/s and regions/s, and the CPU seconds per sample of the loading processes (the workers; the main
   process with 0 workers) and of the main process (receiving the batches), read from the kernel's counters,
   so that a machine shared with other jobs slows the rates but hardly the CPU cost;
 - ``need``: what one GPU consumes (``--gpu_tflops`` sustained over ``--sample_gflop`` per sample) and the
-  loader cores that takes (CPU seconds per sample of the workers x samples/s).
+  loader cores that takes (CPU seconds per sample of the workers x samples/s); the same at a true 50% MFU of
+  an H200 (494.5 of its 989 dense bf16 TFLOP/s), and the share of the training process's core that receiving
+  the batches takes.
 
 Page cache: the store was just written, so reads come mostly from memory (as on a node whose RAM holds the
 store); the JSON records the machine's memory and the store's size.
@@ -55,7 +61,7 @@ from mvptr_ds.data.batching import Collator, ResumableLoader  # noqa: E402
 from mvptr_ds.data.export import write_real_formats  # noqa: E402
 from mvptr_ds.data.feature_store import FeatureStore, convert_features, write_store  # noqa: E402
 from mvptr_ds.data.readers import FEATURE_DIM, encode_feature_row  # noqa: E402
-from mvptr_ds.data.real_dataset import RealDataset  # noqa: E402
+from mvptr_ds.data.real_dataset import RealDataset, convert_text, load_tokenizer  # noqa: E402
 from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source  # noqa: E402
 
 REGIONS = (10, 50)
@@ -110,6 +116,10 @@ def build(args, work: str) -> dict:
     for name in ("features.tsv", "features.lineidx", "imageid2idx.json"):
         os.remove(os.path.join(data, name))               # the world's own 64 images: replaced below
     write_text_files(world, data, args.images, args.seed)
+    load_tokenizer(os.path.join(data, "tokenizer"))          # transformers imported before the clock starts
+    t0 = time.perf_counter()
+    text = convert_text(data, progress=False)                 # captions and tags -> DATA/text, validated once
+    text_s = time.perf_counter() - t0
 
     conv = min(args.convert_images, args.images)
     tsv = os.path.join(work, "convert", "features.tsv")
@@ -136,7 +146,8 @@ def build(args, work: str) -> dict:
                       "convert_s": round(conv_s, 2), "convert_mb_per_s": round(tsv_mb / conv_s, 1),
                       "convert_regions_per_s": round(regions / conv_s),
                       "write_store_s": round(write_s, 1),
-                      "write_store_regions_per_s": round(summary["num_regions"] / write_s)}}
+                      "write_store_regions_per_s": round(summary["num_regions"] / write_s),
+                      "text_store_s": round(text_s, 2), "text_store_captions_per_s": round(text["captions"] / text_s)}}
 
 
 def measure_open(data: str) -> tuple:
@@ -149,9 +160,18 @@ def measure_open(data: str) -> tuple:
     t0 = time.perf_counter()
     dataset = RealDataset(data, os.path.join(data, "tokenizer"))
     open_s = time.perf_counter() - t0
+    rss = rss_bytes() - before
+    hidden = os.path.join(os.path.dirname(data), "text_hidden")
+    os.rename(os.path.join(data, "text"), hidden)               # the same directory without its text store
+    try:
+        t0 = time.perf_counter()
+        RealDataset(data, os.path.join(data, "tokenizer"))
+        files_s = time.perf_counter() - t0
+    finally:
+        os.rename(hidden, os.path.join(data, "text"))
     return store, dataset, {"store_open_s": round(store_s, 4), "store_index_mb": round(index_bytes / 1e6, 2),
-                            "dataset_open_s": round(open_s, 2),
-                            "rss_growth_mb": round((rss_bytes() - before) / 1e6, 1)}
+                            "dataset_open_s": round(open_s, 3), "dataset_open_without_text_store_s": round(files_s, 2),
+                            "rss_growth_mb": round(rss / 1e6, 1)}
 
 
 def rate(fn, items) -> tuple:
@@ -174,7 +194,7 @@ def measure_reads(store: FeatureStore, images: int, reads: int, seed: int) -> di
 def measure_per_sample(dataset, collator: Collator, samples: int, seed: int) -> dict:
     idx = np.random.default_rng([seed, 9]).integers(0, len(dataset), samples).tolist()
     feats = dataset.features
-    keys = [dataset.captions[i][0] for i in idx]
+    keys = [dataset.caption_image(i) for i in idx]
     _, item_s = rate(lambda i: dataset[i].regions.shape[0], idx)
     _, fp16_s = rate(lambda k: feats.raw(k).shape[0], keys)
     _, fp32_s = rate(lambda k: feats[k].shape[0], keys)
@@ -308,17 +328,27 @@ def main(argv=None) -> dict:
     return result
 
 
+H200_DENSE_BF16_TFLOPS = 989.0        # the SXM H200's dense bf16 peak: a true 50% MFU is half of it
+
+
 def need(result: dict, args) -> dict:
     """Samples and regions one GPU consumes, and the loader cores that takes: CPU seconds per sample of the
-    loader's workers (the best worker setting) times samples/s."""
+    loader's workers (the best worker setting) times samples/s; also at a true 50% MFU of an H200, and the
+    training process's own CPU for receiving the batches (a share of its core, not a loader core)."""
     samples = args.gpu_tflops * 1e12 / (args.sample_gflop * 1e9)
     regions = samples * result["regions"] / args.images
     runs = [r for r in result["loader"] if r["workers"] > 0] or result["loader"]
     best = min(runs, key=lambda r: r["loader_cpu_ms_per_sample"])
+    half = H200_DENSE_BF16_TFLOPS / 2 * 1e12 / (args.sample_gflop * 1e9)
     return {"gpu_tflops": args.gpu_tflops, "sample_gflop": args.sample_gflop,
             "samples_per_s": round(samples), "regions_per_s": round(regions),
             "loader_cpu_ms_per_sample": best["loader_cpu_ms_per_sample"],
-            "cores": round(samples * best["loader_cpu_ms_per_sample"] / 1e3, 1)}
+            "cores": round(samples * best["loader_cpu_ms_per_sample"] / 1e3, 1),
+            "main_cpu_ms_per_sample": best["main_cpu_ms_per_sample"],
+            "main_core_share": None if best["main_cpu_ms_per_sample"] is None else
+            round(samples * best["main_cpu_ms_per_sample"] / 1e3, 2),
+            "true_half_mfu_tflops": H200_DENSE_BF16_TFLOPS / 2, "true_half_mfu_samples_per_s": round(half),
+            "true_half_mfu_cores": round(half * best["loader_cpu_ms_per_sample"] / 1e3, 1)}
 
 
 if __name__ == "__main__":

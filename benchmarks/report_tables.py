@@ -160,24 +160,36 @@ def data_scale_tables(r: Dict) -> List[str]:
              f"| TSV -> store, `convert_features` ({_n(b['convert_images'])} images, {b['convert_tsv_mb']:,.0f} MB "
              f"of base64 TSV) | {b['convert_mb_per_s']:.1f} MB/s, {_n(b['convert_regions_per_s'])} regions/s |",
              f"| store written directly, `write_store` (all images) | {_n(b['write_store_regions_per_s'])} regions/s "
-             f"({b['write_store_s']:,.0f} s) |",
-             f"| open the store (index memory-mapped: {o['store_index_mb']:.1f} MB) | "
-             f"{1e3 * o['store_open_s']:.1f} ms |",
-             f"| open the data directory (every caption and tag row validated, every image looked up) | "
-             f"{o['dataset_open_s']:.1f} s |",
-             f"| memory a rank keeps for the indices (RSS growth while opening) | {o['rss_growth_mb']:.0f} MB |",
-             f"| random reads of one image's regions, fp16 as stored (one process) | "
-             f"{_n(rd['fp16_raw']['regions_per_s'])} regions/s |",
-             f"| the same, converted to fp32 on the host (before: what the loader did) | "
-             f"{_n(rd['fp32']['regions_per_s'])} regions/s |",
-             f"| CPU per sample: dataset item (text, tags, regions as stored) | {ps['item_us']:.0f} us |",
-             f"| of which its regions, fp16 as stored / fp32 on the host | {ps['features_fp16_us']:.0f} / "
-             f"{ps['features_fp32_us']:.0f} us |",
-             f"| CPU per sample: collation (corruption, padding, WPG draws) | {ps['collate_us']:.0f} us |",
-             "", f"Training loader (`ResumableLoader`, micro batch {r['micro_batch']}; CPU seconds from the kernel's "
-             "counters of the loading processes):", "",
-             "| workers | samples/s | regions/s | loader CPU ms per sample | main process CPU ms per sample | "
-             "samples per loader core-second |", "|---:|---:|---:|---:|---:|---:|"]
+             f"({b['write_store_s']:,.0f} s) |"]
+    if "text_store_s" in b:       # results from before the text store have no such rows
+        lines.append(f"| captions and tags -> text store, `convert_text` (every row validated and encoded once) | "
+                     f"{_n(b['text_store_captions_per_s'])} captions/s ({b['text_store_s']:,.0f} s) |")
+    lines += [f"| open the store (index memory-mapped: {o['store_index_mb']:.1f} MB) | "
+              f"{1e3 * o['store_open_s']:.1f} ms |"]
+    if "dataset_open_without_text_store_s" in o:
+        lines += [f"| open the data directory with its text store (arrays mapped and checked, every image's "
+                  f"features located) | {o['dataset_open_s']:.2f} s |",
+                  f"| the same without the text store (every caption and tag row read and validated) | "
+                  f"{o['dataset_open_without_text_store_s']:.1f} s |"]
+    else:
+        lines.append(f"| open the data directory (every caption and tag row validated, every image looked up) | "
+                     f"{o['dataset_open_s']:.1f} s |")
+    text, copy = ("ids sliced from the text store, regions a mapped view", "; the regions copied into the batch") \
+        if "text_store_s" in b else ("text, tags, regions as stored", "")
+    lines += [
+        f"| memory a rank keeps for the indices (RSS growth while opening) | {o['rss_growth_mb']:.0f} MB |",
+        f"| random reads of one image's regions, fp16 as stored (one process) | "
+        f"{_n(rd['fp16_raw']['regions_per_s'])} regions/s |",
+        f"| the same, converted to fp32 on the host (before: what the loader did) | "
+        f"{_n(rd['fp32']['regions_per_s'])} regions/s |",
+        f"| CPU per sample: dataset item ({text}) | {ps['item_us']:.0f} us |",
+        f"| a copy of its regions, fp16 as stored / fp32 on the host | {ps['features_fp16_us']:.0f} / "
+        f"{ps['features_fp32_us']:.0f} us |",
+        f"| CPU per sample: collation (corruption, padding, WPG draws{copy}) | {ps['collate_us']:.0f} us |",
+        "", f"Training loader (`ResumableLoader`, micro batch {r['micro_batch']}; CPU seconds from the kernel's "
+        "counters of the loading processes):", "",
+        "| workers | samples/s | regions/s | loader CPU ms per sample | main process CPU ms per sample | "
+        "samples per loader core-second |", "|---:|---:|---:|---:|---:|---:|"]
     for w in r["loader"]:
         main = "-" if w["main_cpu_ms_per_sample"] is None else f"{w['main_cpu_ms_per_sample']:.2f}"
         lines.append(f"| {w['workers']} | {w['samples_per_s']:,.0f} | {_n(w['regions_per_s'])} | "
@@ -185,7 +197,11 @@ def data_scale_tables(r: Dict) -> List[str]:
     lines += ["", f"One GPU at {need['gpu_tflops']:.0f} TFLOP/s over {need['sample_gflop']:.0f} GFLOP per sample "
               f"consumes {_n(need['samples_per_s'])} samples/s ({_n(need['regions_per_s'])} regions/s): at "
               f"{need['loader_cpu_ms_per_sample']:.2f} ms of loader CPU per sample that is **{need['cores']:.1f} "
-              f"cores**.", "",
+              f"cores**" + (f"; at a true 50% MFU of an H200 ({need['true_half_mfu_tflops']:.1f} TFLOP/s, "
+                            f"{_n(need['true_half_mfu_samples_per_s'])} samples/s) {need['true_half_mfu_cores']:.1f} "
+                            f"cores" if "true_half_mfu_cores" in need else "")
+              + (f". Receiving the batches takes {need['main_core_share']:.2f} of the training process's core"
+                 if need.get("main_core_share") is not None else "") + ".", "",
               f"Measured with: `{r['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['memory_gb']:.0f} GB, "
               f"1-min load average {r.get('load_average_1min_start', float('nan')):.1f} at the start and "
               f"{m['load_average_1min']:.1f} at the end), Python {m['python']}, numpy {m['numpy']}, torch "
