@@ -44,7 +44,7 @@ from .caption_text import CaptionEncoder
 from .feature_store import FeatureStore, open_feature_store
 from .caption_files import CaptionIndex, ConceptVocab, example_image_ids, read_id2phrase, validate_caption
 from .readers import DataError, PredictionsReader, read_json_no_dup, row_classes
-from .text_store import TextStore, encoder_fingerprints, file_fingerprint, write_text_store
+from .text_store import TextStore, encoder_fingerprints, write_text_store
 from .types import Example
 from .vocab import VocabInfo
 
@@ -178,8 +178,7 @@ class RealDataset:
     def _open_store(self, path: str) -> None:
         """Map the text store; check its sources, that every image has features, and a few of its encodings."""
         captions, predictions = _caption_file(self.data_dir), os.path.join(self.data_dir, "predictions.tsv")
-        sources = dict(encoder_fingerprints(self.text), captions=file_fingerprint(captions),
-                       predictions=file_fingerprint(predictions))
+        sources = dict(encoder_fingerprints(self.text), captions=captions, predictions=predictions)
         self.store = TextStore(path, sources, self.vocab_info.vocab_size)
         self.report = dict(self.store.report)
         self.__setstate__({})                               # the indices are the store's arrays

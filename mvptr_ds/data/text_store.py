@@ -20,10 +20,12 @@ writes::
       tag_off.npy        int64 [I+1]    image k's tag word pieces: tags[tag_off[k]:tag_off[k + 1]]
       tags.npy           int32
 
-``sources`` fingerprints what the ids came from (the captions and predictions files: size and the SHA-256 of
-their first and last MiB; the tokenizer; the concept vocabulary; the label map): :class:`TextStore` refuses a
-store made from other files. Opening maps the arrays and checks their shapes, offsets and id ranges with array
-operations (milliseconds per million captions); nothing is parsed or tokenized.
+``sources`` fingerprints what the ids came from (the captions and predictions files: size, modification time and
+SHA-256; the tokenizer; the concept vocabulary; the label map): :class:`TextStore` refuses a store made from
+other files (a file whose size differs, or whose time differs and then its SHA-256: copying the directory costs a
+hash of the two files at each opening, editing one is always seen). Opening maps the arrays and checks their
+shapes, offsets and id ranges with array operations (milliseconds per million captions); nothing is parsed or
+tokenized.
 """
 from __future__ import annotations
 
@@ -44,19 +46,25 @@ from .caption_files import CaptionIndex, example_image_ids
 from .readers import DataError, PredictionsReader, read_json_no_dup
 
 FORMAT = "mvptr_ds.text_store.v1"
-_ENDS = 1 << 20
-
-
 def file_fingerprint(path: str) -> dict:
-    """Size and SHA-256 of the first and last MiB of ``path`` (not its name: a copied directory keeps its store)."""
+    """Size, modification time and SHA-256 of ``path``."""
     h = hashlib.sha256()
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        h.update(f.read(_ENDS))
-        if size > _ENDS:
-            f.seek(max(size - _ENDS, _ENDS))
-            h.update(f.read())
-    return {"size": size, "sha256_ends": h.hexdigest()}
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def same_file(path: str, made: Optional[dict]) -> bool:
+    """``path`` is the file ``made`` (:func:`file_fingerprint`) describes: the same size, and the same modification
+    time or else (a copy, a touched file) the same SHA-256."""
+    if not isinstance(made, dict):
+        return False
+    st = os.stat(path)
+    if made.get("size") != st.st_size:
+        return False
+    return made.get("mtime_ns") == st.st_mtime_ns or made.get("sha256") == file_fingerprint(path)["sha256"]
 
 
 def encoder_fingerprints(encoder: CaptionEncoder) -> dict:
@@ -64,7 +72,7 @@ def encoder_fingerprints(encoder: CaptionEncoder) -> dict:
     t = encoder._pieces.tokenizer                   # its words and ids, and whether it lower-cases
     tok = json.dumps([sorted(t.get_vocab().items()), getattr(t, "do_lower_case", None)])
     vocab = json.dumps(sorted((i, list(t)) for i, t in encoder.vocab.id_to_tuple.items()))
-    labels = file_fingerprint(encoder._labels) if encoder._labels else None
+    labels = file_fingerprint(encoder._labels)["sha256"] if encoder._labels else None
     digest = lambda text: hashlib.sha256(text.encode()).hexdigest()      # noqa: E731
     return {"tokenizer": digest(tok), "vocabulary": digest(vocab), "labels": labels}
 
@@ -172,8 +180,8 @@ class TextStore:
 
     Args:
         path: the store folder.
-        sources: the fingerprints the store must have been made from (``captions``, ``predictions`` as
-            :func:`file_fingerprint`, and :func:`encoder_fingerprints`).
+        sources: what the store must have been made from: :func:`encoder_fingerprints`, and the paths of the
+            ``captions`` and ``predictions`` files (compared by :func:`same_file`).
         vocab_size: ids must lie in ``[0, vocab_size)``.
     """
 
@@ -189,7 +197,7 @@ class TextStore:
             raise DataError(meta_path, f"unknown text store format {made_as!r} (expected {FORMAT!r})", field="format")
         made = self.meta.get("sources") or {}
         for name, want in sources.items():
-            if made.get(name) != want:
+            if not (same_file(want, made.get(name)) if name in ("captions", "predictions") else made.get(name) == want):
                 raise DataError(meta_path, f"the store was made from another {name} than the one in use (it changed "
                                 f"since?): delete {self.path} and run convert_text again", field=f"sources.{name}")
         try:

@@ -120,9 +120,17 @@ def test_bad_stores_are_one_error_naming_file_row_field(data):
     (text / "meta.json").unlink()
     _store_error(data, text, "no meta.json")
     fresh()
-    with open(data / "captions.jsonl", "a") as f:                                      # the files changed since
-        f.write(json.dumps({"image_id": "1", "caption": "a dog"}) + "\n")
+    stat = os.stat(data / "captions.jsonl")
+    os.utime(data / "captions.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    assert RealDataset(str(data), str(data / "tokenizer")).store is not None     # touched (or copied): same bytes
+    raw = (data / "captions.jsonl").read_bytes()
+    at = len(raw) // 2 + raw[len(raw) // 2:].index(b"a ")
+    (data / "captions.jsonl").write_bytes(raw[:at] + b"A" + raw[at + 1:])           # one letter, the same size
     _store_error(data, text / "meta.json", "field 'sources.captions'", "convert_text again")
+    (data / "captions.jsonl").write_bytes(raw)
+    with open(data / "predictions.tsv", "a") as f:                                   # a row more
+        f.write("77777\t" + json.dumps({"objects": []}) + "\n")
+    _store_error(data, text / "meta.json", "field 'sources.predictions'")
 
 
 def test_conversion_validates_every_record(data, world):
