@@ -13,6 +13,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # two trainings and a fine-tuning: minutes
+
 SEED = 5
 COMMON = ["--model", "tiny", "--data", f"synthetic:seed={SEED}", "--micro_batch", "32", "--resume", "none",
           "--wandb", "disabled"]
