@@ -92,3 +92,32 @@ def _no_stale_build_lock():
     """Before every test: a build lock left by a process an earlier test killed (see clear_stale_build_lock)."""
     clear_stale_build_lock()
     yield
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    """Rank 0 of 1 without torch.distributed; reaching the DeepSpeed engine fails (validation must stop first)."""
+    import torch
+
+    from mvptr_ds.training import distributed, trainer
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: distributed.DistInfo(0, 0, 1, torch.device("cpu")))
+
+    def engine(*a, **k):
+        raise AssertionError("bad input reached the DeepSpeed engine")
+    monkeypatch.setattr(trainer, "build_engine", engine)
+
+
+def main_one_error(capsys, argv, *must_contain, out=None) -> str:
+    """``mvptr_ds.run.main(argv)`` in this process returns 2 with exactly one ``error:`` line holding each string
+    and no traceback; ``out`` (a folder), when given, stays empty. Returns the line."""
+    from mvptr_ds.run import main
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for text in must_contain:
+        assert str(text) in lines[0], (text, lines[0])
+    if out is not None:
+        assert not os.path.exists(out) or not os.listdir(out), sorted(os.listdir(out))
+    return lines[0]
+

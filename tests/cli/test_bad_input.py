@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import main_one_error
+
 from mvptr_ds.config import ConfigError, DataConfig
 from mvptr_ds.data.batching import Collator, ResumableLoader
 from mvptr_ds.data.export import write_real_formats
 from mvptr_ds.data.readers import DataError, encode_feature_row
 from mvptr_ds.data.synthetic import SceneSpec, SceneWorld, parse_synthetic_source
 from mvptr_ds.run import main
-from mvptr_ds.training import checkpoint, distributed, trainer
+from mvptr_ds.training import checkpoint
 
 FAST = ["--max_steps", "1", "--micro_batch", "2", "--warmup_steps", "0", "--wandb", "disabled"]
 FINETUNE = ["finetune"] + FAST
@@ -33,26 +35,11 @@ TINY_MODEL = {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size":
 
 
 @pytest.fixture(autouse=True)
-def no_process_group(monkeypatch):
-    """Rank 0 of 1 without torch.distributed; the engine is never reached (validation must stop first)."""
-    monkeypatch.setattr(distributed, "setup", lambda *a, **k: distributed.DistInfo(0, 0, 1, torch.device("cpu")))
-
-    def engine(*a, **k):
-        raise AssertionError("bad input reached the DeepSpeed engine")
-    monkeypatch.setattr(trainer, "build_engine", engine)
+def engine_never_reached(no_process_group):
+    """Every test here: rank 0 of 1 without torch.distributed, and the engine is never reached (conftest)."""
 
 
-def one_error(capsys, argv, *must_contain, out=None):
-    """``main(argv)`` returns 2 with exactly one ``error:`` line holding each string; ``out`` stays empty."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for text in must_contain:
-        assert str(text) in lines[0], (text, lines[0])
-    if out is not None:
-        assert not os.path.exists(out) or not os.listdir(out), sorted(os.listdir(out))
-    return lines[0]
+one_error = main_one_error
 
 
 def train_error(capsys, tmp_path, args, *must_contain):

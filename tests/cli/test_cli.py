@@ -16,17 +16,6 @@ from mvptr_ds import __version__, config
 from mvptr_ds.cli.options import build_parser, field_options, parse
 from mvptr_ds.config_types import ConfigError, option
 from mvptr_ds.run import COMMANDS, config_of, main, parse_command
-from mvptr_ds.training import distributed, trainer
-
-
-@pytest.fixture
-def no_process_group(monkeypatch):
-    """Rank 0 of 1 without torch.distributed; reaching the DeepSpeed engine fails (validation must stop first)."""
-    monkeypatch.setattr(distributed, "setup", lambda *a, **k: distributed.DistInfo(0, 0, 1, torch.device("cpu")))
-
-    def engine(*a, **k):
-        raise AssertionError("bad input reached the DeepSpeed engine")
-    monkeypatch.setattr(trainer, "build_engine", engine)
 
 
 def error_line(capsys, argv):

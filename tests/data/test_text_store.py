@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import main_one_error
+
 from mvptr_ds.data.export import write_real_formats
 from mvptr_ds.data.readers import DataError
 from mvptr_ds.data.real_dataset import RealDataset, convert_text
 from mvptr_ds.data.synthetic import SceneWorld, parse_synthetic_source
 from mvptr_ds.run import main
-from mvptr_ds.training import distributed, trainer
+
 
 LIMITS = [dict(max_seq_length=200, max_phrases=50, max_tag_length=200, max_img_seq_length=500),
           dict(max_seq_length=6, max_phrases=1, max_tag_length=4, max_img_seq_length=3)]
@@ -157,22 +159,7 @@ def test_conversion_validates_every_record(data, world):
     _store_error(data, "captions.jsonl", "line 1", "field 'image_id'", "no region features")
 
 
-@pytest.fixture
-def no_process_group(monkeypatch):
-    monkeypatch.setattr(distributed, "setup", lambda *a, **k: distributed.DistInfo(0, 0, 1, torch.device("cpu")))
-
-    def engine(*a, **k):
-        raise AssertionError("bad input reached the DeepSpeed engine")
-    monkeypatch.setattr(trainer, "build_engine", engine)
-
-
-def _one_error(capsys, argv, *must_contain):
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for text in must_contain:
-        assert str(text) in lines[0], (text, lines[0])
+_one_error = main_one_error
 
 
 def test_cli_convert_and_a_bad_store_exit_2(data, capsys, tmp_path, no_process_group):
