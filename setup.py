@@ -31,7 +31,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        # wheel: tests/test_wheel.py builds the wheel with the installed setuptools (older than 70.1 needs it)
+        # wheel: tests/cli/test_wheel.py builds the wheel with the installed setuptools (older than 70.1 needs it)
         "test": ["pytest>=7", "pytest-timeout", "wheel"],
         "bench": ["matplotlib"],
     },

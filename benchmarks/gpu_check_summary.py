@@ -13,7 +13,8 @@ import re
 import time
 from pathlib import Path
 
-# The variant each kernel ships with on that device (mvptr_ds.kernels: CUDA_ATTENTION = "triton", 64 x 64 blocks).
+# The variant each kernel ships with on that device (mvptr_ds.kernels: --kernels auto uses the Triton kernel on
+# CUDA, 64 x 64 blocks).
 SHIPPED = {("attention", "cuda"): "triton_64x64", ("attention", "cpu"): "triton",
            ("embedding", "cuda"): "fused", ("embedding", "cpu"): "fused"}
 THROUGHPUT_KEYS = re.compile(r"samples|tokens|tflop|mfu|speedup|peak|memory|micro_batch|baseline", re.I)

@@ -76,7 +76,7 @@ def plots(results: Dict[str, List[Dict]], out: str) -> List[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         lines = defaultdict(list)
         for r in results["memory"]:
-            lines[(r["zero_stage"], r["offload"])].append(r)
+            lines[(r.get("asked_zero_stage", r["zero_stage"]), r["offload"])].append(r)
         for (stage, offload), rs in sorted(lines.items()):
             rs.sort(key=lambda r: r["world_size"])
             measured = [sum(x["param_bytes"] + x["grad_bytes"] + x["optimizer_state_bytes"] + x["master_bytes"]

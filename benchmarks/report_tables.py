@@ -83,6 +83,17 @@ def baseline_row(r: Dict) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def template_stage(r) -> int:
+    """The ZeRO stage the run's template asked for (memory.py's --zero; older results record only the stage run)."""
+    return r.get("asked_zero_stage", r["zero_stage"])
+
+
+def template_stage_label(r) -> str:
+    """The asked stage, with the stage actually run when they differ (one fp32 process runs stage 0)."""
+    asked = template_stage(r)
+    return str(asked) if asked == r["zero_stage"] else f"{asked} (ran {r['zero_stage']})"
+
+
 def memory_row(r: Dict) -> str:
     ranks = r["per_rank"]
 
@@ -93,7 +104,7 @@ def memory_row(r: Dict) -> str:
     t = r["theory"]
     states = t["optimizer_state_bytes"] + t["master_bytes"]
     theory = f"{_gib(t['param_bytes'])} / {_gib(t['grad_bytes'])} / {_gib(states)}"
-    cells = [r["zero_stage"], "cpu" if r["offload"] else "-", r["world_size"], _gib(mean("param_bytes")),
+    cells = [template_stage_label(r), "cpu" if r["offload"] else "-", r["world_size"], _gib(mean("param_bytes")),
              _gib(mean("grad_bytes")), _gib(mean("optimizer_state_bytes")), _gib(mean("master_bytes")), theory,
              _gib(mean("rss_peak_bytes"))]
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -132,12 +143,13 @@ def tables(results: Dict[str, List[Dict]], images: List[str]) -> str:
                       "compared by mean samples/s.", "", BASELINE_HEADER.rstrip("\n")]
             lines += [baseline_row(r) for r in based]
         lines += ["", "Measured with:", ""] + [f"- {r['name']}: {provenance(r)}" for r in tp] + [""]
-    mem = sorted(results["memory"], key=lambda r: (r["zero_stage"], r["offload"], r["world_size"]))
+    mem = sorted(results["memory"], key=lambda r: (template_stage(r), r["offload"], r["world_size"]))
     if mem:
         lines += ["### Model-state memory per rank vs world size", "", MEMORY_HEADER.rstrip("\n")]
         lines += [memory_row(r) for r in mem]
         lines += ["", "Measured with:", ""]
-        lines += [f"- ZeRO-{r['zero_stage']}{' offload' if r['offload'] else ''} x{r['world_size']}: {provenance(r)}"
+        lines += [f"- ZeRO-{template_stage_label(r)}{' offload' if r['offload'] else ''} x{r['world_size']}: "
+                  f"{provenance(r)}"
                   for r in mem] + [""]
     for r in sorted(results.get("data_scale", []), key=lambda r: r["images"]):
         lines += data_scale_tables(r)

@@ -21,6 +21,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
+# The host-memory policy (training/host_memory.py) is process-wide and permanent; in-process tests that build an
+# engine would switch it on for the rest of the pytest process. Mark it applied here so the test process keeps
+# glibc's defaults; runs in subprocesses apply it as users get it, and tests/training/test_host_memory.py checks
+# the policy itself in subprocesses.
+from mvptr_ds.training import host_memory  # noqa: E402
+
+host_memory._applied = True
+
 
 _DS_OPS_BUILT = False
 

@@ -12,7 +12,7 @@ those costs about ten times the work itself, so this module takes each sample's 
   range of one value draws nothing. A draw that Lemire's method would reject (a chance of about ``range / 2**32``,
   under 1e-5 at BERT's vocabulary) is not reproduced here: that sample is corrupted by ``corrupt_sample`` itself.
 
-``tests/test_batch_corruption.py`` checks the outputs against ``corrupt_sample`` and these rules against numpy.
+``tests/data/test_batch_corruption.py`` checks the outputs against ``corrupt_sample`` and these rules against numpy.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ integer into the generator's state through ``SeedSequence`` (hashing 32-bit word
 numpy's own code, more than the corruption itself). Here the hashing of :func:`mix_seed` and of ``SeedSequence``
 runs on the whole batch as array operations; the last step, PCG64's 128-bit seeding, is two Python integer
 operations per sample, and one ``PCG64`` object per batch, set to each sample's state, draws its outputs.
-``tests/test_batch_corruption.py`` checks every step against numpy.
+``tests/data/test_batch_corruption.py`` checks every step against numpy.
 """
 from __future__ import annotations
 

@@ -348,7 +348,7 @@ def restore_train_state(state: Any, path: str, loader) -> Tuple[int, int]:
         raise ConfigError(f"{where} field 'skipped_batches' must be an integer >= 0, got "
                           f"{state.get('skipped_batches')!r:.60}")
     rng = state.get("rng")
-    if not (isinstance(rng, dict) or (isinstance(rng, (list, tuple)) and rng and all(isinstance(r, dict) for r in rng))):
+    if not (isinstance(rng, (list, tuple)) and rng and all(isinstance(r, dict) for r in rng)):
         raise ConfigError(f"{where} field 'rng' must be a list of per-rank RNG states, got {type(rng).__name__}")
     saved = state.get("loader")
     if not isinstance(saved, dict) or any(_count(saved.get(k)) is None for k in ("epoch", "position")):
