@@ -390,7 +390,7 @@ def test_benchmark_against_the_authors_code_end_to_end(tmp_path, authors_repo):
     assert result["baseline_kind"] == "authors" and "released code" in result["baseline_label"]
     assert result["vocab"] == {"source": "authors", "vocab_size": 86051, "only_word_size": 30522}
     assert result["parameters"] == expected_parameters(128, 512, 2, 86051, 30522, 128)
-    assert result["baseline"]["parameters"] == result["parameters"] + 2
+    assert result["baseline"]["parameters"] == result["parameters"] + 2 * 128 + 2  # + their QA head
     assert result["order"] == ["authors:w0", "ours:w0", "authors:0", "ours:0", "authors:1", "ours:1"]
     assert result["same_samples"] is True and result["baseline"]["threads"] == result["threads"] == 1
     for side in (result["phases_s"], result["baseline"]["phases_s"]):
