@@ -44,7 +44,7 @@ DEFAULTS = {
     "hidden": 768, "heads": 12, "layers": 6, "intermediate": None, "max_position": 512, "dropout": 0.1,
     "vocab_size": 86051, "only_word_size": 30522, "ids": None, "text_len": 40, "tag_len": 20, "region_len": 50,
     "micro_batch": 8, "lr": 1e-5, "seed": 0, "threads": None, "device": "cpu", "precision": "fp32",
-    "data_seed": 0, "mask_prob": 0.15,
+    "data_seed": 0, "mask_prob": 0.15, "img_layernorm": 0,
 }
 
 
@@ -58,7 +58,7 @@ def build_model(spec):
                      num_hidden_layers=2 * spec["layers"], num_attention_heads=spec["heads"],
                      intermediate_size=spec["intermediate"] or 4 * h,
                      max_position_embeddings=spec["max_position"])
-    for k, v in dict(img_feature_dim=2054, img_feature_type="faster_r-cnn", use_img_layernorm=0,
+    for k, v in dict(img_feature_dim=2054, img_feature_type="faster_r-cnn", use_img_layernorm=spec["img_layernorm"],
                      img_layer_norm_eps=1e-12, only_word_size=spec["only_word_size"], torchscript=True,
                      qa_answer_size=2, num_contrast_classes=2, hidden_dropout_prob=spec["dropout"]).items():
         setattr(cfg, k, v)

@@ -34,7 +34,8 @@ def authors_spec(cfg, vocab, args, threads: int) -> Dict[str, object]:
             "ids": ids_of_vocab(vocab).to_dict(), "text_len": text_len, "tag_len": tag_len,
             "region_len": region_len, "micro_batch": cfg.train.micro_batch, "seed": cfg.train.seed,
             "data_seed": cfg.train.seed, "threads": threads, "device": args.device,
-            "precision": cfg.train.precision, "mask_prob": cfg.data.mask_prob}
+            "precision": cfg.train.precision, "mask_prob": cfg.data.mask_prob,
+            "img_layernorm": int(m.use_img_layernorm)}
 
 
 class AuthorsProcess:

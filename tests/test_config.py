@@ -106,6 +106,7 @@ def test_recipes_switch_every_correction():
     assert (release.objectives.exclude_same_image, release.objectives.cap_logit_scale,
             release.train.decay_logit_scale) == (False, False, True)
     assert (release.objectives.itm_negatives, release.objectives.weights) == ("hardest", ())
+    assert release.model.use_img_layernorm is False and RunConfig().model.use_img_layernorm is True
     # "project" is the defaults, whatever came before; both recipes name the same settings.
     assert apply_recipe(release, "project") == RunConfig()
     assert {s: set(v) for s, v in RECIPES["release"].items()} == {s: set(v) for s, v in RECIPES["project"].items()}

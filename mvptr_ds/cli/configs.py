@@ -1,8 +1,9 @@
 """From the options given on the command line to the validated ``RunConfig`` of a training command.
 
-Layers, later wins: the dataclass defaults (or a ``--config`` file), ``--recipe``, the command's own defaults
-(``finetune``: the task's release settings, when no ``--config`` is given), the options given, and what the
-command fixes (``finetune``: stage 2). ``given`` maps ``section.field`` (and ``sources.*``) to parsed values.
+Layers, later wins: the dataclass defaults (or a ``--config`` file) with the ``--model`` preset or file,
+``--recipe``, the command's own defaults (``finetune``: the task's release settings, when no ``--config`` is
+given), the options given, and what the command fixes (``finetune``: stage 2). ``given`` maps ``section.field``
+(and ``sources.*``) to parsed values.
 """
 from __future__ import annotations
 
@@ -35,17 +36,17 @@ class Sources:
 
 def run_config(given: Dict[str, Any], preset: Optional[Dict[str, Any]] = None,
                fixed: Optional[Dict[str, Any]] = None) -> RunConfig:
-    """The validated RunConfig: defaults or ``--config``, ``--recipe``, ``preset`` (only without ``--config``),
+    """The validated RunConfig: defaults or ``--config`` with ``--model``, ``--recipe``, ``preset`` (only without ``--config``),
     the options ``given``, then ``fixed``; keys are ``section.field``."""
     from mvptr_ds import ds_configs
     from mvptr_ds.training.ds_config import read_template, template_precision
 
     config_file = given.get("sources.config")
     base = RunConfig.load(config_file) if config_file else RunConfig()
-    if given.get("sources.recipe") is not None:
-        base = apply_recipe(base, given["sources.recipe"])
     if "sources.model" in given or not config_file:
         base = dataclasses.replace(base, model=model_config_from(given.get("sources.model", DEFAULT_MODEL)))
+    if given.get("sources.recipe") is not None:
+        base = apply_recipe(base, given["sources.recipe"])
     layers = {**({} if config_file else dict(preset or {})), **_settings(given), **dict(fixed or {})}
     train = base.train
     if "train.stage" in layers and layers["train.stage"] != train.stage and "objectives.names" not in layers:

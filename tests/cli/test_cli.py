@@ -186,6 +186,9 @@ def test_negatives_and_loss_weights_reach_the_config_and_survive_a_config_file(t
     release = config_of(["--config", path, "--recipe", "release", "--itm_negatives", "sampled"])
     assert release.objectives.itm_negatives == "sampled" and release.objectives.weights == ()  # recipe, then options
     assert release.objectives.exclude_same_image is False
+    # The recipe's model setting survives a --model preset (applied before the recipe).
+    assert config_of(["--recipe", "release", "--model", "tiny"]).model.use_img_layernorm is False
+    assert config_of(["--model", "tiny"]).model.use_img_layernorm is True
 
 
 def test_rerank_zero_means_zero():

@@ -66,8 +66,8 @@ def test_report_and_concept_rows(bert_dir):
     assert torch.equal(words[BERT_VOCAB:], concept_rows)  # concept rows keep their init
     assert report.sources["embeddings.word_embeddings.weight"] == f"embeddings.word_embeddings.weight[0:{BERT_VOCAB}]"
     assert torch.equal(model.cross_encoder.layer[0].output.dense.weight, bert.encoder.layer[6].output.dense.weight)
-    assert set(report.new) == {"img_embedding.weight", "img_embedding.bias", "txt_proj.weight", "vis_proj.weight",
-                               "logit_scale"}
+    assert set(report.new) == {"img_embedding.weight", "img_embedding.bias", "img_layernorm.weight",
+                               "img_layernorm.bias", "txt_proj.weight", "vis_proj.weight", "logit_scale"}
     assert any("takes the first 2" in n and "cross_encoder" in n for n in report.notes)
     assert any("rows 90..119 keep their initialisation" in n for n in report.notes)
     assert "encoder.layer.11.output.dense.weight" in report.unused

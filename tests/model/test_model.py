@@ -190,10 +190,11 @@ def test_bert_style_init():
             assert abs(p.std().item() - TINY.initializer_range) < 0.005, name
 
 
-def test_img_layernorm_is_optional_and_off_by_default():
-    """Off in the release's pre-training (run_pretrain_ml.py --use_img_layernorm 0), on in its retrieval."""
-    assert MVPTRModel(TINY).img_layernorm is None
-    assert MVPTRModel(replace(TINY, use_img_layernorm=True)).img_layernorm is not None
+def test_img_layernorm_is_optional_and_on_by_default():
+    """On by default; off in the release's pre-training (run_pretrain_ml.py --use_img_layernorm 0, --recipe
+    release), where the model has no such parameters."""
+    assert MVPTRModel(TINY).img_layernorm is not None
+    assert MVPTRModel(replace(TINY, use_img_layernorm=False)).img_layernorm is None
 
 
 def test_heads():
