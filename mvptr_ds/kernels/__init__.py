@@ -1,4 +1,4 @@
-"""Kernel dispatch: the model's two seams (attention, concept embedding) select an implementation by name.
+"""Kernel dispatch: the model's seams (attention, concept embedding, dropout) select an implementation by name.
 
 ``impl`` (``ModelConfig.kernels``, ``--kernels``) is one of ``"auto"`` (the fused Triton kernels on CUDA, the
 PyTorch reference elsewhere), ``"triton"`` (own kernels: ``triton_attention``, ``triton_embedding``), ``"torch"``
@@ -16,7 +16,9 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
+from mvptr_ds.kernels import dropout as cpu_dropout
 from mvptr_ds.kernels import reference
 
 IMPLS = ("auto", "triton", "torch", "eager", "flex")
@@ -66,6 +68,14 @@ def attention(q, k, v, key_padding_mask, dropout_p: float = 0.0, impl: str = "au
         from mvptr_ds.kernels import flex
         return flex.attention(q, k, v, key_padding_mask, dropout_p)
     return reference.attention(q, k, v, key_padding_mask, dropout_p)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, impl: str = "auto") -> torch.Tensor:
+    """Dropout of hidden states: ``F.dropout`` for ``"eager"`` (the authors' computation) and off the CPU, the
+    cheaper CPU mask of :mod:`mvptr_ds.kernels.dropout` otherwise."""
+    if resolve(impl, x.device) == "eager":
+        return F.dropout(x, p, training)
+    return cpu_dropout.dropout(x, p, training)
 
 
 def concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight,

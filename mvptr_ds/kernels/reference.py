@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mvptr_ds.kernels.dropout import dropout
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor,
               dropout_p: float = 0.0) -> torch.Tensor:
@@ -15,7 +17,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     Returns ``[B, heads, L, head_dim]``. Rows of padded queries are computed but meaningless.
     """
     mask = key_padding_mask[:, None, None, :].to(torch.bool)  # [B, 1, 1, L]
+    if dropout_p > 0 and q.device.type == "cpu":
+        return _attention_with_cpu_dropout(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _attention_with_cpu_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                dropout_p: float) -> torch.Tensor:
+    """What ``scaled_dot_product_attention`` computes with dropout on the CPU (its math path), with the cheaper
+    dropout mask of :mod:`mvptr_ds.kernels.dropout`. ``mask`` ``[B, 1, 1, L]`` bool, True = real key; a
+    masked key gets the dtype's lowest value (a row without any real key would average all, not give NaN)."""
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    scores = torch.add(bias, q @ k.transpose(-1, -2), alpha=1.0 / math.sqrt(q.shape[-1]))  # (B, nh, L, L)
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return probs @ v  # (B, nh, L, hd)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor,
@@ -41,4 +56,4 @@ def concept_embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, token
     x = F.embedding(input_ids, word_weight) + F.embedding(position_ids, position_weight) \
         + F.embedding(token_type_ids, type_weight)
     x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-    return F.dropout(x, dropout_p, training)
+    return dropout(x, dropout_p, training)

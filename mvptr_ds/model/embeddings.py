@@ -11,10 +11,9 @@ get no position or type embedding. The parameters sit directly on the model (``i
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mvptr_ds import kernels
@@ -39,12 +38,31 @@ class BertEmbeddings(nn.Module):
 
         Returns ``[B, L, H]``.
         """
+        return self._embed(input_ids, self._positions(input_ids), self._types(input_ids, token_type))
+
+    def pair(self, ids_a: torch.Tensor, type_a: Union[int, torch.Tensor], ids_b: torch.Tensor,
+             type_b: Union[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(self(ids_a, type_a), self(ids_b, type_b))`` in one lookup: the word table's gradient (86,051 rows
+        at the authors' vocabulary) is then built once, not twice and summed. Returns ``[B, La, H]``,
+        ``[B, Lb, H]``."""
+        ids = torch.cat([ids_a, ids_b], dim=1)  # (B, La+Lb)
+        positions = torch.cat([self._positions(ids_a), self._positions(ids_b)], dim=1)
+        types = torch.cat([self._types(ids_a, type_a), self._types(ids_b, type_b)], dim=1)
+        both = self._embed(ids, positions, types)  # (B, La+Lb, H)
+        return both[:, :ids_a.shape[1]], both[:, ids_a.shape[1]:]
+
+    def _positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, l = input_ids.shape
         if l > self.position_embeddings.num_embeddings:
             raise ValueError(f"sequence of {l} tokens exceeds model.max_position_embeddings="
                              f"{self.position_embeddings.num_embeddings}")
-        position_ids = torch.arange(l, device=input_ids.device).expand(b, l)  # (B, L)
-        type_ids = token_type if isinstance(token_type, torch.Tensor) else torch.full_like(input_ids, token_type)
+        return torch.arange(l, device=input_ids.device).expand(b, l)  # (B, L)
+
+    @staticmethod
+    def _types(input_ids: torch.Tensor, token_type: Union[int, torch.Tensor]) -> torch.Tensor:
+        return token_type if isinstance(token_type, torch.Tensor) else torch.full_like(input_ids, token_type)
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, type_ids: torch.Tensor) -> torch.Tensor:
         return kernels.concept_embedding(
             input_ids, position_ids, type_ids, self.word_embeddings.weight, self.position_embeddings.weight,
             self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias,
@@ -52,7 +70,7 @@ class BertEmbeddings(nn.Module):
 
 
 def embed_regions(feats: torch.Tensor, projection: nn.Linear, layernorm: Optional[nn.LayerNorm],
-                  dropout_p: float, training: bool) -> torch.Tensor:
+                  dropout_p: float, training: bool, impl: str = "auto") -> torch.Tensor:
     """Region features ``[B, Lr, img_feature_dim]`` -> ``[B, Lr, H]``: Linear, optional LayerNorm, dropout."""
     if feats.shape[-1] != projection.in_features:
         raise ValueError(f"region features have {feats.shape[-1]} values per region, the model expects "
@@ -60,4 +78,4 @@ def embed_regions(feats: torch.Tensor, projection: nn.Linear, layernorm: Optiona
     x = projection(feats.to(projection.weight.dtype))
     if layernorm is not None:
         x = layernorm(x)
-    return F.dropout(x, dropout_p, training)
+    return kernels.dropout(x, dropout_p, training, impl)

@@ -62,10 +62,11 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout_p = cfg.hidden_dropout
+        self.impl = cfg.kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.LayerNorm(kernels.dropout(self.dense(x), self.dropout_p, self.training, self.impl) + residual)
 
 
 class BertAttention(nn.Module):
@@ -96,10 +97,11 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout_p = cfg.hidden_dropout
+        self.impl = cfg.kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.LayerNorm(kernels.dropout(self.dense(x), self.dropout_p, self.training, self.impl) + residual)
 
 
 class BertLayer(nn.Module):

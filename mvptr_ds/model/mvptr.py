@@ -61,6 +61,11 @@ class EncoderOutputs:
     logit_scale: Optional[torch.Tensor] = None
 
 
+def _text_types(text_types: Optional[torch.Tensor]):
+    """The text stream's token types: ``[B, Lt]`` as given, or type 0 everywhere."""
+    return TEXT_TYPE if text_types is None else text_types
+
+
 class MVPTRModel(nn.Module):
     """The backbone without task heads. ``with_cross=False`` builds the stage-1 model (no cross encoder/pooler)."""
 
@@ -107,8 +112,7 @@ class MVPTRModel(nn.Module):
                     text_types: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Textual encoder. text_ids ``[B, Lt]`` long, text_mask ``[B, Lt]`` bool, text_types ``[B, Lt]`` long
         (None: type 0 everywhere) -> ``[B, Lt, H]``."""
-        h = self.embeddings(text_ids, TEXT_TYPE if text_types is None else text_types)
-        return self.text_encoder(h, text_mask.bool())
+        return self.text_encoder(self.embeddings(text_ids, _text_types(text_types)), text_mask.bool())
 
     def encode_visual(self, tag_ids: torch.Tensor, tag_mask: torch.Tensor, region_feats: torch.Tensor,
                       region_mask: torch.Tensor) -> torch.Tensor:
@@ -117,9 +121,13 @@ class MVPTRModel(nn.Module):
         tag_ids/tag_mask ``[B, Lg]``; region_feats ``[B, Lr, img_feature_dim]``; region_mask ``[B, Lr]``.
         Returns ``[B, Lg+Lr, H]``.
         """
-        tags = self.embeddings(tag_ids, VISUAL_TYPE)  # (B, Lg, H)
+        return self._encode_visual(self.embeddings(tag_ids, VISUAL_TYPE), tag_mask, region_feats, region_mask)
+
+    def _encode_visual(self, tags: torch.Tensor, tag_mask: torch.Tensor, region_feats: torch.Tensor,
+                       region_mask: torch.Tensor) -> torch.Tensor:
+        """``encode_visual`` from the embedded tags ``[B, Lg, H]``."""
         regions = embed_regions(region_feats, self.img_embedding, self.img_layernorm,
-                                self.cfg.hidden_dropout, self.training)  # (B, Lr, H)
+                                self.cfg.hidden_dropout, self.training, self.cfg.kernels)  # (B, Lr, H)
         h = torch.cat([tags, regions.to(tags.dtype)], dim=1)  # (B, Lg+Lr, H)
         mask = torch.cat([tag_mask.bool(), region_mask.bool()], dim=1)  # (B, Lg+Lr)
         return self.visual_encoder(h, mask)
@@ -167,8 +175,11 @@ class MVPTRModel(nn.Module):
 
     def forward(self, batch: Batch, run_cross: bool = True) -> EncoderOutputs:
         """Run the uni-modal encoders and, if ``run_cross`` and the model has one, the cross-modal encoder."""
-        text = self.encode_text(batch.text_ids, batch.text_mask, batch.text_type_ids)
-        visual = self.encode_visual(batch.tag_ids, batch.tag_mask, batch.region_feats, batch.region_mask)
+        # Words and tags share the embedding table: one lookup for both (BertEmbeddings.pair).
+        words, tags = self.embeddings.pair(batch.text_ids, _text_types(batch.text_type_ids), batch.tag_ids,
+                                           VISUAL_TYPE)
+        text = self.text_encoder(words, batch.text_mask.bool())
+        visual = self._encode_visual(tags, batch.tag_mask, batch.region_feats, batch.region_mask)
         num_tags = batch.tag_ids.shape[1]
         out = EncoderOutputs(text=text, visual=visual, text_embed=self.embed_text(text),
                              visual_embed=self.embed_visual(visual), num_tags=num_tags,

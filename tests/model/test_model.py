@@ -157,8 +157,26 @@ def test_kernel_seams_are_used(model, monkeypatch):
             return _real(*a, **k)
         monkeypatch.setattr(kernels, name, wrapped)
     model(make_batch())
-    assert calls["concept_embedding"] == 2  # text stream, tag stream
+    assert calls["concept_embedding"] == 1  # text and tag streams in one lookup
     assert calls["attention"] == TINY.text_layers + TINY.visual_layers + TINY.cross_layers
+
+
+def test_one_lookup_for_words_and_tags_equals_two(model):
+    """``BertEmbeddings.pair`` gives each stream what its own lookup gives (positions from 0 in each, their
+    types), and the word table's gradient is the sum of both streams'."""
+    batch = make_batch()
+    emb = model.embeddings  # eval mode: no dropout
+    types = torch.randint(0, 2, batch.text_ids.shape)
+    words, tags = emb.pair(batch.text_ids, types, batch.tag_ids, 1)
+    assert torch.equal(words, emb(batch.text_ids, types)) and torch.equal(tags, emb(batch.tag_ids, 1))
+    grads = []
+    for separate in (False, True):
+        emb.zero_grad()
+        a, b = ((emb(batch.text_ids, 0), emb(batch.tag_ids, 1)) if separate else
+                emb.pair(batch.text_ids, 0, batch.tag_ids, 1))
+        (a.square().sum() + b.sum()).backward()
+        grads.append(emb.word_embeddings.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
 def test_activation_checkpointing_gives_same_gradients():
