@@ -78,6 +78,13 @@ def dropout(x: torch.Tensor, p: float, training: bool, impl: str = "auto") -> to
     return cpu_dropout.dropout(x, p, training)
 
 
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool, impl: str = "auto") -> torch.Tensor:
+    """``dropout(x) + residual``, fused on the CPU (:func:`mvptr_ds.kernels.dropout.dropout_add`)."""
+    if resolve(impl, x.device) == "eager":
+        return F.dropout(x, p, training) + residual
+    return cpu_dropout.dropout_add(x, residual, p, training)
+
+
 def concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight, type_weight,
                       ln_weight, ln_bias, eps, dropout_p: float = 0.0, training: bool = False,
                       impl: str = "auto"):

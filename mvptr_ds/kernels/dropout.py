@@ -45,6 +45,30 @@ class _MaskedScale(torch.autograd.Function):
         return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
 
 
+class _AddMasked(torch.autograd.Function):
+    """``residual + x * keep`` in one pass (``keep``: 0 where dropped, ``1 / (1 - p)`` elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, keep):
+        ctx.save_for_backward(keep)
+        return torch.addcmul(residual, x, keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep, grad, None
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``dropout(x, p, training) + residual`` (the residual branch of a post-LN layer); on CPU tensors of one
+    dtype in a single pass, with a mask drawn as :func:`drop_mask` draws it."""
+    if (x.device.type != "cpu" or not training or p == 0.0 or x.numel() == 0 or x.dtype != residual.dtype
+            or x.shape != residual.shape or round(p * _TWO_32) >= _TWO_32):
+        return dropout(x, p, training) + residual
+    keep = torch.where(drop_mask(x.shape, p, x.device), 0.0, 1.0 / (1.0 - p)).to(x.dtype)
+    return _AddMasked.apply(x, residual, keep)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``; on CPU tensors with the mask of :func:`drop_mask` (module docstring)."""
     if not 0.0 <= p <= 1.0:

@@ -48,9 +48,10 @@ class BertSelfAttention(nn.Module):
         b, l = mask.shape
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)  # (N, 3H)
         padded = qkv if index is None else qkv.new_zeros(b * l, qkv.shape[-1]).index_copy(0, index, qkv)  # (B*L, 3H)
-        qkv = padded.view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
+        # unbind, not qkv[0..2]: each index's backward would zero-fill a whole (3, B, nh, L, hd) gradient.
+        q, k, v = padded.view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.dropout_p if self.training else 0.0
-        ctx = kernels.attention(qkv[0], qkv[1], qkv[2], mask, p, impl=self.impl)  # (B, nh, L, hd)
+        ctx = kernels.attention(q, k, v, mask, p, impl=self.impl)  # (B, nh, L, hd)
         ctx = ctx.transpose(1, 2).reshape(b * l, self.num_heads * self.head_dim)  # (B*L, H)
         return ctx if index is None else ctx.index_select(0, index)  # (N, H)
 
@@ -66,7 +67,7 @@ class BertSelfOutput(nn.Module):
         self.impl = cfg.kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(kernels.dropout(self.dense(x), self.dropout_p, self.training, self.impl) + residual)
+        return self.LayerNorm(kernels.dropout_add(self.dense(x), residual, self.dropout_p, self.training, self.impl))
 
 
 class BertAttention(nn.Module):
@@ -101,7 +102,7 @@ class BertOutput(nn.Module):
         self.impl = cfg.kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(kernels.dropout(self.dense(x), self.dropout_p, self.training, self.impl) + residual)
+        return self.LayerNorm(kernels.dropout_add(self.dense(x), residual, self.dropout_p, self.training, self.impl))
 
 
 class BertLayer(nn.Module):

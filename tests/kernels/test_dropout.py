@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mvptr_ds import kernels
 from mvptr_ds.kernels import reference
-from mvptr_ds.kernels.dropout import drop_mask, dropout
+from mvptr_ds.kernels.dropout import drop_mask, dropout, dropout_add
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
@@ -95,3 +95,25 @@ def test_attention_with_dropout_is_sdpa_with_that_mask():
     expected.backward(torch.ones_like(expected))
     for g, t in zip(got, (q, k, v)):
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_add_is_dropout_then_add():
+    """The fused residual branch draws the same mask as dropout() from the same seed, and its gradients are the
+    masked, scaled gradient for x and the plain one for the residual."""
+    x = (torch.rand(500, 40) + 0.5).requires_grad_()
+    residual = torch.randn(500, 40, requires_grad=True)
+    torch.manual_seed(7)
+    out = dropout_add(x, residual, 0.3, True)
+    torch.manual_seed(7)
+    expected = dropout(x.detach(), 0.3, True) + residual.detach()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    kept = expected != residual.detach()
+    assert torch.equal(x.grad, torch.where(kept, g * (1.0 / 0.7), torch.zeros_like(g)))
+    assert torch.equal(residual.grad, g)
+    assert torch.equal(dropout_add(x, residual, 0.3, False), x + residual)
+    assert torch.equal(dropout_add(x, residual, 1.0, True), residual)
+    torch.manual_seed(8)
+    other_dtype = dropout_add(x.detach(), residual.detach().double(), 0.3, True)  # falls back to the two steps
+    assert other_dtype.dtype == torch.float64
