@@ -190,8 +190,7 @@ def itm_pair_scores(backbone, itm_head, enc: EncodedSet, pairs: torch.Tensor, ba
         caps, imgs = pairs[lo:hi, 0].tolist(), pairs[lo:hi, 1].tolist()
         text_h, text_mask = _padded([enc.text_states[c] for c in caps])
         region_h, region_mask = _padded([enc.region_states[i] for i in imgs])
-        cross = backbone.encode_cross(text_h, text_mask, region_h, region_mask)  # (B, Lt+Lr, H)
-        out.append(itm_score(itm_head, backbone.pool(cross)))
+        out.append(itm_score(itm_head, backbone.pooled_cross(text_h, text_mask, region_h, region_mask)))
     if not out:
         return enc.text_embed.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)

@@ -41,11 +41,15 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         self.impl = cfg.kernels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor],
+                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: ``[N, H]`` real tokens; mask: ``[B, L]`` bool (True = real); index: ``[N]`` flat positions
-        of the real tokens in ``B*L`` (None: x holds all ``B*L`` positions). Returns ``[N, H]``.
+        of the real tokens in ``B*L`` (None: x holds all ``B*L`` positions). Returns ``[N, H]``; with
+        ``query_rows`` ``[B]`` (row of x of one query per sequence, in sequence order): those rows only, ``[B, H]``.
         """
         b, l = mask.shape
+        if query_rows is not None:
+            return self._one_query_per_sequence(x, mask, index, query_rows)
         qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)  # (N, 3H)
         padded = qkv if index is None else qkv.new_zeros(b * l, qkv.shape[-1]).index_copy(0, index, qkv)  # (B*L, 3H)
         # unbind, not qkv[0..2]: each index's backward would zero-fill a whole (3, B, nh, L, hd) gradient.
@@ -54,6 +58,19 @@ class BertSelfAttention(nn.Module):
         ctx = kernels.attention(q, k, v, mask, p, impl=self.impl)  # (B, nh, L, hd)
         ctx = ctx.transpose(1, 2).reshape(b * l, self.num_heads * self.head_dim)  # (B*L, H)
         return ctx if index is None else ctx.index_select(0, index)  # (N, H)
+
+    def _one_query_per_sequence(self, x, mask, index, query_rows) -> torch.Tensor:
+        """Keys and values of every token, the query of ``query_rows`` only: ``[B, H]``. Through the PyTorch
+        attention (the fused kernels take square attention only)."""
+        b, l = mask.shape
+        kv = torch.cat([self.key(x), self.value(x)], dim=-1)  # (N, 2H)
+        padded = kv if index is None else kv.new_zeros(b * l, kv.shape[-1]).index_copy(0, index, kv)  # (B*L, 2H)
+        k, v = padded.view(b, l, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.query(x[query_rows]).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
+        p = self.dropout_p if self.training else 0.0
+        impl = "eager" if self.impl == "eager" else "torch"
+        ctx = kernels.attention(q, k, v, mask, p, impl=impl)  # (B, nh, 1, hd)
+        return ctx.reshape(b, self.num_heads * self.head_dim)  # (B, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -76,8 +93,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.output(self.self(x, mask, index), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor],
+                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        residual = x if query_rows is None else x[query_rows]
+        return self.output(self.self(x, mask, index, query_rows), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -114,9 +133,11 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: ``[N, H]`` real tokens of a ``[B, L]`` batch (see ``BertSelfAttention``). Returns ``[N, H]``."""
-        a = self.attention(x, mask, index)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor],
+                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: ``[N, H]`` real tokens of a ``[B, L]`` batch (see ``BertSelfAttention``). Returns ``[N, H]``, or
+        with ``query_rows`` the ``[B, H]`` outputs of those rows only (every token still serves as key/value)."""
+        a = self.attention(x, mask, index, query_rows)
         return self.output(self.intermediate(a), a)
 
 
@@ -129,9 +150,14 @@ class BertEncoder(nn.Module):
         self.activation_checkpointing = cfg.activation_checkpointing
         self.padded = not cfg.skip_padding  # the authors' way: every position through every layer
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, keep_layer: Optional[int] = None):
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, keep_layer: Optional[int] = None,
+                first_only: bool = False):
         """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding; with
-        ``keep_layer`` k, also the states after the first k layers: ``(states after layer k, output)``."""
+        ``keep_layer`` k, also the states after the first k layers: ``(states after layer k, output)``.
+        ``first_only``: the output at position 0 only, ``[B, H]`` (what a pooler reads; position 0 must be real):
+        the last layer then computes queries, feed-forward and outputs for those B rows alone."""
+        if first_only and keep_layer is not None:
+            raise ValueError("first_only and keep_layer cannot be combined")
         b, l, hidden = h.shape
         mask = mask.bool()
         if self.padded:
@@ -139,15 +165,19 @@ class BertEncoder(nn.Module):
         else:
             index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
             x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
+        first_rows = self._first_rows(mask, index) if first_only else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         kept = None
         for k, layer in enumerate(self.layer):
+            rows = first_rows if k + 1 == len(self.layer) else None
             if recompute:
-                x = checkpoint(layer, x, mask, index, use_reentrant=False)
+                x = checkpoint(layer, x, mask, index, rows, use_reentrant=False)
             else:
-                x = layer(x, mask, index)
+                x = layer(x, mask, index, rows)
             if k + 1 == keep_layer:
                 kept = x
+        if first_only:
+            return x  # (B, H)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             if index is None:
@@ -155,6 +185,15 @@ class BertEncoder(nn.Module):
             return t.new_zeros(b * l, hidden).index_copy(0, index, t).view(b, l, hidden)  # (B, L, H)
 
         return padded(x) if keep_layer is None else (padded(kept), padded(x))
+
+    @staticmethod
+    def _first_rows(mask: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rows of the layer input holding each sequence's position 0: ``[B]``."""
+        b, l = mask.shape
+        if not bool(mask[:, 0].all()):
+            raise ValueError("first_only: position 0 is padding in some sequence (the pooler reads position 0)")
+        starts = torch.arange(b, device=mask.device) * l  # flat positions of position 0
+        return starts if index is None else torch.searchsorted(index, starts)
 
 
 class BertPooler(nn.Module):
@@ -165,5 +204,5 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: ``[B, L, H]``; returns ``[B, H]``."""
-        return torch.tanh(self.dense(h[:, 0]))
+        """h: ``[B, L, H]`` (or its ``[B, H]`` position-0 rows); returns ``[B, H]``."""
+        return torch.tanh(self.dense(h[:, 0] if h.dim() == 3 else h))

@@ -150,20 +150,33 @@ class MVPTRModel(nn.Module):
         Returns ``[B, Lt+Lr, H]``: text positions then regions; zeros at padded positions. With ``keep_layer``
         k: ``(states after the first k cross-modal layers, output)``, both in that layout.
         """
+        return self._cross(text_h, text_mask, region_h, region_mask, keep_layer=keep_layer)
+
+    def pooled_cross(self, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
+                     region_mask: torch.Tensor) -> torch.Tensor:
+        """``pool(encode_cross(...))``, ``[B, H]``, without the last layer's work at positions the pooler does
+        not read (its keys and values still come from every position)."""
+        return self.pool(self._cross(text_h, text_mask, region_h, region_mask, first_only=True))
+
+    def _cross(self, text_h, text_mask, region_h, region_mask, keep_layer=None, first_only=False):
         if self.cross_encoder is None:
             raise ConfigError("this MVPTRModel was built with with_cross=False (stage 1): it has no "
                               "cross-modal encoder")
         joint = torch.cat([text_h, region_h.to(text_h.dtype)], dim=1)  # (B, Lt+Lr, H)
         mask = torch.cat([text_mask.bool(), region_mask.bool()], dim=1)  # (B, Lt+Lr)
+        if first_only and not bool(mask[:, 0].all()):
+            raise ValueError("pooled_cross: position 0 (the text's [CLS]) is padding in some row")
         if not self.cfg.skip_padding:  # the authors' way (benchmark baseline): no packing, padding computed
-            return self.cross_encoder(joint, mask, keep_layer)
+            return self.cross_encoder(joint, mask, keep_layer, first_only)
         lengths = mask.sum(dim=1)  # (B,)
         packed_len = int(lengths.max())  # host sync: the packed length is a shape
         # Real positions first, in their original order: a stable sort of "is padding".
         order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices[:, :packed_len]  # (B, Lp)
         index = order.unsqueeze(-1).expand(-1, -1, joint.shape[-1])  # (B, Lp, H)
         packed_mask = torch.arange(packed_len, device=mask.device)[None, :] < lengths[:, None]  # (B, Lp)
-        out = self.cross_encoder(joint.gather(1, index), packed_mask, keep_layer)  # (B, Lp, H), zeros at padding
+        out = self.cross_encoder(joint.gather(1, index), packed_mask, keep_layer, first_only)  # (B, Lp, H)
+        if first_only:
+            return out  # (B, H): packed position 0 is position 0 (real positions keep their order)
         unpack = lambda t: torch.zeros_like(joint).scatter(1, index, t)  # noqa: E731 (B, Lt+Lr, H)
         return unpack(out) if keep_layer is None else (unpack(out[0]), unpack(out[1]))
 

@@ -147,7 +147,7 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
     Reads ``outputs.text`` ``[B, Lt, H]``, the regions ``outputs.visual[:, num_tags:]`` ``[B, Lr, H]``,
     ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining), ``outputs.pooled`` ``[B, H]``,
     ``batch.itm_text_side`` and (sampled, random) ``batch.itm_negative_draw``;
-    runs ``model.encode_cross`` and ``model.pool`` on the B negatives; ``head`` maps ``[2B, H] -> [2B, 2]``.
+    runs ``model.pooled_cross`` on the B negatives; ``head`` maps ``[2B, H] -> [2B, 2]``.
     Metrics: ``acc`` (over weighted examples) and ``neg_valid`` (fraction of rows with a negative).
     """
     if outputs.pooled is None:
@@ -168,9 +168,9 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
                                                     negatives, scale, batch.itm_negative_draw, exclude_same_image)
     text_h, text_mask, region_h, region_mask = _gather_states(
         outputs.text, batch.text_mask.bool(), regions, batch.region_mask.bool(), gather)
-    neg_cross = model.encode_cross(text_h[text_idx], text_mask[text_idx],
-                                   region_h[image_idx], region_mask[image_idx])  # (B, Lt+Lr, H)
-    pooled = torch.cat([outputs.pooled, model.pool(neg_cross)], dim=0)  # (2B, H)
+    neg_pooled = model.pooled_cross(text_h[text_idx], text_mask[text_idx],
+                                    region_h[image_idx], region_mask[image_idx])  # (B, H)
+    pooled = torch.cat([outputs.pooled, neg_pooled], dim=0)  # (2B, H)
     logits = head(pooled).float()  # (2B, 2)
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
                         torch.zeros(b, dtype=torch.long, device=logits.device)])  # (2B,)

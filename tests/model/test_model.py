@@ -116,6 +116,36 @@ def test_packed_cross_equals_padded_computation(model):
         assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("skip_padding, checkpointing", [(True, False), (False, False), (True, True)])
+def test_pooled_cross_equals_pooling_the_whole_encoding(skip_padding, checkpointing):
+    """ITM's negatives and the evaluation's re-ranking read the pooler only: the last cross-modal layer then
+    runs at position 0 alone (every position still gives keys and values). Same values and gradients."""
+    torch.manual_seed(2)
+    m = MVPTRModel(replace(TINY, skip_padding=skip_padding, activation_checkpointing=checkpointing)).train()
+    batch = make_batch(text_lens=(7, 3, 5, 2), tag_lens=(3, 3, 3, 3), region_lens=(1, 6, 2, 3))
+    text_h = torch.randn(4, 7, TINY.hidden_size, requires_grad=True)
+    region_h = torch.randn(4, 6, TINY.hidden_size, requires_grad=True)
+    args = (text_h, batch.text_mask, region_h, batch.region_mask)
+    seen = []
+    hook = m.cross_encoder.layer[-1].intermediate.dense.register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    fast = m.pooled_cross(*args)
+    hook.remove()
+    assert seen == [4]  # the last layer's feed-forward ran on the 4 first positions only
+    full = m.pool(m.encode_cross(*args))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(fast)
+    params = [text_h, region_h] + list(m.cross_encoder.parameters()) + list(m.pooler.parameters())
+    g_fast = torch.autograd.grad((fast * w).sum(), params, allow_unused=True)
+    g_full = torch.autograd.grad((full * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None and (b is None or not b.any())) or torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    bad = batch.text_mask.clone()
+    bad[1, 0] = False
+    with pytest.raises(ValueError, match="position 0"):
+        m.pooled_cross(text_h, bad, region_h, batch.region_mask)
+
+
 def test_packed_cross_trims_the_sequence(model, monkeypatch):
     """The encoder sees max_i(text_i + regions_i) positions, not Lt + Lr; also with a gap in a mask."""
     seen = []

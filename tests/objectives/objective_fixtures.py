@@ -104,3 +104,6 @@ class FakeCrossModel:
 
     def pool(self, h):
         return h[:, 0]
+
+    def pooled_cross(self, text_h, text_mask, region_h, region_mask):
+        return self.pool(self.encode_cross(text_h, text_mask, region_h, region_mask))
