@@ -19,7 +19,9 @@ One encoder layer over a sequence of n real positions costs, forward,
     visual encoder    per pair, n = tag tokens + regions
     cross encoder     per pair, n = text tokens + regions, for the B positives, the B ITM negatives and the
                       B WPG negatives (``wpg_negative_encoding="joint"``); the negatives' lengths depend on the
-                      choice, so every encoder call's lengths are read from the calls
+                      choice, so every encoder call's lengths are read from the calls. ITM's negatives need
+                      only the pooler's position 0: their last layer costs 2 n (2 H^2) for keys and values,
+                      2 (2 H^2 + 2 H I) for the one row's query, output and feed-forward, and 4 n H attention
     region projection 2 R F H          R = real regions
     MCR / MLM heads   2 N (H^2 + H V)  N = scored (corrupted) positions; dense transform + decoder
     pooler + ITM      2 (2B) (H^2 + 2H)
@@ -68,6 +70,7 @@ class _EncoderCall:
     lengths: torch.Tensor  # [B] real positions per row
     padded_len: int      # L of the [B, L] block the call received
     padded_rows: bool    # True when every position runs through the layers (skip_padding off)
+    first_only: bool = False  # the last layer for position 0 only (pooled_cross: ITM's negatives)
 
 
 class FlopCounter:
@@ -101,8 +104,9 @@ class FlopCounter:
         def record(_module, args):
             h, mask = args[0], args[1]
             lengths = mask.detach().bool().sum(dim=1)  # (B,) on the device; read in count(), not here (no sync)
+            first_only = bool(args[3]) if len(args) > 3 else False
             self.calls.append(_EncoderCall(name, len(encoder.layer), lengths, int(h.shape[1]),
-                                           bool(getattr(encoder, "padded", False))))
+                                           bool(getattr(encoder, "padded", False)), first_only))
         return record
 
     def layer_flops(self, lengths: List[int], padded_len: int, padded_rows: bool, layers: int):
@@ -114,6 +118,17 @@ class FlopCounter:
         executed = per_token * rows + 4 * len(lengths) * padded_len ** 2 * h
         return layers * required, layers * executed
 
+    def first_only_layer_flops(self, lengths: List[int], padded_len: int):
+        """(required, executed) forward FLOPs of a packed last layer computed for position 0 only
+        (``pooled_cross``): keys and values of every real row, then the query, attention output, feed-forward and
+        one query's attention per sequence."""
+        h, i = self.cfg.hidden_size, self.cfg.intermediate_size
+        rows = sum(lengths)
+        one_row = 2 * (2 * h * h + 2 * h * i)  # query, attention output, feed-forward
+        required = sum(2 * 2 * h * h * n + one_row + 4 * n * h for n in lengths)
+        executed = 2 * 2 * h * h * rows + len(lengths) * (one_row + 4 * padded_len * h)
+        return required, executed
+
     def count(self, batch) -> StepFlops:
         """FLOPs of the micro batch ``batch`` whose forward pass just ran; clears the recorded calls."""
         cfg = self.cfg
@@ -122,6 +137,11 @@ class FlopCounter:
         for call in self.calls:
             lengths = [int(n) for n in call.lengths.tolist()]
             req, exe = self.layer_flops(lengths, call.padded_len, call.padded_rows, call.layers)
+            if call.first_only:  # the last layer is required at position 0 only; the padded path runs it all
+                full_req, full_exe = self.layer_flops(lengths, call.padded_len, call.padded_rows, 1)
+                last_req, last_exe = self.first_only_layer_flops(lengths, call.padded_len)
+                req -= full_req - last_req
+                exe -= 0 if call.padded_rows else full_exe - last_exe
             out.add(call.name, req, exe)
         self.calls = []
         b = batch.size

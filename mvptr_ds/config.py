@@ -310,7 +310,9 @@ TASK_TRAIN_DEFAULTS: Dict[str, Dict[str, float]] = {
 }
 # Model settings of the release's fine-tuning scripts (run_vqa.py / run_ve.py / run_re.py / run_retrieval.py as its
 # README runs them: --drop_out on every BERT dropout; retrieval's --use_img_layernorm 1), applied by the finetune
-# command over the model preset unless given.
+# command over the model preset unless given. The region LayerNorm of vqa / snli_ve / refcoco follows the model's
+# default (on); the release's scripts inherit it from their pre-training config (off): fine-tune a --recipe release
+# pre-training with a --model file that sets use_img_layernorm false to match.
 TASK_MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "retrieval": {"hidden_dropout": 0.1, "use_img_layernorm": True},
     "vqa": {"hidden_dropout": 0.3},

@@ -93,5 +93,9 @@ def concept_embedding(input_ids, position_ids, token_type_ids, word_weight, posi
         fused = _kernel_module("triton_embedding", input_ids.device)
         return fused.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                                        type_weight, ln_weight, ln_bias, eps, dropout_p, training)
+    if resolve(impl, input_ids.device) == "eager":  # the authors' computation: torch's own dropout
+        x = reference.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
+                                        type_weight, ln_weight, ln_bias, eps)
+        return F.dropout(x, dropout_p, training)
     return reference.concept_embedding(input_ids, position_ids, token_type_ids, word_weight, position_weight,
                                        type_weight, ln_weight, ln_bias, eps, dropout_p, training)

@@ -46,17 +46,19 @@ class _MaskedScale(torch.autograd.Function):
 
 
 class _AddMasked(torch.autograd.Function):
-    """``residual + x * keep`` in one pass (``keep``: 0 where dropped, ``1 / (1 - p)`` elsewhere)."""
+    """``residual + scale * x * keep`` in one pass (``keep``: 0 where dropped, 1 elsewhere, in x's dtype; the
+    scale stays a Python float, so a bf16 run scales by 1 / (1 - p), not by its bf16 rounding)."""
 
     @staticmethod
-    def forward(ctx, x, residual, keep):
+    def forward(ctx, x, residual, keep, scale):
         ctx.save_for_backward(keep)
-        return torch.addcmul(residual, x, keep)
+        ctx.scale = scale
+        return torch.addcmul(residual, x, keep, value=scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * keep, grad, None
+        return (grad * keep).mul_(ctx.scale), grad, None, None
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -65,8 +67,8 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     if (x.device.type != "cpu" or not training or p == 0.0 or x.numel() == 0 or x.dtype != residual.dtype
             or x.shape != residual.shape or round(p * _TWO_32) >= _TWO_32):
         return dropout(x, p, training) + residual
-    keep = torch.where(drop_mask(x.shape, p, x.device), 0.0, 1.0 / (1.0 - p)).to(x.dtype)
-    return _AddMasked.apply(x, residual, keep)
+    keep = (~drop_mask(x.shape, p, x.device)).to(x.dtype)
+    return _AddMasked.apply(x, residual, keep, 1.0 / (1.0 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

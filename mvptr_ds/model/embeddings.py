@@ -11,7 +11,7 @@ get no position or type embedding. The parameters sit directly on the model (``i
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -32,24 +32,24 @@ class BertEmbeddings(nn.Module):
         self.dropout_p = cfg.hidden_dropout
         self.impl = cfg.kernels
 
-    def forward(self, input_ids: torch.Tensor, token_type: Union[int, torch.Tensor]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type: Union[int, torch.Tensor],
+                second_ids: Optional[torch.Tensor] = None,
+                second_type: Union[int, torch.Tensor, None] = None):
         """input_ids: ``[B, L]`` long; positions ``0..L-1``; types ``token_type``, one for every position or a
-        ``[B, L]`` long tensor.
+        ``[B, L]`` long tensor. Returns ``[B, L, H]``.
 
-        Returns ``[B, L, H]``.
+        With ``second_ids`` ``[B, L2]`` (and ``second_type``): both streams in one lookup, each with its own
+        positions from 0 and its types; returns ``([B, L, H], [B, L2, H])``. The word table's gradient (86,051
+        rows at the authors' vocabulary) is then built once, not twice and summed. (One call of this module, so
+        that ZeRO-3 gathers its parameters for it as for any module call.)
         """
-        return self._embed(input_ids, self._positions(input_ids), self._types(input_ids, token_type))
-
-    def pair(self, ids_a: torch.Tensor, type_a: Union[int, torch.Tensor], ids_b: torch.Tensor,
-             type_b: Union[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(self(ids_a, type_a), self(ids_b, type_b))`` in one lookup: the word table's gradient (86,051 rows
-        at the authors' vocabulary) is then built once, not twice and summed. Returns ``[B, La, H]``,
-        ``[B, Lb, H]``."""
-        ids = torch.cat([ids_a, ids_b], dim=1)  # (B, La+Lb)
-        positions = torch.cat([self._positions(ids_a), self._positions(ids_b)], dim=1)
-        types = torch.cat([self._types(ids_a, type_a), self._types(ids_b, type_b)], dim=1)
-        both = self._embed(ids, positions, types)  # (B, La+Lb, H)
-        return both[:, :ids_a.shape[1]], both[:, ids_a.shape[1]:]
+        if second_ids is None:
+            return self._embed(input_ids, self._positions(input_ids), self._types(input_ids, token_type))
+        ids = torch.cat([input_ids, second_ids], dim=1)  # (B, L+L2)
+        positions = torch.cat([self._positions(input_ids), self._positions(second_ids)], dim=1)
+        types = torch.cat([self._types(input_ids, token_type), self._types(second_ids, second_type)], dim=1)
+        both = self._embed(ids, positions, types)  # (B, L+L2, H)
+        return both[:, :input_ids.shape[1]], both[:, input_ids.shape[1]:]
 
     def _positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, l = input_ids.shape

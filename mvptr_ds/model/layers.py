@@ -155,7 +155,8 @@ class BertEncoder(nn.Module):
         """h: ``[B, L, H]``; mask: ``[B, L]`` bool (True = real). Returns ``[B, L, H]``, zeros at padding; with
         ``keep_layer`` k, also the states after the first k layers: ``(states after layer k, output)``.
         ``first_only``: the output at position 0 only, ``[B, H]`` (what a pooler reads; position 0 must be real):
-        the last layer then computes queries, feed-forward and outputs for those B rows alone."""
+        the last layer then computes queries, feed-forward and outputs for those B rows alone (with
+        ``skip_padding`` off, the authors' way, every layer still runs at every position)."""
         if first_only and keep_layer is not None:
             raise ValueError("first_only and keep_layer cannot be combined")
         b, l, hidden = h.shape
@@ -166,6 +167,8 @@ class BertEncoder(nn.Module):
             index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
             x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
         first_rows = self._first_rows(mask, index) if first_only else None
+        if self.padded:
+            first_rows = None  # the authors' way computes the whole last layer
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         kept = None
         for k, layer in enumerate(self.layer):
@@ -177,7 +180,7 @@ class BertEncoder(nn.Module):
             if k + 1 == keep_layer:
                 kept = x
         if first_only:
-            return x  # (B, H)
+            return x.view(b, l, hidden)[:, 0] if self.padded else x  # (B, H)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
             if index is None:

@@ -155,7 +155,9 @@ class MVPTRModel(nn.Module):
     def pooled_cross(self, text_h: torch.Tensor, text_mask: torch.Tensor, region_h: torch.Tensor,
                      region_mask: torch.Tensor) -> torch.Tensor:
         """``pool(encode_cross(...))``, ``[B, H]``, without the last layer's work at positions the pooler does
-        not read (its keys and values still come from every position)."""
+        not read (its keys and values still come from every position; with ``skip_padding`` off, the authors'
+        way, the whole layer runs). Equal values and gradients without dropout; with dropout the last layer draws
+        smaller masks (the same distribution, other draws)."""
         return self.pool(self._cross(text_h, text_mask, region_h, region_mask, first_only=True))
 
     def _cross(self, text_h, text_mask, region_h, region_mask, keep_layer=None, first_only=False):
@@ -188,9 +190,8 @@ class MVPTRModel(nn.Module):
 
     def forward(self, batch: Batch, run_cross: bool = True) -> EncoderOutputs:
         """Run the uni-modal encoders and, if ``run_cross`` and the model has one, the cross-modal encoder."""
-        # Words and tags share the embedding table: one lookup for both (BertEmbeddings.pair).
-        words, tags = self.embeddings.pair(batch.text_ids, _text_types(batch.text_type_ids), batch.tag_ids,
-                                           VISUAL_TYPE)
+        # Words and tags share the embedding table: one lookup for both.
+        words, tags = self.embeddings(batch.text_ids, _text_types(batch.text_type_ids), batch.tag_ids, VISUAL_TYPE)
         text = self.text_encoder(words, batch.text_mask.bool())
         visual = self._encode_visual(tags, batch.tag_mask, batch.region_feats, batch.region_mask)
         num_tags = batch.tag_ids.shape[1]

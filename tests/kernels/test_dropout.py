@@ -117,3 +117,13 @@ def test_dropout_add_is_dropout_then_add():
     torch.manual_seed(8)
     other_dtype = dropout_add(x.detach(), residual.detach().double(), 0.3, True)  # falls back to the two steps
     assert other_dtype.dtype == torch.float64
+
+
+def test_dropout_add_scales_bf16_by_the_exact_factor():
+    """The scale 1 / (1 - p) is not rounded to bf16 (1/0.9 would become 1.109375: a 0.16% bias on every kept value)."""
+    torch.manual_seed(9)
+    x = torch.rand(200_000, dtype=torch.bfloat16) + 0.5
+    out = dropout_add(x, torch.zeros_like(x), 0.1, True)
+    kept = out != 0
+    ratio = (out[kept].float() / x[kept].float()).mean().item()
+    assert abs(ratio - 1 / 0.9) < 2e-4, ratio
