@@ -32,7 +32,7 @@ import numpy as np
 from mvptr_ds.files import atomic_write_json
 
 from .readers import (FEATURE_DIM, DataError, IdIndex, MissingImageError, iter_feature_rows,
-                      read_json_no_dup)
+                      read_json_no_dup, read_store_meta)
 from .tsv_store import TsvFeatureStore
 
 FORMAT = "mvptr_ds.feature_store.v1"
@@ -260,13 +260,8 @@ class FeatureStore:
 
     def __init__(self, path: str):
         self.path = str(path)
-        meta_path = os.path.join(self.path, "meta.json")
-        if not os.path.exists(meta_path):
-            raise DataError(self.path, "no meta.json: not a converted feature store, or the conversion did "
-                            "not finish (re-run convert_features)", field="meta.json")
-        self.meta = read_json_no_dup(meta_path)
-        if self.meta.get("format") != FORMAT:
-            raise DataError(meta_path, f"unknown store format {self.meta.get('format')!r}", field="format")
+        self.meta = read_store_meta(self.path, FORMAT, "feature store", "no meta.json: not a converted feature "
+                                    "store, or the conversion did not finish (re-run convert_features)")
         self.dtype = np.dtype(self.meta["dtype"])
         self._keys = self._loc = None
         self._maps: Dict[int, np.ndarray] = {}

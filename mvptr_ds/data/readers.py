@@ -174,6 +174,19 @@ def read_json_no_dup(path: str):
         raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", e.lineno, "json", "line") from None
 
 
+def read_store_meta(folder: str, fmt: str, kind: str, missing: str) -> dict:
+    """A converted store's ``<folder>/meta.json``, checked to be of format ``fmt``; :class:`DataError` naming the
+    folder (``missing``: what to tell when there is no meta.json) or the file (``kind``: e.g. "text store")."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise DataError(folder, missing, field="meta.json")
+    meta = read_json_no_dup(meta_path)
+    made_as = meta.get("format") if isinstance(meta, dict) else None
+    if made_as != fmt:
+        raise DataError(meta_path, f"unknown {kind} format {made_as!r} (expected {fmt!r})", field="format")
+    return meta
+
+
 # ---------------------------------------------------------------- features.tsv
 
 def decode_feature_row(line: bytes, path, row: int) -> Tuple[str, np.ndarray]:

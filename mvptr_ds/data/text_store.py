@@ -43,7 +43,7 @@ from mvptr_ds.files import atomic_write_json
 
 from .caption_text import CaptionEncoder
 from .caption_files import CaptionIndex, example_image_ids
-from .readers import DataError, PredictionsReader, read_json_no_dup
+from .readers import DataError, PredictionsReader, read_store_meta
 
 FORMAT = "mvptr_ds.text_store.v1"
 def file_fingerprint(path: str) -> dict:
@@ -188,13 +188,8 @@ class TextStore:
     def __init__(self, path: str, sources: Dict[str, Optional[dict]], vocab_size: int):
         self.path = str(path)
         meta_path = os.path.join(self.path, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise DataError(self.path, "no meta.json: not a text store, or convert_text did not finish (delete the "
-                            "folder and run convert_text again)", field="meta.json")
-        self.meta = read_json_no_dup(meta_path)
-        made_as = self.meta.get("format") if isinstance(self.meta, dict) else None
-        if made_as != FORMAT:
-            raise DataError(meta_path, f"unknown text store format {made_as!r} (expected {FORMAT!r})", field="format")
+        self.meta = read_store_meta(self.path, FORMAT, "text store", "no meta.json: not a text store, or "
+                                    "convert_text did not finish (delete the folder and run convert_text again)")
         made = self.meta.get("sources") or {}
         for name, want in sources.items():
             if not (same_file(want, made.get(name)) if name in ("captions", "predictions") else made.get(name) == want):

@@ -166,9 +166,8 @@ class BertEncoder(nn.Module):
         else:
             index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of real tokens; a host sync
             x = h.reshape(b * l, hidden).index_select(0, index)  # (N, H)
-        first_rows = self._first_rows(mask, index) if first_only else None
-        if self.padded:
-            first_rows = None  # the authors' way computes the whole last layer
+        # The authors' way (padded) computes the whole last layer and reads position 0 after it.
+        first_rows = self._first_rows(mask, index) if first_only and not self.padded else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         kept = None
         for k, layer in enumerate(self.layer):
