@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow  # two trainings and a fine-tuning: minutes
 # followers) referring expressions fine-tuned from this pre-training no longer reach the bound. With the region
 # LayerNorm off (the release's pre-training) both tests failed; with it on again by default (commit 2fca7f4) the
 # first passes and the second measured 30.5% from the pre-trained model (2026-11-30, seed 5; bound 4x chance =
-# 34.1%; 69.5% before the changes). It still runs and reports XPASS once fixed.
+# 34.1%; 69.5% before the changes). As an expected failure it could not fail CI, so it is deselected by default
+# (pytest.ini, marker known_regression: two minutes of CI for no verdict); `pytest -m known_regression
+# tests/test_learnability.py` runs it and reports XPASS once fixed.
 REGRESSION = pytest.mark.xfail(reason="issue 16: referring expressions from the pre-training below the bound since "
                                "the release-fidelity changes (see above)", strict=False)
 
@@ -69,6 +71,7 @@ def finetune_refcoco(root, *init):
     return json.loads((out / "eval.json").read_text())["refcoco"]
 
 
+@pytest.mark.known_regression
 @REGRESSION
 def test_pretraining_helps_referring_expressions(trained, tmp_path):
     # Measured on this machine: 69.5% from the pre-trained model vs 21.1% from scratch (chance 8.5%).
