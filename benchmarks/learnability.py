@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mvptr_ds.config import MODEL_PRESETS, DataConfig, ObjectiveConfig  # noqa: E402
 from mvptr_ds.data.batching import ResumableLoader  # noqa: E402
 from mvptr_ds.data.pipeline import build_data  # noqa: E402
+from mvptr_ds.data.types import Example  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives  # noqa: E402
@@ -59,6 +60,40 @@ def evaluate_held_out(module, data, source: str, train_images: int = 0) -> dict:
     return out
 
 
+class PairMixer:
+    """Training pairs joined at random (MixGen's text concatenation, Hao et al. 2022, with region sets for
+    pixels): with probability ``p`` example i comes back joined with a random example of another image:
+    captions, concepts and tags concatenated, the other image's regions appended (concept-word links and
+    concept regions shifted). The joined caption still describes the joined image, and the images the
+    model sees are no longer only the 512 of the world. An experiment of this script, not a trainer option.
+    """
+
+    def __init__(self, base, p: float, seed: int):
+        self.base, self.p, self.rng = base, p, np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Example:
+        a = self.base[i]
+        if self.rng.random() >= self.p:
+            return a
+        b = a
+        while b.image_id == a.image_id:
+            b = self.base[int(self.rng.integers(len(self.base)))]
+        words, regions = len(a.caption_ids), a.regions.shape[0]
+        concept_regions = None
+        if a.concept_regions is not None and b.concept_regions is not None:
+            concept_regions = list(a.concept_regions) + [r + regions if r >= 0 else r for r in b.concept_regions]
+        # a's image id: a's other caption still describes the joined image, so it is no negative of it
+        return Example(sample_id=a.sample_id, image_id=a.image_id, caption_ids=a.caption_ids + b.caption_ids,
+                       concept_ids=a.concept_ids + b.concept_ids,
+                       concept_word_links=[list(w) for w in a.concept_word_links]
+                       + [[k + words for k in w] for w in b.concept_word_links],
+                       tag_ids=a.tag_ids + b.tag_ids, regions=np.concatenate([a.regions, b.regions]),
+                       concept_regions=concept_regions)
+
+
 def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: str, objective_cfg: ObjectiveConfig,
                 init=None, log=print) -> tuple:
     """Train one stage; returns (module, history of {step, losses..., eval...})."""
@@ -71,7 +106,8 @@ def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: st
         module.load_state_dict({k: v for k, v in init.state_dict().items() if k.startswith("backbone.")}, strict=False)
     optimizer = torch.optim.AdamW(decay_groups(module, 0.01), lr=lr)
     schedule = linear_schedule(optimizer, warmup, steps)
-    batches = iter(ResumableLoader(data.train, data.collator, args.micro_batch, rank=0, world_size=1,
+    train = PairMixer(data.train, args.mix_pairs, args.init_seed) if args.mix_pairs else data.train
+    batches = iter(ResumableLoader(train, data.collator, args.micro_batch, rank=0, world_size=1,
                                    seed=args.init_seed))  # the trainer's data order and corruption
     history, running = [], {}
     start = time.time()
@@ -103,6 +139,8 @@ def main(argv=None) -> dict:
                    help="more keys of the synthetic source, e.g. images=4096 (default: the demo's world)")
     p.add_argument("--train_images", type=int, default=0,
                    help="also evaluate retrieval on this many training images (train_* figures; 0: off)")
+    p.add_argument("--mix_pairs", type=float, default=0.0,
+                   help="probability that a training pair is joined with another image's (PairMixer; 0: off)")
     p.add_argument("--init_seed", type=int, default=0, help="weights, data order and corruption")
     p.add_argument("--stage1_steps", type=int, default=20)
     p.add_argument("--stage1_lr", type=float, default=2e-4)

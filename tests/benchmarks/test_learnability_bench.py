@@ -12,7 +12,7 @@ import learnability  # noqa: E402
 
 @pytest.mark.parametrize("objectives, negatives, extra", [
     ("vsc,itm,wpg", "joint", ["--train_images", "4"]),
-    ("vsc,wpg", "separate", ["--world", "images=40,held_out=16"])])
+    ("vsc,wpg", "separate", ["--world", "images=40,held_out=16", "--mix_pairs", "0.5"])])
 def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives, extra, monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads must not change this process
@@ -38,3 +38,26 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
     else:
         assert not train_keys & set(last)
     assert torch.get_num_threads() == threads
+
+
+def test_pair_mixer_joins_two_images_consistently():
+    from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
+    world = SceneWorld(SceneSpec(seed=3, images=12, held_out=0))
+    assert all(learnability.PairMixer(world.train, 0.0, seed=1)[i] == world.train[i] for i in range(4))
+    mixer = learnability.PairMixer(world.train, 1.0, seed=1)
+    for i in range(len(world.train)):
+        a, joined = world.train[i], mixer[i]
+        # the partner: the one other example whose caption is the joined caption's tail
+        tail = joined.caption_ids[len(a.caption_ids):]
+        b = next(e for e in world.train if e.caption_ids == tail and e.image_id != a.image_id)
+        assert joined.image_id == a.image_id and joined.sample_id == a.sample_id
+        assert joined.caption_ids == a.caption_ids + b.caption_ids
+        assert joined.concept_ids == a.concept_ids + b.concept_ids
+        assert joined.tag_ids == a.tag_ids + b.tag_ids
+        assert (joined.regions == __import__("numpy").concatenate([a.regions, b.regions])).all()
+        r = a.regions.shape[0]
+        for k, links in enumerate(joined.concept_word_links):  # every link still names its concept's words
+            words = [joined.caption_ids[w] for w in links]
+            src, off = (a, 0) if k < len(a.concept_ids) else (b, len(a.concept_ids))
+            assert words == [src.caption_ids[w] for w in src.concept_word_links[k - off]]
+        assert joined.concept_regions == a.concept_regions + [x + r if x >= 0 else x for x in b.concept_regions]
