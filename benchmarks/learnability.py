@@ -65,7 +65,9 @@ class PairMixer:
     pixels): with probability ``p`` example i comes back joined with a random example of another image:
     captions, concepts and tags concatenated, the other image's regions appended (concept-word links and
     concept regions shifted). The joined caption still describes the joined image, and the images the
-    model sees are no longer only the 512 of the world. An experiment of this script, not a trainer option.
+    model sees are no longer only the 512 of the world. Both stages' training pairs are joined. The joined
+    pair keeps a's image id only, so a batch row of b's image is still its negative (as in MixGen). An
+    experiment of this script, not a trainer option.
     """
 
     def __init__(self, base, p: float, seed: int):
@@ -79,12 +81,17 @@ class PairMixer:
         if self.rng.random() >= self.p:
             return a
         b = a
-        while b.image_id == a.image_id:
+        for _ in range(1000):
             b = self.base[int(self.rng.integers(len(self.base)))]
+            if b.image_id != a.image_id:
+                break
+        else:
+            raise ValueError("--mix_pairs: no pair of another image found (does the world have two images?)")
         words, regions = len(a.caption_ids), a.regions.shape[0]
-        concept_regions = None
-        if a.concept_regions is not None and b.concept_regions is not None:
-            concept_regions = list(a.concept_regions) + [r + regions if r >= 0 else r for r in b.concept_regions]
+        concept_regions = None  # unknown on both sides stays unknown; one side unknown: -1 for its concepts
+        if a.concept_regions is not None or b.concept_regions is not None:
+            concept_regions = (list(a.concept_regions or [-1] * len(a.concept_ids))
+                               + [r + regions if r >= 0 else r for r in b.concept_regions or [-1] * len(b.concept_ids)])
         # a's image id: a's other caption still describes the joined image, so it is no negative of it
         return Example(sample_id=a.sample_id, image_id=a.image_id, caption_ids=a.caption_ids + b.caption_ids,
                        concept_ids=a.concept_ids + b.concept_ids,

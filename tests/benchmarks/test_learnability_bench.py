@@ -43,7 +43,12 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
 def test_pair_mixer_joins_two_images_consistently():
     from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
     world = SceneWorld(SceneSpec(seed=3, images=12, held_out=0))
-    assert all(learnability.PairMixer(world.train, 0.0, seed=1)[i] == world.train[i] for i in range(4))
+    import numpy as np
+    for i in range(4):  # p = 0: the pairs as they are
+        got, want = learnability.PairMixer(world.train, 0.0, seed=1)[i], world.train[i]
+        assert (got.caption_ids, got.concept_ids, got.tag_ids, got.image_id, got.concept_regions) == \
+            (want.caption_ids, want.concept_ids, want.tag_ids, want.image_id, want.concept_regions)
+        assert np.array_equal(got.regions, want.regions)
     mixer = learnability.PairMixer(world.train, 1.0, seed=1)
     for i in range(len(world.train)):
         a, joined = world.train[i], mixer[i]
@@ -54,10 +59,14 @@ def test_pair_mixer_joins_two_images_consistently():
         assert joined.caption_ids == a.caption_ids + b.caption_ids
         assert joined.concept_ids == a.concept_ids + b.concept_ids
         assert joined.tag_ids == a.tag_ids + b.tag_ids
-        assert (joined.regions == __import__("numpy").concatenate([a.regions, b.regions])).all()
+        assert np.array_equal(joined.regions, np.concatenate([a.regions, b.regions]))
         r = a.regions.shape[0]
         for k, links in enumerate(joined.concept_word_links):  # every link still names its concept's words
             words = [joined.caption_ids[w] for w in links]
             src, off = (a, 0) if k < len(a.concept_ids) else (b, len(a.concept_ids))
             assert words == [src.caption_ids[w] for w in src.concept_word_links[k - off]]
         assert joined.concept_regions == a.concept_regions + [x + r if x >= 0 else x for x in b.concept_regions]
+
+    lonely = SceneWorld(SceneSpec(seed=3, images=1, held_out=0))  # one image: no partner, one clear error
+    with pytest.raises(ValueError, match="another image"):
+        learnability.PairMixer(lonely.train, 1.0, seed=1)[0]
