@@ -79,16 +79,25 @@ def free_port() -> int:
 
 
 def clean_env(**extra) -> dict:
-    """The environment for a child run: no launcher variables inherited, CPU accelerator, W&B offline."""
+    """The environment for a child run: no launcher variables inherited, CPU accelerator, W&B offline.
+
+    ``extra`` sets more variables; a value of None removes one (``OMP_NUM_THREADS=None``: torch's default).
+    """
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    env.update({k: str(v) for k, v in extra.items()})
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 
-def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True):
-    """Run ``python -m mvptr_ds.run ARGS`` (or through ``deepspeed --num_gpus N``); return the CompletedProcess."""
+def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True, env=None):
+    """Run ``python -m mvptr_ds.run ARGS`` (or through ``deepspeed --num_gpus N``); return the CompletedProcess.
+
+    ``env``: more variables for :func:`clean_env`."""
     prebuild_deepspeed_ops()
     clear_stale_build_lock()
     if launcher_procs:
@@ -96,7 +105,8 @@ def run_cli(args, timeout=300, launcher_procs=None, cwd=None, check=True):
                "--master_port", str(free_port()), str(REPO / "mvptr_ds" / "run.py")] + list(args)
     else:
         cmd = [sys.executable, "-m", "mvptr_ds.run"] + list(args)
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=clean_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
