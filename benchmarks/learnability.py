@@ -44,10 +44,9 @@ def evaluate_held_out(module, data, source: str, train_images: int = 0) -> dict:
     """
     collator = eval_collator(DataConfig(source=source), data.vocab)
     out = {}
-    for prefix, rset in (("", retrieval_set(data.held_out)),
-                         ("train_", retrieval_set(data.train, max_images=train_images) if train_images else None)):
-        if rset is None:
-            continue
+    splits = [("", data.held_out, None)] + ([("train_", data.train, train_images)] if train_images else [])
+    for prefix, split, max_images in splits:
+        rset = retrieval_set(split, max_images=max_images)
         coarse = evaluate_retrieval(module.backbone, None, rset, collator)
         out.update({f"{prefix}coarse_tr_r1": coarse["tr_r1"], f"{prefix}coarse_ir_r1": coarse["ir_r1"],
                     f"{prefix}r1_chance": coarse["tr_r1_chance"]})
