@@ -22,7 +22,7 @@ DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "triton", "torch", "eager", "flex")
 WANDB_MODES = ("offline", "online", "disabled")
-WPG_NEGATIVE_ENCODINGS = ("joint", "separate")
+WPG_NEGATIVE_ENCODINGS = ("joint", "separate", "shared")
 ITM_NEGATIVES = ("hardest", "sampled", "random")
 FINETUNE_TASKS = ("retrieval", "vqa", "snli_ve", "refcoco")
 RESUME_KEYWORDS = ("auto", "none")
@@ -151,8 +151,12 @@ class ObjectiveConfig:
     wpg_negative_encoding: str = option(
         "separate", "Whose cross-modal states score WPG's negative (caption i, image j): separate (the release) "
         "reuses the two positive encodings, where a sequence-level shortcut meets the hinge; joint encodes the "
-        "pair together (one extra cross-modal pass; phrase grounding learns, see objectives/wpg.py).",
+        "pair together (one extra cross-modal pass); shared encodes caption i with the regions of both images in "
+        "one sequence, and each phrase's softmax over them must favour image i's (no hinge, margin or top-k; "
+        "the best grounding, see objectives/wpg.py).",
         metavar="|".join(WPG_NEGATIVE_ENCODINGS))
+    wpg_temperature: float = option(
+        0.1, "Temperature of the phrase-over-regions softmax of --wpg_negative_encoding shared.")
     itm_negatives: str = option(
         "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
         "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
@@ -180,6 +184,7 @@ class ObjectiveConfig:
         if self.wpg_topk < 1:
             raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
         in_range(self, "objectives", "wpg_margin", 0.0)
+        in_range(self, "objectives", "wpg_temperature", 0.0, low_open=True)
         for name, weight in self.weights:
             if name not in OBJECTIVES:
                 raise ConfigError(f"weight given for unknown objective {name!r}")

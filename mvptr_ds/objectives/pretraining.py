@@ -28,7 +28,7 @@ from mvptr_ds.objectives.itm import itm_loss
 from mvptr_ds.objectives.mcr import mcr_loss
 from mvptr_ds.objectives.mlm import mlm_loss
 from mvptr_ds.objectives.vsc import vsc_loss
-from mvptr_ds.objectives.wpg import wpg_loss
+from mvptr_ds.objectives.wpg import wpg_loss, wpg_shared_loss
 
 NEEDS_CROSS = frozenset({"itm", "mlm", "wpg"})
 HEADS = {"mcr": MaskedTokenHead, "mlm": MaskedTokenHead, "itm": ITMHead}
@@ -89,6 +89,9 @@ class PretrainingModule(nn.Module):
             return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather,
                             negatives=cfg.itm_negatives, exclude_same_image=cfg.exclude_same_image,
                             cap_scale=cfg.cap_logit_scale)
+        if name == "wpg" and cfg.wpg_negative_encoding == "shared":
+            return wpg_shared_loss(outputs, batch, self.wpg_negative_cross(outputs, batch),
+                                   temperature=cfg.wpg_temperature, exclude_same_image=cfg.exclude_same_image)
         if name == "wpg":
             return wpg_loss(outputs, batch, margin=cfg.wpg_margin, topk=cfg.wpg_topk,
                             negative_cross=self.wpg_negative_cross(outputs, batch),
@@ -96,13 +99,18 @@ class PretrainingModule(nn.Module):
         raise ConfigError(f"objective {name!r} is unknown")
 
     def wpg_negative_cross(self, outputs, batch: Batch) -> Optional[torch.Tensor]:
-        """``[B, Lt+Lr, H]`` cross-modal encoding of (caption i, image ``wpg_negative_pair[i]``) for WPG's negatives
-        (``wpg_negative_encoding="joint"``); None for ``"separate"``. Rows without a negative (-1) pair with row 0's
-        image; WPG masks them out."""
-        if self.objective_cfg.wpg_negative_encoding == "separate":
+        """The cross-modal states WPG scores its negative on: ``[B, Lt+Lr, H]`` encoding of (caption i, image
+        ``j = wpg_negative_pair[i]``) for ``wpg_negative_encoding="joint"``; ``[B, Lt+2Lr, H]`` encoding of
+        caption i with image i's regions then image j's for ``"shared"``; None for ``"separate"``. Rows without a
+        negative (-1) pair with row 0's image; WPG masks them out."""
+        encoding = self.objective_cfg.wpg_negative_encoding
+        if encoding == "separate":
             return None
         neg = batch.wpg_negative_pair.clamp(min=0)  # (B,)
         regions = outputs.visual[:, outputs.num_tags:]  # (B, Lr, H)
+        if encoding == "shared":
+            return self.backbone.encode_cross(outputs.text, batch.text_mask, torch.cat([regions, regions[neg]], dim=1),
+                                              torch.cat([batch.region_mask, batch.region_mask[neg]], dim=1))
         return self.backbone.encode_cross(outputs.text, batch.text_mask, regions[neg], batch.region_mask[neg])
 
     def forward(self, batch: Batch) -> ModuleOutput:

@@ -22,6 +22,16 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   regions they name. On the built-in world (tiny model, WPG alone, 400 steps at lr 3e-4, same run
   otherwise) grounding accuracy is 5.0% with ``"separate"`` and 39.6% with ``"joint"`` (chance
   6.7%; the learnability section of ``BENCHMARKS.md``).
+* ``"shared"`` (beyond the release; :func:`wpg_shared_loss`): caption i encoded with the regions of image i
+  *and* of image j in one cross-modal sequence (``shared_cross``, one extra pass over B sequences of
+  ``Lt + 2 Lr`` positions). Each phrase's softmax over all those regions (cosine / ``temperature``) must put
+  its mass on image i's: the loss is ``-log`` of that mass, averaged over the phrases of the pairs that can
+  be scored (multiple-instance learning: which of image i's regions is not said). Both images sit in the
+  same sequence, so nothing a whole sequence shares (e.g. "this caption matches", which ITM teaches the
+  cross-modal encoder to carry) can separate them; only phrase-to-region similarity can. With ``"joint"``
+  the hinge is still met that way once ITM is trained: on the built-in world (tiny model, VSC + ITM +
+  WPG, 600 steps; BENCHMARKS.md) grounding is 19.5% on held-out images and about the same on training
+  images with ``"joint"``, 43.9% with ``"shared"`` (chance 6.7%).
 
 Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
 means. No Python loop over samples and no device-to-host synchronisation. Padded regions get similarity
@@ -112,4 +122,45 @@ def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk:
         metrics = {"pos": torch.where(valid, s_pos, 0.0).sum() / denom,
                    "neg": torch.where(valid, s_neg, 0.0).sum() / denom,
                    "pairs": count.float()}
+    return LossOutput("wpg", loss, metrics)
+
+
+def wpg_shared_loss(outputs: "EncoderOutputs", batch: Batch, shared_cross: torch.Tensor, temperature: float = 0.1,
+                    exclude_same_image: bool = True) -> LossOutput:
+    """``"shared"``: ``-log`` of the softmax mass a phrase of caption i puts on image i's regions when image j's
+    (``j = batch.wpg_negative_pair[i]``) are in the same sequence, averaged over the phrases of scorable pairs.
+
+    ``shared_cross`` ``[B, Lt + 2 Lr, H]``: caption i's positions, then image i's ``Lr`` region positions (mask
+    ``batch.region_mask[i]``), then image j's (mask ``batch.region_mask[j]``)
+    (``PretrainingModule.wpg_negative_cross``). A pair is scored when it has a phrase, a negative pair,
+    regions on both sides and, with ``exclude_same_image``, a different image. Exact 0 (with graph) when
+    none is. Metrics: ``pos`` (mean mass on image i's regions over scored phrases), ``pairs``. ``outputs``
+    only ties ``outputs.cross`` into the graph.
+    """
+    lt, lr = batch.text_mask.shape[1], batch.region_mask.shape[1]
+    if shared_cross.shape[:2] != (batch.text_mask.shape[0], lt + 2 * lr):
+        raise ValueError(f"wpg: shared_cross has shape {tuple(shared_cross.shape)}, expected "
+                         f"({batch.text_mask.shape[0]}, {lt + 2 * lr}, H)")
+    neg = batch.wpg_negative_pair.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
+    own_mask, region_mask = batch.region_mask.bool(), batch.region_mask.bool()[neg]  # (B, Lr) each
+    both = torch.cat([own_mask, region_mask], dim=1)  # (B, 2 Lr)
+    phrases = F.normalize(shared_cross[:, :lt].float(), dim=-1)  # (B, Lt, H)
+    regions = F.normalize(shared_cross[:, lt:].float(), dim=-1)  # (B, 2 Lr, H)
+    logits = torch.bmm(phrases, regions.transpose(1, 2)) / temperature  # (B, Lt, 2 Lr)
+    logits = logits.masked_fill(~both[:, None, :], float("-inf"))
+    valid = (batch.phrase_mask.bool().any(dim=1) & (batch.wpg_negative_pair >= 0) & own_mask.any(dim=1)
+             & region_mask.any(dim=1))  # (B,)
+    if exclude_same_image:
+        valid = valid & (batch.image_ids[neg] != batch.image_ids)
+    scored = batch.phrase_mask.bool() & valid[:, None]  # (B, Lt)
+    # rows without regions would give -inf - -inf; they are not scored, so give them finite logits first
+    logits = torch.where(valid[:, None, None], logits, torch.zeros_like(logits))
+    nll = logits.logsumexp(dim=-1) - logits[:, :, :lr].logsumexp(dim=-1)  # (B, Lt) >= 0
+    nll = torch.where(scored, nll, torch.zeros_like(nll))
+    count = scored.sum()
+    denom = count.clamp(min=1).float()
+    loss = nll.sum() / denom + zero_loss(outputs.cross, shared_cross)
+    with torch.no_grad():
+        metrics = {"pos": torch.where(scored, torch.exp(-nll), 0.0).sum() / denom,
+                   "pairs": valid.float().sum()}
     return LossOutput("wpg", loss, metrics)

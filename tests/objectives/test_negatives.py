@@ -1,4 +1,4 @@
-"""Negative choices of ITM (hardest / sampled / random) and WPG (joint / separate cross-modal states)."""
+"""Negative choices of ITM (hardest / sampled / random) and WPG (joint / separate / shared cross-modal states)."""
 import dataclasses
 import math
 from types import SimpleNamespace
@@ -11,6 +11,7 @@ from mvptr_ds.config import MODEL_PRESETS, ConfigError, DataConfig, ObjectiveCon
 from mvptr_ds.data.batching import BatchContext
 from mvptr_ds.data.pipeline import build_data
 from mvptr_ds.objectives import wpg_loss
+from mvptr_ds.objectives.wpg import wpg_shared_loss
 from mvptr_ds.objectives.itm import blocked_candidates, hardest_negatives, negative_pairs, sampled_negatives
 from mvptr_ds.objectives.pretraining import build_pretraining_module
 from test_wpg import random_case
@@ -99,6 +100,8 @@ def test_objective_config_rejects_unknown_negative_modes():
         ObjectiveConfig(itm_negatives="easy").validate()
     with pytest.raises(ConfigError, match="wpg_negative_encoding='both'"):
         ObjectiveConfig(wpg_negative_encoding="both").validate()
+    with pytest.raises(ConfigError, match="wpg_temperature=0"):
+        ObjectiveConfig(wpg_temperature=0.0).validate()
     with pytest.raises(ConfigError, match="unknown objective 'foo'"):
         ObjectiveConfig(weights=(("foo", 2.0),)).validate()
     with pytest.raises(ConfigError, match="finite number >= 0"):
@@ -155,6 +158,60 @@ def test_wpg_joint_negatives_value_and_gradients(seed):
         wpg_loss(SimpleNamespace(cross=cross), batch, negative_cross=neg_cross[:, :-1])
 
 
+def shared_reference(shared, batch, temperature):
+    """Per scored phrase of caption i: -log of its softmax mass on image i's regions among those of i and j."""
+    lt, lr = batch.phrase_mask.shape[1], batch.region_mask.shape[1]
+    terms = []
+    for i in range(shared.shape[0]):
+        j = int(batch.wpg_negative_pair[i])
+        if j < 0 or batch.image_ids[j] == batch.image_ids[i]:
+            continue
+        own = shared[i, lt:lt + lr][batch.region_mask[i]]
+        other = shared[i, lt + lr:][batch.region_mask[j]]
+        if len(own) == 0 or len(other) == 0:
+            continue
+        for phrase in shared[i, :lt][batch.phrase_mask[i]]:
+            cos = F.normalize(torch.cat([own, other]), dim=-1) @ F.normalize(phrase, dim=0) / temperature
+            terms.append(-torch.log(torch.softmax(cos, dim=0)[:len(own)].sum()))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_wpg_shared_value_and_gradients(seed, temperature):
+    cross, batch = random_case(seed)
+    g = torch.Generator().manual_seed(200 + seed)
+    lt, lr = batch.phrase_mask.shape[1], batch.region_mask.shape[1]
+    shared = torch.randn(cross.shape[0], lt + 2 * lr, cross.shape[2], generator=g)
+    shared[:, lt:lt + lr] *= batch.region_mask[..., None]
+    shared[:, lt + lr:] *= batch.region_mask[batch.wpg_negative_pair.clamp(min=0)][..., None]
+    shared.requires_grad_()
+    out = wpg_shared_loss(SimpleNamespace(cross=cross), batch, shared, temperature=temperature)
+    ref = shared_reference(shared, batch, temperature)
+    assert ref.item() > 0 and out.loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    got, want = torch.autograd.grad(out.loss, shared), torch.autograd.grad(ref, shared)
+    assert torch.allclose(got[0], want[0], atol=1e-5)
+    assert out.metrics["pairs"].item() == 2  # rows 0 and 2; 1 no phrase, 3 no region, 4 same image, 5 none
+    assert 0 < out.metrics["pos"].item() < 1
+    with pytest.raises(ValueError, match="shared_cross has shape"):
+        wpg_shared_loss(SimpleNamespace(cross=cross), batch, shared[:, :-1])
+
+
+def test_wpg_shared_rewards_phrases_near_their_own_image_regions():
+    """A phrase state equal to one of image i's regions scores low; equal to one of image j's, high."""
+    cross, batch = random_case(0)
+    lt, lr = batch.phrase_mask.shape[1], batch.region_mask.shape[1]
+    g = torch.Generator().manual_seed(9)
+    shared = torch.randn(cross.shape[0], lt + 2 * lr, 16, generator=g)
+    grounded, misplaced = shared.clone(), shared.clone()
+    for i in (0, 2):  # the scored rows of random_case(0)
+        grounded[i, :lt][batch.phrase_mask[i]] = shared[i, lt]            # image i's first region
+        misplaced[i, :lt][batch.phrase_mask[i]] = shared[i, lt + lr]      # image j's first region
+    good = wpg_shared_loss(SimpleNamespace(cross=cross), batch, grounded, temperature=0.1).loss.item()
+    bad = wpg_shared_loss(SimpleNamespace(cross=cross), batch, misplaced, temperature=0.1).loss.item()
+    assert good < 1.0 < bad
+
+
 @pytest.fixture(scope="module")
 def world_batch():
     data = build_data(DataConfig(source="synthetic:seed=11,images=24,held_out=0"), ("wpg",))
@@ -184,7 +241,30 @@ def test_joint_negative_cross_is_the_encoding_of_caption_i_with_image_j(world_ba
     assert separate.wpg_negative_cross(outputs, batch) is None
 
 
-@pytest.mark.parametrize("mode", ["joint", "separate"])
+def test_shared_cross_is_caption_i_with_the_regions_of_images_i_and_j(world_batch):
+    cfg, batch = world_batch
+    torch.manual_seed(0)
+    module = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negative_encoding="shared")).eval()
+    lt, lr = batch.text_mask.shape[1], batch.region_mask.shape[1]
+    with torch.no_grad():
+        outputs = module.backbone(batch)
+        shared = module.wpg_negative_cross(outputs, batch)
+        assert shared.shape[1] == lt + 2 * lr
+        regions = outputs.visual[:, outputs.num_tags:]
+        for i, j in enumerate(batch.wpg_negative_pair.clamp(min=0).tolist()):
+            nt, ni, nj = (int(batch.text_mask[i].sum()), int(batch.region_mask[i].sum()),
+                          int(batch.region_mask[j].sum()))
+            alone = module.backbone.encode_cross(
+                outputs.text[i:i + 1, :nt], batch.text_mask[i:i + 1, :nt],
+                torch.cat([regions[i:i + 1, :ni], regions[j:j + 1, :nj]], dim=1),
+                torch.ones(1, ni + nj, dtype=torch.bool))
+            assert torch.allclose(shared[i, :nt], alone[0, :nt], atol=1e-5)
+            assert torch.allclose(shared[i, lt:lt + ni], alone[0, nt:nt + ni], atol=1e-5)
+            assert torch.allclose(shared[i, lt + lr:lt + lr + nj], alone[0, nt + ni:], atol=1e-5)
+            assert shared[i, lt + ni:lt + lr].abs().sum() == 0 and shared[i, lt + lr + nj:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate", "shared"])
 def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_batch, mode):
     cfg, batch = world_batch
     torch.manual_seed(0)
@@ -200,8 +280,14 @@ def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_bat
             outputs.text, batch.text_mask, outputs.visual[:, outputs.num_tags:][batch.wpg_negative_pair.clamp(min=0)],
             batch.region_mask[batch.wpg_negative_pair.clamp(min=0)])).loss.item()
         separate = wpg_loss(outputs, batch).loss.item()
-    assert abs(joint - separate) > 1e-4
-    assert out.losses["wpg"].item() == pytest.approx(joint if mode == "joint" else separate, abs=1e-6)
+        neg = batch.wpg_negative_pair.clamp(min=0)
+        regions = outputs.visual[:, outputs.num_tags:]
+        shared = wpg_shared_loss(outputs, batch, module.backbone.encode_cross(
+            outputs.text, batch.text_mask, torch.cat([regions, regions[neg]], dim=1),
+            torch.cat([batch.region_mask, batch.region_mask[neg]], dim=1))).loss.item()
+    assert abs(joint - separate) > 1e-4 and abs(shared - joint) > 1e-4
+    want = {"joint": joint, "separate": separate, "shared": shared}[mode]
+    assert out.losses["wpg"].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_cold_start_note_only_for_hardest_negatives():
