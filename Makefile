@@ -19,7 +19,7 @@ install:
 DEMO = --model tiny --micro_batch 32 --resume none
 demo: install
 	$(PYTHON) -m mvptr_ds.run --stage 1 --max_steps 20 --lr 2e-4 --warmup_steps 2 --output_dir runs/demo_stage1 $(DEMO)
-	$(PYTHON) -m mvptr_ds.run --stage 2 --objectives vsc,itm,wpg --itm_negatives random --wpg_negative_encoding joint \
+	$(PYTHON) -m mvptr_ds.run --stage 2 --objectives vsc,itm,wpg --itm_negatives random --wpg_negative_encoding shared \
 		--loss_weights wpg=2 --max_steps 600 --lr 3e-4 --warmup_steps 40 --output_dir runs/demo_stage2 --init_from runs/demo_stage1/final $(DEMO)
 	$(PYTHON) -m mvptr_ds.run evaluate --checkpoint runs/demo_stage2/final --output runs/demo_stage2/eval.json
 

@@ -30,21 +30,6 @@ from mvptr_ds.training import host_memory  # noqa: E402
 host_memory._applied = True
 
 
-def pytest_collection_modifyitems(config, items):
-    """Leave out tests marked ``known_regression`` (an expected failure an open issue tracks: it cannot fail CI,
-    so it should not cost CI minutes) unless asked for: ``-m`` naming the marker, or the test's node id given."""
-    if "known_regression" in (config.getoption("markexpr") or ""):
-        return
-    named = {arg.split("[")[0] for arg in config.args if "::" in arg}
-    keep, dropped = [], []
-    for item in items:
-        wanted = any(item.nodeid.split("[")[0].endswith(name.split("tests/", 1)[-1]) for name in named)
-        (dropped if item.get_closest_marker("known_regression") and not wanted else keep).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = keep
-
-
 _DS_OPS_BUILT = False
 
 
