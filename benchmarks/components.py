@@ -9,8 +9,9 @@
    input) vs ``kernels="eager"`` on the batch padded to the authors' fixed 40 + 20 + 50 positions.
 3. WPG negatives: a whole training step (forward + backward of every stage-2 objective) with WPG's
    negatives scored on the joint cross-modal encoding (``wpg_negative_encoding="joint"``; one extra cross-modal pass
-   over B pairs) vs on the two positive encodings (``"separate"``, the release and default), same weights
-   and batch.
+   over B pairs), on one sequence holding caption i with both images' regions (``"shared"``; one extra pass over
+   B sequences of Lt + 2 Lr positions), and on the two positive encodings (``"separate"``, the release and
+   default), same weights and batch.
 4. Loader: batches/s of the full data path (sampling, corruption, collation) at the chosen micro batch with
    0 and 2 workers, at realistic lengths (``benchmarks/realistic.py``).
 Prints one JSON object (and writes it with ``--out``); every ratio is from this one process.
@@ -101,7 +102,7 @@ def bench_wpg_negatives(parts, batch, reps: int) -> dict:
         m.heads = module.heads
         return m
 
-    joint, separate = variant("joint"), variant("separate")
+    joint, separate, shared = variant("joint"), variant("separate"), variant("shared")
 
     def step(m):
         def go():
@@ -110,9 +111,10 @@ def bench_wpg_negatives(parts, batch, reps: int) -> dict:
             m(batch).loss.backward()
         return go
 
-    t_joint, t_separate = best_time(step(joint), reps), best_time(step(separate), reps)
-    return {"joint_step_ms": 1e3 * t_joint, "separate_step_ms": 1e3 * t_separate,
-            "joint_over_separate": t_joint / t_separate, "objectives": ",".join(module.objectives)}
+    t_joint, t_separate, t_shared = (best_time(step(m), reps) for m in (joint, separate, shared))
+    return {"joint_step_ms": 1e3 * t_joint, "separate_step_ms": 1e3 * t_separate, "shared_step_ms": 1e3 * t_shared,
+            "joint_over_separate": t_joint / t_separate, "shared_over_separate": t_shared / t_separate,
+            "objectives": ",".join(module.objectives)}
 
 
 def bench_loader(parts, cfg, info, batches: int) -> dict:

@@ -18,5 +18,6 @@ def test_components_benchmark_runs_and_agrees(tmp_path):
     assert result["encoders"]["padded_positions"] > result["encoders"]["real_positions"] > 0
     assert "wpg" in result["wpg_negatives"]["objectives"].split(",")
     for value in (result["wpg"]["speedup"], result["encoders"]["speedup"], *result["loader"].values(),
-                  result["wpg_negatives"]["joint_step_ms"], result["wpg_negatives"]["separate_step_ms"]):
+                  result["wpg_negatives"]["joint_step_ms"], result["wpg_negatives"]["separate_step_ms"],
+                  result["wpg_negatives"]["shared_step_ms"]):
         assert value > 0
