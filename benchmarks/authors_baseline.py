@@ -122,6 +122,9 @@ class AuthorsStyleModule(PretrainingModule):
         return out
 
     def compute(self, name: str, outputs, batch: Batch) -> LossOutput:
+        if name == "wpg" and self.objective_cfg.wpg_negative_encoding == "shared":
+            raise ValueError("the authors' per-pair WPG loop scores the hinge (separate or joint), not "
+                             "--wpg_negative_encoding shared, which the release does not have")
         if name == "wpg":
             return wpg_loss_per_sample(outputs, batch, margin=self.objective_cfg.wpg_margin,
                                        topk=self.objective_cfg.wpg_topk,

@@ -152,8 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--stage1_lr", type=float, default=2e-4)
     p.add_argument("--objectives", default="vsc,itm,wpg")
     p.add_argument("--itm_negatives", default="random", help="default: the demo's choice (the release: hardest)")
-    p.add_argument("--wpg_negative_encoding", default="joint",
-                   help="default: the demo's choice (the release: separate)")
+    p.add_argument("--wpg_negative_encoding", default="shared",
+                   help="default: the demo's choice (the release: separate; also joint)")
     p.add_argument("--loss_weights", default="")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-4)

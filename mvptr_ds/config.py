@@ -156,7 +156,7 @@ class ObjectiveConfig:
         "the best grounding, see objectives/wpg.py).",
         metavar="|".join(WPG_NEGATIVE_ENCODINGS))
     wpg_temperature: float = option(
-        0.1, "Temperature of the phrase-over-regions softmax of --wpg_negative_encoding shared.")
+        0.1, "Temperature of the phrase-over-regions softmax of --wpg_negative_encoding shared (>= 0.001).")
     itm_negatives: str = option(
         "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
         "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
@@ -184,7 +184,7 @@ class ObjectiveConfig:
         if self.wpg_topk < 1:
             raise ConfigError(f"objectives.wpg_topk={self.wpg_topk}: must be >= 1")
         in_range(self, "objectives", "wpg_margin", 0.0)
-        in_range(self, "objectives", "wpg_temperature", 0.0, low_open=True)
+        in_range(self, "objectives", "wpg_temperature", 1e-3)
         for name, weight in self.weights:
             if name not in OBJECTIVES:
                 raise ConfigError(f"weight given for unknown objective {name!r}")

@@ -33,9 +33,16 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   WPG, 600 steps; BENCHMARKS.md) grounding is 19.5% on held-out images and about the same on training
   images with ``"joint"``, 43.9% with ``"shared"`` (chance 6.7%).
 
+``"shared"`` is harsher than the hinge in one way: every phrase is pushed away from all of image j's regions,
+also from one that shows the same kind of object. With ``exclude_same_image`` off (``--recipe release``) a
+negative of the same image is scored too; its regions are image i's, so such a phrase sits near ln 2 and
+teaches nothing.
+
 Fully batched: one ``[B, Lt, Lr]`` cosine matrix per side, masked top-k, a gather for the pick, masked
 means. No Python loop over samples and no device-to-host synchronisation. Padded regions get similarity
--2 (below any cosine) before the top-k, so every value stays finite and masked terms are exact zeros.
+-2 (below any cosine) before the top-k, so every value stays finite and masked terms are exact zeros. The
+shared loss masks padded regions with -inf inside its softmax; the rows it does not score get finite logits
+first, so no -inf - -inf (nor a NaN gradient) arises.
 """
 from __future__ import annotations
 

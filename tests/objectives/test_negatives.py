@@ -100,8 +100,8 @@ def test_objective_config_rejects_unknown_negative_modes():
         ObjectiveConfig(itm_negatives="easy").validate()
     with pytest.raises(ConfigError, match="wpg_negative_encoding='both'"):
         ObjectiveConfig(wpg_negative_encoding="both").validate()
-    with pytest.raises(ConfigError, match="wpg_temperature=0"):
-        ObjectiveConfig(wpg_temperature=0.0).validate()
+    with pytest.raises(ConfigError, match="wpg_temperature=0.0001: must be a finite number >= 0.001"):
+        ObjectiveConfig(wpg_temperature=1e-4).validate()
     with pytest.raises(ConfigError, match="unknown objective 'foo'"):
         ObjectiveConfig(weights=(("foo", 2.0),)).validate()
     with pytest.raises(ConfigError, match="finite number >= 0"):
@@ -158,13 +158,13 @@ def test_wpg_joint_negatives_value_and_gradients(seed):
         wpg_loss(SimpleNamespace(cross=cross), batch, negative_cross=neg_cross[:, :-1])
 
 
-def shared_reference(shared, batch, temperature):
+def shared_reference(shared, batch, temperature, exclude_same_image=True):
     """Per scored phrase of caption i: -log of its softmax mass on image i's regions among those of i and j."""
     lt, lr = batch.phrase_mask.shape[1], batch.region_mask.shape[1]
     terms = []
     for i in range(shared.shape[0]):
         j = int(batch.wpg_negative_pair[i])
-        if j < 0 or batch.image_ids[j] == batch.image_ids[i]:
+        if j < 0 or (exclude_same_image and batch.image_ids[j] == batch.image_ids[i]):
             continue
         own = shared[i, lt:lt + lr][batch.region_mask[i]]
         other = shared[i, lt + lr:][batch.region_mask[j]]
@@ -180,6 +180,7 @@ def shared_reference(shared, batch, temperature):
 @pytest.mark.parametrize("temperature", [0.1, 1.0])
 def test_wpg_shared_value_and_gradients(seed, temperature):
     cross, batch = random_case(seed)
+    batch.wpg_negative_pair[5] = 3  # row 5 (phrases, regions) now draws a negative image without regions
     g = torch.Generator().manual_seed(200 + seed)
     lt, lr = batch.phrase_mask.shape[1], batch.region_mask.shape[1]
     shared = torch.randn(cross.shape[0], lt + 2 * lr, cross.shape[2], generator=g)
@@ -191,8 +192,14 @@ def test_wpg_shared_value_and_gradients(seed, temperature):
     assert ref.item() > 0 and out.loss.item() == pytest.approx(ref.item(), abs=1e-5)
     got, want = torch.autograd.grad(out.loss, shared), torch.autograd.grad(ref, shared)
     assert torch.allclose(got[0], want[0], atol=1e-5)
-    assert out.metrics["pairs"].item() == 2  # rows 0 and 2; 1 no phrase, 3 no region, 4 same image, 5 none
+    assert out.metrics["pairs"].item() == 2  # rows 0, 2; 1 no phrase, 3 no region, 4 same image, 5 empty negative
     assert 0 < out.metrics["pos"].item() < 1
+    # the release's choice: a negative of the same image (row 4 -> row 1) is scored too
+    kept = wpg_shared_loss(SimpleNamespace(cross=cross), batch, shared, temperature=temperature,
+                           exclude_same_image=False)
+    assert kept.metrics["pairs"].item() == 3
+    assert kept.loss.item() == pytest.approx(shared_reference(shared, batch, temperature, False).item(), abs=1e-5)
+    assert kept.loss.item() != pytest.approx(out.loss.item(), abs=1e-6)
     with pytest.raises(ValueError, match="shared_cross has shape"):
         wpg_shared_loss(SimpleNamespace(cross=cross), batch, shared[:, :-1])
 
@@ -264,6 +271,27 @@ def test_shared_cross_is_caption_i_with_the_regions_of_images_i_and_j(world_batc
             assert shared[i, lt + ni:lt + lr].abs().sum() == 0 and shared[i, lt + lr + nj:].abs().sum() == 0
 
 
+def test_shared_settings_reach_the_loss(world_batch):
+    """The module's shared WPG reads the configured temperature and exclude_same_image, not the defaults."""
+    cfg, batch = world_batch
+    batch = dataclasses.replace(batch, image_ids=batch.image_ids.clone())
+    batch.image_ids[batch.wpg_negative_pair[0]] = batch.image_ids[0]  # row 0's negative now shows its image
+    torch.manual_seed(0)
+    base = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(wpg_negative_encoding="shared")).eval()
+    with torch.no_grad():
+        outputs = base.backbone(batch)
+        shared = base.wpg_negative_cross(outputs, batch)
+        for temperature, exclude in ((0.5, True), (0.1, False)):
+            module = build_pretraining_module(cfg, ("wpg",), ObjectiveConfig(
+                wpg_negative_encoding="shared", wpg_temperature=temperature, exclude_same_image=exclude))
+            module.load_state_dict(base.state_dict())
+            module.eval()
+            want = wpg_shared_loss(outputs, batch, shared, temperature=temperature, exclude_same_image=exclude)
+            default = wpg_shared_loss(outputs, batch, shared)
+            assert abs(want.loss.item() - default.loss.item()) > 1e-4
+            assert module(batch).losses["wpg"].item() == pytest.approx(want.loss.item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["joint", "separate", "shared"])
 def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_batch, mode):
     cfg, batch = world_batch
@@ -274,6 +302,8 @@ def test_wpg_mode_reaches_the_loss_and_every_parameter_gets_a_gradient(world_bat
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.losses["wpg"].item() > 0
     assert all(p.grad is not None for p in module.parameters())
+    cross_grads = [p.grad.abs().sum() for p in module.backbone.cross_encoder.parameters()]
+    assert all(torch.isfinite(g) for g in cross_grads) and sum(cross_grads) > 0
     with torch.no_grad():  # the module's WPG is the loss on this mode's negative states, not the other's
         outputs = module.backbone(batch)
         joint = wpg_loss(outputs, batch, negative_cross=module.backbone.encode_cross(
