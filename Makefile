@@ -16,7 +16,9 @@ install:
 
 # The main job on the built-in corpus, on a machine without a GPU: a short stage 1, stage 2 from it, then
 # evaluation on the world's held-out images (the recipe of BENCHMARKS.md's learnability section; a few minutes).
-DEMO = --model tiny --micro_batch 32 --resume none
+# DATA picks another world (make demo DATA=synthetic:seed=7331). tests/test_learnability.py trains this recipe.
+DATA ?= synthetic
+DEMO = --model tiny --data $(DATA) --micro_batch 32 --resume none
 demo: install
 	$(PYTHON) -m mvptr_ds.run --stage 1 --max_steps 20 --lr 2e-4 --warmup_steps 2 --output_dir runs/demo_stage1 $(DEMO)
 	$(PYTHON) -m mvptr_ds.run --stage 2 --objectives vsc,itm,wpg --itm_negatives random --wpg_negative_encoding shared \

@@ -1,6 +1,6 @@
 """The two-stage recipe learns alignment at both levels on the built-in world (README "Learnability").
 
-The README's commands with a shorter stage 2 (250 of its 600 steps) on a world seed of this test's own
+``make demo``'s commands (read from the Makefile) with a shorter stage 2 (250 of its 600 steps) on a world seed of this test's own
 (5; the acceptance seeds in BENCHMARKS.md are never used by tests), evaluated on the world's held-out
 images: the contrastive ranking at least 5x chance both ways and phrase grounding at least 5x chance (chance
 is 1.56% for R@1 and about 7% for grounding; an untrained or broken model stays near them). ITM re-ranking is
@@ -10,10 +10,12 @@ BENCHMARKS.md). Then the pre-training's phrase grounding is put to use: referrin
 it against the same fine-tuning from scratch.
 """
 import json
+import shlex
+import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # two trainings and a fine-tuning: minutes
 
@@ -21,19 +23,43 @@ SEED = 5
 # One training process: torch's default thread count (the README's commands), not the one thread other CLI tests
 # pin to keep launcher runs from oversubscribing the cores.
 DEFAULT_THREADS = {"OMP_NUM_THREADS": None}
-COMMON = ["--model", "tiny", "--data", f"synthetic:seed={SEED}", "--micro_batch", "32", "--resume", "none",
-          "--wandb", "disabled"]
+STAGE2_STEPS = "250"
+
+
+def demo_commands(data: str):
+    """The mvptr_ds.run arguments of ``make demo DATA=data``, in order (stage 1, stage 2, evaluate): the recipe has
+    one home, the Makefile, and this test trains what it runs."""
+    proc = subprocess.run(["make", "-n", "demo", f"DATA={data}", "PYTHON=python3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("-m mvptr_ds.run", 1)[1]) for line in lines if "-m mvptr_ds.run" in line]
+
+
+def with_values(args, **values):
+    """``args`` with each ``--name value`` pair of ``values`` replaced (the option must be there)."""
+    args = list(args)
+    for name, value in values.items():
+        args[args.index(f"--{name}") + 1] = value
+    return args
+
+
+def test_make_demo_takes_another_world():
+    stage1, stage2, evaluate_args = demo_commands("synthetic:seed=9")
+    assert stage1[:2] == ["--stage", "1"] and stage2[:2] == ["--stage", "2"] and evaluate_args[0] == "evaluate"
+    for args in (stage1, stage2):
+        assert args[args.index("--data") + 1] == "synthetic:seed=9", args
+    assert stage2[stage2.index("--init_from") + 1] == stage1[stage1.index("--output_dir") + 1] + "/final"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    run_cli(["--stage", "1", "--max_steps", "20", "--lr", "2e-4", "--warmup_steps", "2",
-             "--output_dir", str(root / "s1")] + COMMON, timeout=300, env=DEFAULT_THREADS)
-    run_cli(["--stage", "2", "--objectives", "vsc,itm,wpg", "--itm_negatives", "random", "--wpg_negative_encoding", "shared",
-             "--loss_weights", "wpg=2",
-             "--lr", "3e-4", "--max_steps", "250", "--warmup_steps", "40", "--init_from", str(root / "s1" / "final"),
-             "--output_dir", str(root / "s2")] + COMMON, timeout=900, env=DEFAULT_THREADS)
+    stage1, stage2, _ = demo_commands(f"synthetic:seed={SEED}")
+    run_cli(with_values(stage1, output_dir=str(root / "s1")) + ["--wandb", "disabled"], timeout=300,
+            env=DEFAULT_THREADS)
+    run_cli(with_values(stage2, output_dir=str(root / "s2"), init_from=str(root / "s1" / "final"),
+                        max_steps=STAGE2_STEPS) + ["--wandb", "disabled"], timeout=900, env=DEFAULT_THREADS)
     return root / "s2" / "final"
 
 
