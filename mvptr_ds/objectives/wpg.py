@@ -149,14 +149,14 @@ def wpg_shared_loss(outputs: "EncoderOutputs", batch: Batch, shared_cross: torch
         raise ValueError(f"wpg: shared_cross has shape {tuple(shared_cross.shape)}, expected "
                          f"({batch.text_mask.shape[0]}, {lt + 2 * lr}, H)")
     neg = batch.wpg_negative_pair.clamp(min=0)  # (B,) -1 rows read row 0 and are masked out below
-    own_mask, region_mask = batch.region_mask.bool(), batch.region_mask.bool()[neg]  # (B, Lr) each
-    both = torch.cat([own_mask, region_mask], dim=1)  # (B, 2 Lr)
+    own_mask, neg_mask = batch.region_mask.bool(), batch.region_mask.bool()[neg]  # (B, Lr) each
+    both = torch.cat([own_mask, neg_mask], dim=1)  # (B, 2 Lr)
     phrases = F.normalize(shared_cross[:, :lt].float(), dim=-1)  # (B, Lt, H)
     regions = F.normalize(shared_cross[:, lt:].float(), dim=-1)  # (B, 2 Lr, H)
     logits = torch.bmm(phrases, regions.transpose(1, 2)) / temperature  # (B, Lt, 2 Lr)
     logits = logits.masked_fill(~both[:, None, :], float("-inf"))
     valid = (batch.phrase_mask.bool().any(dim=1) & (batch.wpg_negative_pair >= 0) & own_mask.any(dim=1)
-             & region_mask.any(dim=1))  # (B,)
+             & neg_mask.any(dim=1))  # (B,)
     if exclude_same_image:
         valid = valid & (batch.image_ids[neg] != batch.image_ids)
     scored = batch.phrase_mask.bool() & valid[:, None]  # (B, Lt)
