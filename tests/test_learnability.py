@@ -1,13 +1,13 @@
 """The two-stage recipe learns alignment at both levels on the built-in world (README "Learnability").
 
-``make demo``'s commands (read from the Makefile) with a shorter stage 2 (250 of its 600 steps) on a world seed of this test's own
-(5; the acceptance seeds in BENCHMARKS.md are never used by tests), evaluated on the world's held-out
-images: the contrastive ranking at least 5x chance both ways and phrase grounding at least 5x chance (chance
-is 1.56% for R@1 and about 7% for grounding; an untrained or broken model stays near them). ITM re-ranking is
-not asserted: after 250 steps it is still near chance in the text-retrieval direction (measured 2026-11-30:
-re-ranked 1.6 / 3.1 vs coarse 18.8 / 17.2, grounding 46.1 vs chance 6.8), and below the coarse ranking after the README's 600 (issue 16,
-BENCHMARKS.md). Then the pre-training's phrase grounding is put to use: referring expressions fine-tuned from
-it against the same fine-tuning from scratch.
+``make demo``'s commands (read from the Makefile) with a shorter stage 2 (250 of its 600 steps) on a world
+seed of this test's own (5; the acceptance seeds in BENCHMARKS.md are never used by tests), evaluated on the
+world's held-out images: the contrastive ranking at least 5x chance both ways and phrase grounding at least
+5x chance (chance is 1.56% for R@1 and about 7% for grounding; an untrained or broken model stays near them).
+ITM re-ranking is not asserted: after 250 steps it is still near chance in the text-retrieval direction
+(measured 2026-11-30: re-ranked 1.6 / 3.1 vs coarse 18.8 / 17.2, grounding 46.1 vs chance 6.8), and below
+the coarse ranking after the README's 600 (issue 16, BENCHMARKS.md). Then the pre-training's phrase grounding
+is put to use: referring expressions fine-tuned from it against the same fine-tuning from scratch.
 """
 import json
 import shlex
