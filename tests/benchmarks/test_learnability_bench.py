@@ -1,6 +1,7 @@
 """benchmarks/learnability.py end to end at a few steps: every figure present and in range (no bound on them)."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,6 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
 def test_pair_mixer_joins_two_images_consistently():
     from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
     world = SceneWorld(SceneSpec(seed=3, images=12, held_out=0))
-    import numpy as np
     for i in range(4):  # p = 0: the pairs as they are
         got, want = learnability.PairMixer(world.train, 0.0, seed=1)[i], world.train[i]
         assert (got.caption_ids, got.concept_ids, got.tag_ids, got.image_id, got.concept_regions) == \
