@@ -4,7 +4,7 @@
         --loss_weights wpg=2 --steps 600 --lr 3e-4 --eval_every 200 --out run.json
 
 A fast way to compare objective variants (the diagnosis table of BENCHMARKS.md):
-stage 1 (MCR, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from its backbone with the chosen
+stage 1 (``--stage1_objectives``, MCR by default, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from its backbone with the chosen
 objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm, linear warm-up/decay, clipping
 10) and the tiny model; every ``--eval_every`` steps the held-out images are evaluated like ``evaluate``
 does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy with its chance level.
@@ -31,7 +31,7 @@ from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.data.types import Example  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
-from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives  # noqa: E402
+from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives, needs_cross  # noqa: E402
 from mvptr_ds.config_types import name_values  # noqa: E402
 from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
 
@@ -101,8 +101,10 @@ class PairMixer:
 
 
 def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: str, objective_cfg: ObjectiveConfig,
-                init=None, log=print) -> tuple:
-    """Train one stage; returns (module, history of {step, losses..., eval...})."""
+                init=None, log=print, stage: int = 2) -> tuple:
+    """Train one stage; returns (module, history of {step, losses..., eval...}). ``--mix_pairs`` joins the
+    pairs of the stages named by ``--mix_stages``; the held-out evaluation runs when VSC or the cross-modal
+    encoder is trained."""
     data = build_data(DataConfig(source=source), objectives)
     model_cfg = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=data.vocab.vocab_size,
                                     only_word_size=data.vocab.only_word_size)
@@ -112,7 +114,8 @@ def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: st
         module.load_state_dict({k: v for k, v in init.state_dict().items() if k.startswith("backbone.")}, strict=False)
     optimizer = torch.optim.AdamW(decay_groups(module, 0.01), lr=lr)
     schedule = linear_schedule(optimizer, warmup, steps)
-    train = PairMixer(data.train, args.mix_pairs, args.init_seed) if args.mix_pairs else data.train
+    mix = args.mix_pairs if stage in args.mix_stages else 0.0
+    train = PairMixer(data.train, mix, args.init_seed) if mix else data.train
     batches = iter(ResumableLoader(train, data.collator, args.micro_batch, rank=0, world_size=1,
                                    seed=args.init_seed))  # the trainer's data order and corruption
     history, running = [], {}
@@ -130,7 +133,7 @@ def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: st
             row = {"step": step, "seconds": round(time.time() - start, 1),
                    **{k: round(float(np.mean(v)), 4) for k, v in running.items()}}
             running = {}
-            if module.backbone.with_cross:
+            if module.backbone.with_cross or "vsc" in objectives:
                 row.update({k: round(v, 2) for k, v in
                             evaluate_held_out(module, data, source, args.train_images).items()})
             history.append(row)
@@ -148,7 +151,11 @@ def main(argv=None) -> dict:
     p.add_argument("--mix_pairs", type=float, default=0.0,
                    help="probability that a training pair is joined with another image's (PairMixer; 0: off)")
     p.add_argument("--init_seed", type=int, default=0, help="weights, data order and corruption")
+    p.add_argument("--mix_stages", type=lambda v: {int(x) for x in v.split(",")}, default={1, 2},
+                   help="the stages whose pairs --mix_pairs joins, e.g. 1 (default: 1,2)")
+    p.add_argument("--stage1_objectives", default="mcr", help="stage 1's objectives (uni-modal: mcr, vsc)")
     p.add_argument("--stage1_steps", type=int, default=20)
+    p.add_argument("--stage1_warmup", type=int, default=2)
     p.add_argument("--stage1_lr", type=float, default=2e-4)
     p.add_argument("--objectives", default="vsc,itm,wpg")
     p.add_argument("--itm_negatives", default="random", help="default: the demo's choice (the release: hardest)")
@@ -170,13 +177,18 @@ def main(argv=None) -> dict:
                                     itm_negatives=args.itm_negatives,
                                     wpg_negative_encoding=args.wpg_negative_encoding)
     objective_cfg.validate()
-    stage1 = None
+    stage1, stage1_history = None, []
     if args.stage1_steps:
-        stage1, _ = train_stage(("mcr",), args.stage1_steps, args.stage1_lr, min(2, args.stage1_steps), args, source,
-                                objective_cfg)
+        stage1_objectives = check_objectives(tuple(s.strip() for s in args.stage1_objectives.split(",") if s.strip()))
+        if needs_cross(stage1_objectives):
+            p.error(f"--stage1_objectives {args.stage1_objectives}: stage 1 runs the uni-modal encoders only (mcr, vsc)")
+        stage1, stage1_history = train_stage(stage1_objectives, args.stage1_steps, args.stage1_lr,
+                                             min(args.stage1_warmup, args.stage1_steps), args, source, objective_cfg,
+                                             stage=1)
     objectives = check_objectives(tuple(s.strip() for s in args.objectives.split(",") if s.strip()))
     _, history = train_stage(objectives, args.steps, args.lr, args.warmup, args, source, objective_cfg, init=stage1)
-    result = {"args": vars(args), "history": history}
+    result = {"args": {**vars(args), "mix_stages": sorted(args.mix_stages)}, "stage1_history": stage1_history,
+              "history": history}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result

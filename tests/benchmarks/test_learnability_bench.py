@@ -70,3 +70,32 @@ def test_pair_mixer_joins_two_images_consistently():
     lonely = SceneWorld(SceneSpec(seed=3, images=1, held_out=0))  # one image: no partner, one clear error
     with pytest.raises(ValueError, match="another image"):
         learnability.PairMixer(lonely.train, 1.0, seed=1)[0]
+
+
+def test_stage1_objectives_and_mix_stages(monkeypatch):
+    """--stage1_objectives vsc trains the uni-modal contrastive stage (and evaluates it: coarse figures in
+    stage1_history); --mix_stages 1 joins the pairs of stage 1 only; a cross-modal stage-1 objective is refused."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    mixed = []
+    real = learnability.PairMixer
+
+    def recording(base, p, seed):
+        mixed.append(p)
+        return real(base, p, seed)
+
+    monkeypatch.setattr(learnability, "PairMixer", recording)
+    common = ["--seed", "3", "--world", "images=40,held_out=16", "--objectives", "vsc,wpg", "--steps", "2",
+              "--eval_every", "2", "--micro_batch", "8", "--threads", "1", "--mix_pairs", "0.5"]
+    result = learnability.main(common + ["--stage1_objectives", "vsc", "--stage1_steps", "2", "--mix_stages", "1"])
+    assert mixed == [0.5]  # stage 1 joined, stage 2 not
+    (row,) = result["stage1_history"]
+    assert row["step"] == 2 and "vsc" in row and 0 <= row["coarse_tr_r1"] <= 100 and "grounding" not in row
+    assert result["args"]["mix_stages"] == [1] and result["history"][-1]["step"] == 2
+    mixed.clear()
+    result = learnability.main(common + ["--stage1_steps", "2"])  # defaults: MCR in stage 1, both stages joined
+    assert mixed == [0.5, 0.5]
+    (row,) = result["stage1_history"]  # MCR alone: its loss, nothing to evaluate
+    assert "mcr" in row and "coarse_tr_r1" not in row
+    with pytest.raises(SystemExit) as exit_info:
+        learnability.main(common + ["--stage1_objectives", "mcr,itm"])
+    assert exit_info.value.code == 2
