@@ -4,10 +4,10 @@
         --loss_weights wpg=2 --steps 600 --lr 3e-4 --eval_every 200 --out run.json
 
 A fast way to compare objective variants (the diagnosis table of BENCHMARKS.md):
-stage 1 (``--stage1_objectives``, MCR by default, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from its backbone with the chosen
-objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm, linear warm-up/decay, clipping
-10) and the tiny model; every ``--eval_every`` steps the held-out images are evaluated like ``evaluate``
-does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy with its chance level.
+stage 1 (``--stage1_objectives``, MCR by default, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from
+its backbone with the chosen objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm,
+linear warm-up/decay, clipping 10) and the tiny model; every ``--eval_every`` steps the held-out images are
+evaluated like ``evaluate`` does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy with its chance level.
 The README's figures come from the real commands (``make demo``), not from this script; the two differ in
 initial weights and data order, not in the model or the losses.
 """
@@ -64,7 +64,7 @@ class PairMixer:
     pixels): with probability ``p`` example i comes back joined with a random example of another image:
     captions, concepts and tags concatenated, the other image's regions appended (concept-word links and
     concept regions shifted). The joined caption still describes the joined image, and the images the
-    model sees are no longer only the 512 of the world. Both stages' training pairs are joined. The joined
+    model sees are no longer only the 512 of the world. The stages of ``--mix_stages`` are joined. The joined
     pair keeps a's image id only, so a batch row of b's image is still its negative (as in MixGen). An
     experiment of this script, not a trainer option.
     """
@@ -181,7 +181,8 @@ def main(argv=None) -> dict:
     if args.stage1_steps:
         stage1_objectives = check_objectives(tuple(s.strip() for s in args.stage1_objectives.split(",") if s.strip()))
         if needs_cross(stage1_objectives):
-            p.error(f"--stage1_objectives {args.stage1_objectives}: stage 1 runs the uni-modal encoders only (mcr, vsc)")
+            p.error(f"--stage1_objectives {args.stage1_objectives}: stage 1 runs the uni-modal encoders only "
+                    "(mcr, vsc)")
         stage1, stage1_history = train_stage(stage1_objectives, args.stage1_steps, args.stage1_lr,
                                              min(args.stage1_warmup, args.stage1_steps), args, source, objective_cfg,
                                              stage=1)
