@@ -7,7 +7,8 @@ A fast way to compare objective variants (the diagnosis table of BENCHMARKS.md):
 stage 1 (``--stage1_objectives``, MCR by default, ``--stage1_steps`` at ``--stage1_lr``), then stage 2 from
 its backbone with the chosen objectives, the release's optimizer (AdamW, no decay on biases/LayerNorm,
 linear warm-up/decay, clipping 10) and the tiny model; every ``--eval_every`` steps the held-out images are
-evaluated like ``evaluate`` does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy with its chance level.
+evaluated like ``evaluate`` does: coarse R@1, ITM re-ranked R@1 (when ITM is trained) and grounding accuracy
+with its chance level (stage 1 too when it trains VSC: ``stage1_history`` of the result).
 The README's figures come from the real commands (``make demo``), not from this script; the two differ in
 initial weights and data order, not in the model or the losses.
 """
@@ -64,9 +65,9 @@ class PairMixer:
     pixels): with probability ``p`` example i comes back joined with a random example of another image:
     captions, concepts and tags concatenated, the other image's regions appended (concept-word links and
     concept regions shifted). The joined caption still describes the joined image, and the images the
-    model sees are no longer only the 512 of the world. The stages of ``--mix_stages`` are joined. The joined
-    pair keeps a's image id only, so a batch row of b's image is still its negative (as in MixGen). An
-    experiment of this script, not a trainer option.
+    model sees are no longer only the 512 of the world. The training pairs of the stages in ``--mix_stages``
+    are joined. The joined pair keeps a's image id only, so a batch row of b's image is still its negative
+    (as in MixGen). An experiment of this script, not a trainer option.
     """
 
     def __init__(self, base, p: float, seed: int):
@@ -170,6 +171,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="write the result JSON here")
     args = p.parse_args(argv)
+    if not args.mix_stages <= {1, 2}:
+        p.error(f"--mix_stages: stages are 1 and 2, got {','.join(map(str, sorted(args.mix_stages)))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     source = f"synthetic:seed={args.seed}" + (f",{args.world}" if args.world else "")

@@ -74,7 +74,8 @@ def test_pair_mixer_joins_two_images_consistently():
 
 def test_stage1_objectives_and_mix_stages(monkeypatch):
     """--stage1_objectives vsc trains the uni-modal contrastive stage (and evaluates it: coarse figures in
-    stage1_history); --mix_stages 1 joins the pairs of stage 1 only; a cross-modal stage-1 objective is refused."""
+    stage1_history); --mix_stages 1 joins the pairs of stage 1 only; a cross-modal stage-1 objective and a stage
+    other than 1 and 2 are refused."""
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     mixed = []
     real = learnability.PairMixer
@@ -96,6 +97,7 @@ def test_stage1_objectives_and_mix_stages(monkeypatch):
     assert mixed == [0.5, 0.5]
     (row,) = result["stage1_history"]  # MCR alone: its loss, nothing to evaluate
     assert "mcr" in row and "coarse_tr_r1" not in row
-    with pytest.raises(SystemExit) as exit_info:
-        learnability.main(common + ["--stage1_objectives", "mcr,itm"])
-    assert exit_info.value.code == 2
+    for bad in (["--stage1_objectives", "mcr,itm"], ["--mix_stages", "1,3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            learnability.main(common + bad)
+        assert exit_info.value.code == 2
