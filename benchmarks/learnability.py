@@ -33,7 +33,7 @@ from mvptr_ds.data.types import Example  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives, needs_cross  # noqa: E402
-from mvptr_ds.config_types import name_values  # noqa: E402
+from mvptr_ds.config_types import name_values, parse_names  # noqa: E402
 from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
 
 
@@ -182,14 +182,14 @@ def main(argv=None) -> dict:
     objective_cfg.validate()
     stage1, stage1_history = None, []
     if args.stage1_steps:
-        stage1_objectives = check_objectives(tuple(s.strip() for s in args.stage1_objectives.split(",") if s.strip()))
+        stage1_objectives = check_objectives(parse_names(args.stage1_objectives))
         if needs_cross(stage1_objectives):
             p.error(f"--stage1_objectives {args.stage1_objectives}: stage 1 runs the uni-modal encoders only "
                     "(mcr, vsc)")
         stage1, stage1_history = train_stage(stage1_objectives, args.stage1_steps, args.stage1_lr,
                                              min(args.stage1_warmup, args.stage1_steps), args, source, objective_cfg,
                                              stage=1)
-    objectives = check_objectives(tuple(s.strip() for s in args.objectives.split(",") if s.strip()))
+    objectives = check_objectives(parse_names(args.objectives))
     _, history = train_stage(objectives, args.steps, args.lr, args.warmup, args, source, objective_cfg, init=stage1)
     result = {"args": {**vars(args), "mix_stages": sorted(args.mix_stages)}, "stage1_history": stage1_history,
               "history": history}
