@@ -16,8 +16,9 @@ from mvptr_ds.config_types import (ConfigError, at_least, build, in_range, keywo
                                    parse_names, read_json)
 
 OBJECTIVES = ("mcr", "vsc", "itm", "mlm", "wpg")
-# Objectives each stage can run. Stage 1 has no cross-modal encoder, so only MCR applies.
-STAGE_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
+# Objectives each stage can run. Stage 1 has no cross-modal encoder: MCR (the release's stage-1 objective) and
+# VSC (it reads only the uni-modal [CLS] embeddings; a contrastive stage 1 is beyond the release) apply.
+STAGE_OBJECTIVES = {1: ("mcr", "vsc"), 2: OBJECTIVES}
 DEFAULT_OBJECTIVES = {1: ("mcr",), 2: OBJECTIVES}
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "triton", "torch", "eager", "flex")
@@ -197,8 +198,9 @@ class TrainConfig:
     """The training run: engine, schedule, cadence, outputs."""
 
     stage: int = option(
-        2, "1: the uni-modal encoders only, with masked concept recovering (the cross-modal encoder is not run); "
-        "2: the whole model with VSC, ITM, MLM, WPG and MCR (the released recipe).")
+        2, "1: the uni-modal encoders only (the cross-modal encoder is not run), with masked concept recovering "
+        "(the release's stage 1) and optionally VSC (--objectives vsc or mcr,vsc); 2: the whole model with VSC, ITM, "
+        "MLM, WPG and MCR (the released recipe).")
     output_dir: str = option(
         "runs/mvptr", "Run folder: config.json, metrics.jsonl, checkpoints/, final/, wandb/.", short="-o",
         metavar="DIR")

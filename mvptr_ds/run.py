@@ -65,7 +65,7 @@ def finetune(given: Dict[str, Any], eval_only: bool = False):
 
 
 def evaluate(checkpoint: str, given: Dict[str, Any], output: Optional[str] = None, data: Optional[str] = None,
-             tasks: str = "retrieval,grounding", max_images: Optional[int] = None, progress: bool = True):
+             tasks: Optional[str] = None, max_images: Optional[int] = None, progress: bool = True):
     """Evaluate a checkpoint: coarse-to-fine retrieval (R@1/5/10 both ways) and phrase grounding accuracy.
 
     Args:
@@ -74,7 +74,8 @@ def evaluate(checkpoint: str, given: Dict[str, Any], output: Optional[str] = Non
         output: JSON file to write (recalls and accuracies in percent, with the chance levels).
         data: evaluation data; not given: the checkpoint's training source (the built-in world is evaluated on its
             held-out images, a data directory whole).
-        tasks: comma list out of retrieval,grounding.
+        tasks: comma list out of retrieval,grounding; not given: both (a stage-1 model: retrieval, and the output
+            names what was skipped).
         max_images: evaluate only the first N images of the split (and their captions).
         progress: progress bars on stderr.
     """
@@ -84,6 +85,8 @@ def evaluate(checkpoint: str, given: Dict[str, Any], output: Optional[str] = Non
                             max_images=max_images, show_progress=progress)
     if _rank0():
         _summary({k: v for k, v in result.items() if k in ("retrieval", "grounding")})
+        for task, why in result.get("skipped", {}).items():
+            print(f"note: {task} not evaluated: {why}")
 
 
 def embed(checkpoint: str, output: str, given: Dict[str, Any], data: Optional[str] = None, split: str = "held_out",

@@ -39,6 +39,9 @@ def test_objectives_checked_against_stage():
     with pytest.raises(ConfigError, match="'foo' is unknown"):
         RunConfig(objectives=ObjectiveConfig(names=("foo",))).validate()
     assert RunConfig(train=TrainConfig(stage=1)).validate().objective_names == ("mcr",)
+    # VSC reads only the uni-modal [CLS] embeddings: a contrastive stage 1 (beyond the release) is allowed
+    for names in (("vsc",), ("mcr", "vsc")):
+        assert RunConfig(objectives=ObjectiveConfig(names=names), train=TrainConfig(stage=1)).validate()
     assert set(RunConfig(train=TrainConfig(stage=2)).validate().objective_names) == {"mcr", "vsc", "itm", "mlm", "wpg"}
 
 

@@ -8,6 +8,9 @@ Output (recalls and accuracies in percent)::
                    "reranked", "seconds"},
      "grounding": {"accuracy", "chance", "n", "seconds"}, "world_size": W}
 
+Without ``tasks``, both; a stage-1 model (no cross-modal encoder) gets retrieval alone (its contrastive ranking)
+and ``"skipped": {"grounding": reason}`` in the output; asking it for grounding is an error before any work.
+
 One process by default; launched with several (``deepspeed``/``torchrun``), the ITM re-ranking and the
 grounding batches are split over the ranks and rank 0 writes the file.
 """
@@ -44,7 +47,7 @@ def _dist_context():
     return 0, 1, torch.device("cpu")
 
 
-def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Sequence[str] = TASKS,
+def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
              output: Optional[str] = None, eval_cfg: EvalConfig = EvalConfig(), max_images: Optional[int] = None,
              show_progress: bool = True) -> Dict[str, object]:
     """Evaluate ``checkpoint`` on ``tasks`` over ``data`` (default: its training source; module doc)."""
@@ -54,7 +57,7 @@ def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Sequence[str] =
     from mvptr_ds.evaluation.loading import load_eval_data, load_model
     from mvptr_ds.evaluation.retrieval import evaluate_retrieval, retrieval_set
 
-    tasks = parse_tasks(tasks)
+    requested = parse_tasks(tasks) if tasks is not None else None
     eval_cfg.validate()
     if output is not None and os.path.isdir(output):
         raise ConfigError(f"--output {output}: is a directory; give a file name such as {output}/eval.json")
@@ -62,11 +65,20 @@ def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Sequence[str] =
     main = rank == 0
     torch.manual_seed(0)
     model = load_model(checkpoint, device)
+    tasks, skipped = requested or TASKS, {}
+    if not model.backbone.with_cross and "grounding" in tasks:
+        if requested is not None:
+            raise ConfigError(f"{checkpoint}: grounding needs the cross-modal encoder, and this model has none (a "
+                              "stage-1 checkpoint); evaluate a stage-2 model or drop 'grounding' from --tasks")
+        tasks, skipped = tuple(t for t in tasks if t != "grounding"), {
+            "grounding": "a stage-1 model: no cross-modal encoder (retrieval is its contrastive ranking)"}
     bundle, split, split_name = load_eval_data(model, data)
     collator = bundle.collator  # built without objectives: no corruption
     result: Dict[str, object] = {"checkpoint": checkpoint, "weights": model.source,
                                  "data": data or model.config.data.source, "split": split_name,
                                  "world_size": world_size}
+    if skipped:
+        result["skipped"] = skipped
     if "retrieval" in tasks:
         start = time.perf_counter()
         rset = retrieval_set(split, max_images=max_images)

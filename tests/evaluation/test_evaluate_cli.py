@@ -1,5 +1,5 @@
-"""End to end: pre-train the tiny model briefly (stage 1, then stage 2 from it) on a small world, then
-``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: BENCHMARKS.md).
+"""End to end: pre-train the tiny model briefly (stage 1 with MCR and VSC, then stage 2 from it) on a small world,
+then ``evaluate`` and ``embed`` through the CLI (functional checks; learnability numbers: BENCHMARKS.md).
 """
 import json
 import os
@@ -23,8 +23,8 @@ TRAIN = ["--model", "tiny", "--data", WORLD, "--micro_batch", "32", "--lr", "1e-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    run_cli(["--stage", "1", "--max_steps", str(STAGE1_STEPS), "--warmup_steps", "2", "--save_every", "1000",
-             "--output_dir", str(root / "s1")] + TRAIN, timeout=600)
+    run_cli(["--stage", "1", "--objectives", "mcr,vsc", "--max_steps", str(STAGE1_STEPS), "--warmup_steps", "2",
+             "--save_every", "1000", "--output_dir", str(root / "s1")] + TRAIN, timeout=600)
     run_cli(["--stage", "2", "--max_steps", str(STAGE2_STEPS), "--warmup_steps", "1", "--save_every", "1000",
              "--output_dir", str(root / "s2"), "--init_from", str(root / "s1" / "final")] + TRAIN, timeout=900)
     return root
@@ -56,6 +56,27 @@ def test_evaluate_reads_deepspeed_checkpoints_and_limits(trained):
     for key in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
         assert step["retrieval"][key] == pytest.approx(final["retrieval"][key])
     assert final["retrieval"]["n_images"] == 8 and 0 < step["grounding"]["n"]
+
+
+def test_stage1_model_is_evaluated_on_retrieval_alone(trained):
+    """A stage-1 model trained with VSC has a contrastive ranking to evaluate and no cross-modal encoder: by
+    default retrieval alone (coarse, not re-ranked) and the output says grounding was skipped; asking for
+    grounding is an error line before any work."""
+    first = json.loads((trained / "s1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss/mcr", "loss/vsc"} <= set(first), first
+    out = trained / "eval_s1.json"
+    proc = run_cli(["evaluate", "--checkpoint", str(trained / "s1" / "final"), "--output", str(out),
+                    "--no_progress"], timeout=300)
+    result = json.loads(out.read_text())
+    assert "grounding" not in result and "cross-modal encoder" in result["skipped"]["grounding"]
+    assert "note: grounding not evaluated" in proc.stdout
+    ret = result["retrieval"]
+    assert not ret["reranked"] and ret["itm_pairs"] == 0 and ret["tr_r1"] == ret["coarse"]["tr_r1"]
+    bad = run_cli(["evaluate", "--checkpoint", str(trained / "s1" / "final"), "--tasks", "grounding",
+                   "--output", str(trained / "never.json"), "--no_progress"], timeout=300, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
+    assert "grounding needs the cross-modal encoder" in bad.stderr and "encode captions" not in bad.stderr
+    assert not (trained / "never.json").exists()
 
 
 def test_embed_cli_and_encode_api(trained):
