@@ -156,6 +156,12 @@ class ObjectiveConfig:
         "one sequence, and each phrase's softmax over them must favour image i's (no hinge, margin or top-k; "
         "the best grounding, see objectives/wpg.py).",
         metavar="|".join(WPG_NEGATIVE_ENCODINGS))
+    wpg_negatives: str = option(
+        "random", "Which image WPG scores as caption i's negative: random, another in-batch pair's (the release); "
+        "sampled with probability softmax(scale * similarity) over the other images of the batch (as ITM's "
+        "sampled), so that it more often shares objects with image i and the phrases must find the regions "
+        "that differ; or hardest, the most similar (this rank's batch in every case).",
+        metavar="|".join(ITM_NEGATIVES))
     wpg_temperature: float = option(
         0.1, "Temperature of the phrase-over-regions softmax of --wpg_negative_encoding shared (>= 0.001).")
     itm_negatives: str = option(
@@ -179,6 +185,9 @@ class ObjectiveConfig:
         if self.wpg_negative_encoding not in WPG_NEGATIVE_ENCODINGS:
             raise ConfigError(f"objectives.wpg_negative_encoding={self.wpg_negative_encoding!r}: expected one of "
                               f"{', '.join(WPG_NEGATIVE_ENCODINGS)}")
+        if self.wpg_negatives not in ITM_NEGATIVES:
+            raise ConfigError(f"objectives.wpg_negatives={self.wpg_negatives!r}: expected one of "
+                              f"{', '.join(ITM_NEGATIVES)}")
         if self.itm_negatives not in ITM_NEGATIVES:
             raise ConfigError(f"objectives.itm_negatives={self.itm_negatives!r}: expected one of "
                               f"{', '.join(ITM_NEGATIVES)}")
@@ -402,7 +411,7 @@ class RunConfig:
 # The README's recipe table lists these settings with the reason for each correction.
 _RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
     "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negative_encoding": "separate",
-                   "global_negatives": False},
+                   "wpg_negatives": "random", "global_negatives": False},
 }
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "release": {"model": {"use_img_layernorm": False},

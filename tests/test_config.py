@@ -104,11 +104,12 @@ def test_shipped_ds_configs_are_valid():
 def test_recipes_switch_every_correction():
     from mvptr_ds.config import RECIPES, apply_recipe
 
-    release = apply_recipe(RunConfig(objectives=ObjectiveConfig(itm_negatives="random", weights=(("wpg", 2.0),))),
-                           "release").validate()
+    release = apply_recipe(RunConfig(objectives=ObjectiveConfig(itm_negatives="random", wpg_negatives="sampled",
+                                                                weights=(("wpg", 2.0),))), "release").validate()
     assert (release.objectives.exclude_same_image, release.objectives.cap_logit_scale,
             release.train.decay_logit_scale) == (False, False, True)
-    assert (release.objectives.itm_negatives, release.objectives.weights) == ("hardest", ())
+    assert (release.objectives.itm_negatives, release.objectives.wpg_negatives, release.objectives.weights) == \
+        ("hardest", "random", ())
     assert release.model.use_img_layernorm is False and RunConfig().model.use_img_layernorm is True
     # "project" is the defaults, whatever came before; both recipes name the same settings.
     assert apply_recipe(release, "project") == RunConfig()

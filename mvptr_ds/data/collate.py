@@ -200,6 +200,7 @@ class Collator:
         pick_negative = corruption.wpg_picks(B, Lt, gen)
         text_side = corruption.itm_text_side(B, gen)
         itm_draw = gen.random((B, 2), dtype=np.float32)
+        wpg_draw = gen.random(B, dtype=np.float32)  # drawn last: the draws above do not depend on it
         t = torch.from_numpy
         batch = Batch(
             text_ids=t(text_ids),
@@ -219,6 +220,7 @@ class Collator:
             itm_text_side=t(text_side),
             itm_negative_draw=t(itm_draw),
             phrase_regions=t(phrase_regions) if has_regions else None,
+            wpg_negative_draw=t(wpg_draw),
         )
         return batch, counts
 

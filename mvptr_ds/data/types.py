@@ -66,6 +66,7 @@ class Batch:
     itm_negative_draw: torch.Tensor  # [B, 2] float in [0, 1): ITM's sampled/random negative (text side, image side)
     phrase_regions: Optional[torch.Tensor] = None  # [B, Lt] long, true region of each concept (-1 unknown)
     text_type_ids: Optional[torch.Tensor] = None   # [B, Lt] long; None: type 0 everywhere (VQA's tags: type 1)
+    wpg_negative_draw: Optional[torch.Tensor] = None  # [B] float in [0, 1): WPG's sampled negative (wpg_negatives)
 
     @property
     def size(self) -> int:

@@ -28,7 +28,7 @@ from mvptr_ds.objectives.itm import itm_loss
 from mvptr_ds.objectives.mcr import mcr_loss
 from mvptr_ds.objectives.mlm import mlm_loss
 from mvptr_ds.objectives.vsc import vsc_loss
-from mvptr_ds.objectives.wpg import wpg_loss, wpg_shared_loss
+from mvptr_ds.objectives.wpg import mined_negative_pairs, wpg_loss, wpg_shared_loss
 
 NEEDS_CROSS = frozenset({"itm", "mlm", "wpg"})
 HEADS = {"mcr": MaskedTokenHead, "mlm": MaskedTokenHead, "itm": ITMHead}
@@ -89,10 +89,12 @@ class PretrainingModule(nn.Module):
             return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather,
                             negatives=cfg.itm_negatives, exclude_same_image=cfg.exclude_same_image,
                             cap_scale=cfg.cap_logit_scale)
-        if name == "wpg" and cfg.wpg_negative_encoding == "shared":
-            return wpg_shared_loss(outputs, batch, self.wpg_negative_cross(outputs, batch),
-                                   temperature=cfg.wpg_temperature, exclude_same_image=cfg.exclude_same_image)
         if name == "wpg":
+            batch = mined_negative_pairs(outputs, batch, cfg.wpg_negatives, cfg.exclude_same_image,
+                                         cfg.cap_logit_scale)
+            if cfg.wpg_negative_encoding == "shared":
+                return wpg_shared_loss(outputs, batch, self.wpg_negative_cross(outputs, batch),
+                                       temperature=cfg.wpg_temperature, exclude_same_image=cfg.exclude_same_image)
             return wpg_loss(outputs, batch, margin=cfg.wpg_margin, topk=cfg.wpg_topk,
                             negative_cross=self.wpg_negative_cross(outputs, batch),
                             exclude_same_image=cfg.exclude_same_image)

@@ -33,6 +33,15 @@ Whose cross-modal states score the negative ``s(i, j)`` (``ObjectiveConfig.wpg_n
   WPG, 600 steps; BENCHMARKS.md) grounding is 19.5% on held-out images and about the same on training
   images with ``"joint"``, 43.9% with ``"shared"`` (chance 6.7%).
 
+Which pair j is (``ObjectiveConfig.wpg_negatives``, :func:`mined_negative_pairs`): ``"random"`` (the release)
+keeps the data pipeline's uniform draw among the other images' pairs; ``"sampled"`` draws it with probability
+``softmax(scale * S)`` over them (``S`` the contrastive similarity of caption i to the batch's images, ``scale``
+VSC's temperature; as ITM's sampled negatives, from ``batch.wpg_negative_draw``), ``"hardest"`` takes the
+most similar. A similar image tends to hold the same kinds of objects, so its regions differ from image i's
+in attributes and relations, which the phrases must then tell apart. On the built-in world (tiny model,
+stage 1 of VSC on joined pairs, then VSC + ITM + WPG ``"shared"`` weight 4, 600 steps) ``"sampled"`` grounds
+39.3% of the held-out phrases, ``"random"`` 26.4% (chance 6.7%; BENCHMARKS.md, learnability section).
+
 ``"shared"`` is harsher than the hinge in one way: every phrase is pushed away from all of image j's regions,
 also from one that shows the same kind of object. With ``exclude_same_image`` off (``--recipe release``) a
 negative of the same image is scored too; its regions are image i's, so such a phrase sits near ln 2 and
@@ -51,8 +60,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+import dataclasses
+
 from mvptr_ds.data.types import Batch
 from mvptr_ds.objectives.base import LossOutput, zero_loss
+from mvptr_ds.objectives.itm import blocked_candidates, hardest_negatives, sampled_negatives
+from mvptr_ds.objectives.vsc import temperature
 
 if TYPE_CHECKING:
     from mvptr_ds.model.mvptr import EncoderOutputs
@@ -83,6 +96,32 @@ def phrase_region_scores(phrases: torch.Tensor, phrase_mask: torch.Tensor, regio
     scored = phrase_mask & (k_row[:, None] > 0)  # (B, Lt)
     picked = torch.where(scored, picked, torch.zeros_like(picked))
     return picked.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def mined_negative_pairs(outputs: "EncoderOutputs", batch: Batch, mode: str, exclude_same_image: bool = True,
+                         cap_scale: bool = True) -> Batch:
+    """``batch`` with ``wpg_negative_pair`` chosen by ``mode`` (module docstring): ``"random"`` returns it as it
+    is; ``"sampled"`` and ``"hardest"`` pick, per caption i, another pair of this rank's batch from the
+    contrastive similarity of ``outputs.text_embed[i]`` to ``outputs.visual_embed`` (no gradient through the
+    choice), never one showing image i with ``exclude_same_image`` (else never pair i itself); -1 where no
+    pair qualifies."""
+    if mode == "random":
+        return batch
+    if mode not in ("sampled", "hardest"):
+        raise ValueError(f"wpg: negatives mode {mode!r} is not 'random', 'sampled' or 'hardest'")
+    b = batch.image_ids.shape[0]
+    own = torch.arange(b, device=batch.image_ids.device)
+    blocked = blocked_candidates(batch.image_ids, batch.image_ids, own, exclude_same_image)  # (B, B)
+    sim = outputs.text_embed.detach().float() @ outputs.visual_embed.detach().float().t()  # (B, B) caption x image
+    if mode == "hardest":
+        index, valid = hardest_negatives(sim, blocked)
+    else:
+        if batch.wpg_negative_draw is None:
+            raise ValueError("wpg: sampled negatives need the batch's wpg_negative_draw (set by the collator)")
+        scale = temperature(outputs.logit_scale.detach(), cap_scale).reshape(())
+        index, valid = sampled_negatives(sim, blocked, scale, batch.wpg_negative_draw)
+    return dataclasses.replace(batch, wpg_negative_pair=torch.where(valid, index, torch.full_like(index, -1)))
 
 
 def wpg_loss(outputs: "EncoderOutputs", batch: Batch, margin: float = 0.2, topk: int = 3,

@@ -121,3 +121,30 @@ def test_init_from_keeps_or_resets_the_decoders(tmp_path, reset):
     words = target.backbone.embeddings.word_embeddings.weight[:40]
     assert torch.equal(target.heads["mcr"].decoder.weight, words if reset else source.heads["mcr"].decoder.weight)
     assert any("decoders copied" in line for line in lines) == reset
+
+
+@pytest.mark.parametrize("encoding", ["shared", "separate"])
+@pytest.mark.parametrize("mode", ["sampled", "hardest"])
+def test_wpg_scores_the_mined_negative(mode, encoding):
+    """--wpg_negatives sampled|hardest: WPG's loss is the loss of the random mode on the batch whose negative
+    pairs are the mined ones (the mining is the only change), and a batch of one image stays finite."""
+    from mvptr_ds.objectives.wpg import mined_negative_pairs
+
+    torch.manual_seed(0)
+    mined_cfg = ObjectiveConfig(wpg_negatives=mode, wpg_negative_encoding=encoding)
+    module = build_pretraining_module(TINY, ["vsc", "wpg"], mined_cfg).eval()
+    batch = dataclasses.replace(normal_batch(), wpg_negative_draw=torch.tensor([0.1, 0.5, 0.9, 0.3]))
+    out = module(batch)
+    outputs = module.backbone(batch, run_cross=True)
+    chosen = mined_negative_pairs(outputs, batch, mode)
+    assert not torch.equal(chosen.wpg_negative_pair, batch.wpg_negative_pair)  # the case tests something
+    module.objective_cfg = ObjectiveConfig(wpg_negative_encoding=encoding)    # random: the batch's own pairs
+    assert torch.allclose(out.losses["wpg"], module(chosen).losses["wpg"])
+    module.objective_cfg = mined_cfg
+    lonely = dataclasses.replace(degenerate_batch(), wpg_negative_draw=torch.full((3,), 0.5))
+    assert torch.isfinite(module(lonely).loss)
+
+
+def test_wpg_negatives_option_is_checked():
+    with pytest.raises(ConfigError, match="wpg_negatives='easy'"):
+        ObjectiveConfig(wpg_negatives="easy").validate()

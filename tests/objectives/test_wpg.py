@@ -150,3 +150,66 @@ def test_wpg_runs_without_host_sync():
     meta = Batch(**{k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()})
     out = wpg_loss(SimpleNamespace(cross=cross.detach().to("meta")), meta)
     assert out.loss.device.type == "meta" and out.loss.shape == ()
+
+
+def mining_case(exclude_same_image=True):
+    """Four pairs; pairs 0 and 1 show image 7. Caption i's similarity to the images of the batch is ``sim[i]``
+    (unit embeddings in 4-d: text i = e_i rotated towards the image it resembles)."""
+    from mvptr_ds.objectives.wpg import mined_negative_pairs  # noqa: F401 (import checked here)
+    visual = torch.eye(4)
+    sim = torch.tensor([[1.0, 0.9, 0.5, 0.2],    # caption 0: pair 1 shows its own image; next best is 2
+                        [0.9, 1.0, 0.1, 0.6],    # caption 1: best other image is 3
+                        [0.3, 0.8, 1.0, 0.4],    # caption 2: 1
+                        [0.2, 0.1, 0.7, 1.0]])   # caption 3: 2
+    text = sim  # text_embed @ visual_embed^T == sim with visual = I
+    batch = wpg_batch([[0, 1]] * 4, [[1, 1]] * 4, [7, 7, 8, 9], [-1, -1, -1, -1], [[0.0, 0.0]] * 4)
+    outputs = SimpleNamespace(text_embed=text, visual_embed=visual, logit_scale=torch.tensor(math.log(10.0)))
+    return outputs, batch, sim
+
+
+def test_wpg_mined_negatives_hardest_and_random():
+    from mvptr_ds.objectives.wpg import mined_negative_pairs
+
+    outputs, batch, _ = mining_case()
+    assert mined_negative_pairs(outputs, batch, "random") is batch  # the data pipeline's draw, untouched
+    hardest = mined_negative_pairs(outputs, batch, "hardest")
+    assert hardest.wpg_negative_pair.tolist() == [2, 3, 1, 2]  # never a pair of the caption's own image
+    assert batch.wpg_negative_pair.tolist() == [-1] * 4       # the input batch is not modified
+    # The release's rule (only the pair itself excluded): caption 0 takes pair 1, which shows image 7 too.
+    assert mined_negative_pairs(outputs, batch, "hardest", exclude_same_image=False).wpg_negative_pair.tolist() \
+        == [1, 0, 1, 2]
+    lonely = dataclasses_replace(batch, image_ids=torch.tensor([5, 5, 5, 5]))
+    assert mined_negative_pairs(outputs, lonely, "hardest").wpg_negative_pair.tolist() == [-1] * 4
+    with pytest.raises(ValueError, match="negatives mode 'easiest'"):
+        mined_negative_pairs(outputs, batch, "easiest")
+
+
+def test_wpg_mined_negatives_sampled_follow_the_softmax():
+    from mvptr_ds.objectives.wpg import mined_negative_pairs
+
+    outputs, batch, sim = mining_case()
+    with pytest.raises(ValueError, match="wpg_negative_draw"):
+        mined_negative_pairs(outputs, batch, "sampled")
+    allowed = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    probs = torch.softmax((10.0 * sim).masked_fill(~allowed, float("-inf")), dim=1)
+    cdf = probs.cumsum(1)
+    for draw in (0.0, 0.3, 0.6, 0.95, 0.999):
+        drawn = dataclasses_replace(batch, wpg_negative_draw=torch.full((4,), draw))
+        got = mined_negative_pairs(outputs, drawn, "sampled").wpg_negative_pair
+        expected = [int((cdf[i] <= draw * cdf[i, -1]).sum()) for i in range(4)]  # inverse CDF by hand
+        assert got.tolist() == expected, draw
+        assert all(allowed[i, j] for i, j in enumerate(got.tolist()))
+    # Over many draws the frequencies are the softmax (scale e^tau = 10, capped at 100 in general).
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4, 4)
+    for u in torch.rand(n, generator=gen):
+        got = mined_negative_pairs(outputs, dataclasses_replace(batch, wpg_negative_draw=u.repeat(4)), "sampled")
+        counts[torch.arange(4), got.wpg_negative_pair] += 1
+    assert torch.allclose(counts / n, probs, atol=0.03)
+
+
+def dataclasses_replace(batch, **changes):
+    import dataclasses
+
+    return dataclasses.replace(batch, **changes)
