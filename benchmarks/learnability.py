@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mvptr_ds.config import MODEL_PRESETS, DataConfig, ObjectiveConfig  # noqa: E402
 from mvptr_ds.data.batching import ResumableLoader  # noqa: E402
 from mvptr_ds.data.pipeline import build_data  # noqa: E402
-from mvptr_ds.data.types import Example  # noqa: E402
+from mvptr_ds.data.pair_joining import JoinedPairs  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives, needs_cross  # noqa: E402
@@ -60,47 +60,6 @@ def evaluate_held_out(module, data, source: str, train_images: int = 0) -> dict:
     return out
 
 
-class PairMixer:
-    """Training pairs joined at random (MixGen's text concatenation, Hao et al. 2022, with region sets for
-    pixels): with probability ``p`` example i comes back joined with a random example of another image:
-    captions, concepts and tags concatenated, the other image's regions appended (concept-word links and
-    concept regions shifted). The joined caption still describes the joined image, and the images the
-    model sees are no longer only the 512 of the world. The training pairs of the stages in ``--mix_stages``
-    are joined. The joined pair keeps a's image id only, so a batch row of b's image is still its negative
-    (as in MixGen). An experiment of this script, not a trainer option.
-    """
-
-    def __init__(self, base, p: float, seed: int):
-        self.base, self.p, self.rng = base, p, np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> Example:
-        a = self.base[i]
-        if self.rng.random() >= self.p:
-            return a
-        b = a
-        for _ in range(1000):
-            b = self.base[int(self.rng.integers(len(self.base)))]
-            if b.image_id != a.image_id:
-                break
-        else:
-            raise ValueError("--mix_pairs: no pair of another image found (does the world have two images?)")
-        words, regions = len(a.caption_ids), a.regions.shape[0]
-        concept_regions = None  # unknown on both sides stays unknown; one side unknown: -1 for its concepts
-        if a.concept_regions is not None or b.concept_regions is not None:
-            concept_regions = (list(a.concept_regions or [-1] * len(a.concept_ids))
-                               + [r + regions if r >= 0 else r for r in b.concept_regions or [-1] * len(b.concept_ids)])
-        # a's image id: a's other caption still describes the joined image, so it is no negative of it
-        return Example(sample_id=a.sample_id, image_id=a.image_id, caption_ids=a.caption_ids + b.caption_ids,
-                       concept_ids=a.concept_ids + b.concept_ids,
-                       concept_word_links=[list(w) for w in a.concept_word_links]
-                       + [[k + words for k in w] for w in b.concept_word_links],
-                       tag_ids=a.tag_ids + b.tag_ids, regions=np.concatenate([a.regions, b.regions]),
-                       concept_regions=concept_regions)
-
-
 def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: str, objective_cfg: ObjectiveConfig,
                 init=None, log=print, stage: int = 2) -> tuple:
     """Train one stage; returns (module, history of {step, losses..., eval...}). ``--mix_pairs`` joins the
@@ -116,7 +75,7 @@ def train_stage(objectives, steps: int, lr: float, warmup: int, args, source: st
     optimizer = torch.optim.AdamW(decay_groups(module, 0.01), lr=lr)
     schedule = linear_schedule(optimizer, warmup, steps)
     mix = args.mix_pairs if stage in args.mix_stages else 0.0
-    train = PairMixer(data.train, mix, args.init_seed) if mix else data.train
+    train = JoinedPairs(data.train, mix, args.init_seed) if mix else data.train  # the trainer's --join_pairs
     batches = iter(ResumableLoader(train, data.collator, args.micro_batch, rank=0, world_size=1,
                                    seed=args.init_seed))  # the trainer's data order and corruption
     history, running = [], {}
@@ -150,7 +109,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train_images", type=int, default=0,
                    help="also evaluate retrieval on this many training images (train_* figures; 0: off)")
     p.add_argument("--mix_pairs", type=float, default=0.0,
-                   help="probability that a training pair is joined with another image's (PairMixer; 0: off)")
+                   help="probability that a training pair is joined with another image's (the trainer's "
+                        "--join_pairs; 0: off)")
     p.add_argument("--init_seed", type=int, default=0, help="weights, data order and corruption")
     p.add_argument("--mix_stages", type=lambda v: {int(x) for x in v.split(",")}, default={1, 2},
                    help="the stages whose pairs --mix_pairs joins, e.g. 1 (default: 1,2)")

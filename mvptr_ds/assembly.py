@@ -71,7 +71,12 @@ def build(cfg: RunConfig, info) -> RunParts:
 
     data = build_data(cfg.data, cfg.objective_names, cfg.objectives.exclude_same_image)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data.vocab, cfg.data)).validate()
-    loader = training_loader(data.train, data.collator, cfg, info)
+    train = data.train
+    if cfg.data.join_pairs:
+        from mvptr_ds.data.pair_joining import JoinedPairs
+
+        train = JoinedPairs(train, cfg.data.join_pairs, cfg.train.seed)
+    loader = training_loader(train, data.collator, cfg, info)
     gather = global_gather_fn() if cfg.objectives.global_negatives else None
     module = build_pretraining_module(cfg.model, cfg.objective_names, cfg.objectives, gather=gather)
     module.to(info.device)

@@ -124,11 +124,16 @@ class DataConfig:
     max_img_seq_length: int = option(50, "Regions per image.")
     mask_prob: float = option(
         0.15, "Corruption rate of MLM, MCR and concepts (80% [MASK], 10% random, 10% kept).")
+    join_pairs: float = option(
+        0.0, "Pre-training: probability that a training pair is joined with another image's pair (captions, "
+        "concepts, tags and regions concatenated; MixGen-style, data/pair_joining.py), drawn anew each epoch as a "
+        "function of seed, epoch and index (0: off).")
     num_workers: int = option(0, "DataLoader worker processes per rank.")
     prefetch_factor: int = option(2, "Batches each worker prepares ahead.")
 
     def validate(self) -> None:
         in_range(self, "data", "mask_prob", 0.0, 1.0, high_open=False, what=" (a probability)")
+        in_range(self, "data", "join_pairs", 0.0, 1.0, high_open=False, what=" (a probability)")
         for name in ("max_seq_length", "max_tag_length", "max_img_seq_length"):
             if getattr(self, name) < 3:
                 raise ConfigError(f"data.{name} must be >= 3, got {getattr(self, name)}")
@@ -371,6 +376,9 @@ class RunConfig:
                     f"does not run (stage {self.train.stage} can run: {', '.join(allowed)})")
         if not self.objective_names:
             raise ConfigError("no objective selected")
+        if self.data.join_pairs and self.eval.finetune_task is not None:
+            raise ConfigError(f"data.join_pairs={self.data.join_pairs}: joins pre-training pairs only; a fine-tuning "
+                              f"task's ({self.eval.finetune_task}) examples are never joined")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -405,20 +413,21 @@ class RunConfig:
 # from the authors' release, so switching recipes never leaves one behind:
 # * "release": the authors' released code exactly: the three corrections off, the region LayerNorm off (their
 #   pre-training; finetune's retrieval turns it on as theirs does), and each choice that goes
-#   beyond the release (WPG's negative encoding, ITM's negatives, global negatives, loss weights, the
-#   objectives of the stage) at the release's value.
+#   beyond the release (WPG's negative encoding and negatives, ITM's negatives, global negatives, loss weights,
+#   the objectives of the stage, joined pairs) at the release's value.
 # * "project" (the defaults): the same, with the corrections and the region LayerNorm on.
 # The README's recipe table lists these settings with the reason for each correction.
 _RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
     "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negative_encoding": "separate",
                    "wpg_negatives": "random", "global_negatives": False},
+    "data": {"join_pairs": 0.0},
 }
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
-    "release": {"model": {"use_img_layernorm": False},
+    "release": {"model": {"use_img_layernorm": False}, "data": _RELEASE_CHOICES["data"],
                 "objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": False,
                                "cap_logit_scale": False},
                 "train": {"decay_logit_scale": True, "reset_decoders_on_init": True}},
-    "project": {"model": {"use_img_layernorm": True},
+    "project": {"model": {"use_img_layernorm": True}, "data": _RELEASE_CHOICES["data"],
                 "objectives": {**_RELEASE_CHOICES["objectives"], "exclude_same_image": True,
                                "cap_logit_scale": True},
                 "train": {"decay_logit_scale": False, "reset_decoders_on_init": False}},

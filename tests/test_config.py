@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mvptr_ds.config import (MODEL_PRESETS, ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig,
-                             model_config_from)
+from mvptr_ds.config import (MODEL_PRESETS, ConfigError, DataConfig, ModelConfig, ObjectiveConfig, RunConfig,
+                             TrainConfig, model_config_from)
 from mvptr_ds.training.ds_config import build_ds_config, template_precision
 
 
@@ -105,11 +105,13 @@ def test_recipes_switch_every_correction():
     from mvptr_ds.config import RECIPES, apply_recipe
 
     release = apply_recipe(RunConfig(objectives=ObjectiveConfig(itm_negatives="random", wpg_negatives="sampled",
-                                                                weights=(("wpg", 2.0),))), "release").validate()
+                                                                weights=(("wpg", 2.0),)),
+                                     data=DataConfig(join_pairs=0.5)), "release").validate()
     assert (release.objectives.exclude_same_image, release.objectives.cap_logit_scale,
             release.train.decay_logit_scale) == (False, False, True)
     assert (release.objectives.itm_negatives, release.objectives.wpg_negatives, release.objectives.weights) == \
         ("hardest", "random", ())
+    assert release.data.join_pairs == 0.0
     assert release.model.use_img_layernorm is False and RunConfig().model.use_img_layernorm is True
     # "project" is the defaults, whatever came before; both recipes name the same settings.
     assert apply_recipe(release, "project") == RunConfig()

@@ -18,6 +18,7 @@ import torch
 
 from mvptr_ds.data import corruption
 from mvptr_ds.data.collate import BatchContext, BatchError, Collator, TruncationCounts  # noqa: F401 (re-exported)
+from mvptr_ds.data.pair_joining import example_at
 from mvptr_ds.data.types import Batch
 from mvptr_ds.data.worker_buffers import ReleaseTracker, from_wire, to_wire, worker_pool
 
@@ -74,13 +75,14 @@ def step_plan(num_samples: int, epoch: int, position: int, micro_batch: int, ran
 
 
 class _PlannedDataset(torch.utils.data.Dataset):
-    """Dataset over plan keys ``(index, plan_id)`` for the multi-worker path; ``[key] -> (Example, key)``."""
+    """Dataset over plan keys ``(index, epoch, plan, released)`` for the multi-worker path;
+    ``[key] -> (Example, key)`` (the example as that epoch sees it: ``pair_joining.example_at``)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __getitem__(self, key):
-        return self.dataset[key[0]], key
+        return example_at(self.dataset, key[0], key[1]), key
 
 
 class _PlanSampler:
@@ -99,7 +101,7 @@ class _PlanSampler:
             plan = step_plan(len(ld.dataset), epoch, position, ld.micro_batch, ld.rank, ld.world_size, ld.seed,
                              orders)
             released = self.tracker.released()
-            yield [(i, plan, released) for i in plan.indices]
+            yield [(i, e, plan, released) for i, e in zip(plan.indices, plan.context.sample_epochs)]
             epoch, position = plan.next_epoch, plan.next_position
 
 
@@ -112,7 +114,7 @@ class _PlanCollate:
         self.max_regions = getattr(collator, "max_regions", 0)
 
     def __call__(self, items):
-        _, plan, released = items[0][1]
+        _, _, plan, released = items[0][1]
         pool = worker_pool() if self.pooled else None
         if pool is None:
             batch, counts = self.collator.collate([ex for ex, _ in items], plan.context)
@@ -186,7 +188,8 @@ class ResumableLoader:
         while True:
             plan = step_plan(len(self.dataset), self.epoch, self.position, self.micro_batch, self.rank,
                              self.world_size, self.seed, orders)
-            batch, counts = self.collator.collate([self.dataset[i] for i in plan.indices], plan.context)
+            examples = [example_at(self.dataset, i, e) for i, e in zip(plan.indices, plan.context.sample_epochs)]
+            batch, counts = self.collator.collate(examples, plan.context)
             self._yielded(plan, counts)
             yield batch
 

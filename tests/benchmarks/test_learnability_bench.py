@@ -1,7 +1,6 @@
 """benchmarks/learnability.py end to end at a few steps: every figure present and in range (no bound on them)."""
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,50 +40,19 @@ def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives
     assert torch.get_num_threads() == threads
 
 
-def test_pair_mixer_joins_two_images_consistently():
-    from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
-    world = SceneWorld(SceneSpec(seed=3, images=12, held_out=0))
-    for i in range(4):  # p = 0: the pairs as they are
-        got, want = learnability.PairMixer(world.train, 0.0, seed=1)[i], world.train[i]
-        assert (got.caption_ids, got.concept_ids, got.tag_ids, got.image_id, got.concept_regions) == \
-            (want.caption_ids, want.concept_ids, want.tag_ids, want.image_id, want.concept_regions)
-        assert np.array_equal(got.regions, want.regions)
-    mixer = learnability.PairMixer(world.train, 1.0, seed=1)
-    for i in range(len(world.train)):
-        a, joined = world.train[i], mixer[i]
-        # the partner: the one other example whose caption is the joined caption's tail
-        tail = joined.caption_ids[len(a.caption_ids):]
-        b = next(e for e in world.train if e.caption_ids == tail and e.image_id != a.image_id)
-        assert joined.image_id == a.image_id and joined.sample_id == a.sample_id
-        assert joined.caption_ids == a.caption_ids + b.caption_ids
-        assert joined.concept_ids == a.concept_ids + b.concept_ids
-        assert joined.tag_ids == a.tag_ids + b.tag_ids
-        assert np.array_equal(joined.regions, np.concatenate([a.regions, b.regions]))
-        r = a.regions.shape[0]
-        for k, links in enumerate(joined.concept_word_links):  # every link still names its concept's words
-            words = [joined.caption_ids[w] for w in links]
-            src, off = (a, 0) if k < len(a.concept_ids) else (b, len(a.concept_ids))
-            assert words == [src.caption_ids[w] for w in src.concept_word_links[k - off]]
-        assert joined.concept_regions == a.concept_regions + [x + r if x >= 0 else x for x in b.concept_regions]
-
-    lonely = SceneWorld(SceneSpec(seed=3, images=1, held_out=0))  # one image: no partner, one clear error
-    with pytest.raises(ValueError, match="another image"):
-        learnability.PairMixer(lonely.train, 1.0, seed=1)[0]
-
-
 def test_stage1_objectives_and_mix_stages(monkeypatch):
     """--stage1_objectives vsc trains the uni-modal contrastive stage (and evaluates it: coarse figures in
     stage1_history); --mix_stages 1 joins the pairs of stage 1 only; a cross-modal stage-1 objective and a stage
     other than 1 and 2 are refused."""
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     mixed = []
-    real = learnability.PairMixer
+    real = learnability.JoinedPairs
 
     def recording(base, p, seed):
         mixed.append(p)
         return real(base, p, seed)
 
-    monkeypatch.setattr(learnability, "PairMixer", recording)
+    monkeypatch.setattr(learnability, "JoinedPairs", recording)
     common = ["--seed", "3", "--world", "images=40,held_out=16", "--objectives", "vsc,wpg", "--steps", "2",
               "--eval_every", "2", "--micro_batch", "8", "--threads", "1", "--mix_pairs", "0.5"]
     result = learnability.main(common + ["--stage1_objectives", "vsc", "--stage1_steps", "2", "--mix_stages", "1"])

@@ -97,14 +97,16 @@ def test_two_ranks_match_one_process(tmp_path, model_json, reference_run, zero):
 
 
 def test_stop_and_resume_is_exact(tmp_path):
-    """With dropout on: the restored RNG, loader position, optimizer and schedule make the runs bit-identical."""
+    """With dropout on: the restored RNG, loader position, optimizer and schedule make the runs bit-identical,
+    with pairs joined at random too (--join_pairs: a function of seed, epoch and index)."""
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["--stage", "2", "--max_steps", "6", "--micro_batch", "3", "--save_every", "2"]
+    args = ["--stage", "2", "--max_steps", "6", "--micro_batch", "3", "--save_every", "2", "--join_pairs", "0.5"]
     run_cli(common(full, "tiny", *args))
     run_cli(common(part, "tiny", *args, "--stop_after", "3"))
     assert not (part / "final").exists()
     run_cli(common(part, "tiny", *args, "--resume", "auto"))
     ref, got = metrics(full), metrics(part)
+    assert json.loads((part / "config.json").read_text())["data"]["join_pairs"] == 0.5
     assert sorted(got) == list(range(1, 7))
     for step in ref:
         assert ref[step]["loss"] == got[step]["loss"], step
