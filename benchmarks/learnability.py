@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
     p.add_argument("--itm_negatives", default="random", help="default: the demo's choice (the release: hardest)")
     p.add_argument("--wpg_negative_encoding", default="shared",
                    help="default: the demo's choice (the release: separate; also joint)")
+    p.add_argument("--wpg_negatives", default="random", help="WPG's negative image (the trainer's --wpg_negatives)")
     p.add_argument("--loss_weights", default="")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -138,7 +139,8 @@ def main(argv=None) -> dict:
     source = f"synthetic:seed={args.seed}" + (f",{args.world}" if args.world else "")
     objective_cfg = ObjectiveConfig(weights=name_values("--loss_weights", "wpg=3")(args.loss_weights) if args.loss_weights else (),
                                     itm_negatives=args.itm_negatives,
-                                    wpg_negative_encoding=args.wpg_negative_encoding)
+                                    wpg_negative_encoding=args.wpg_negative_encoding,
+                                    wpg_negatives=args.wpg_negatives)
     objective_cfg.validate()
     stage1, stage1_history = None, []
     if args.stage1_steps:

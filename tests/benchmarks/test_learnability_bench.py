@@ -11,7 +11,7 @@ import learnability  # noqa: E402
 
 
 @pytest.mark.parametrize("objectives, negatives, extra", [
-    ("vsc,itm,wpg", "shared", ["--train_images", "4"]),
+    ("vsc,itm,wpg", "shared", ["--train_images", "4", "--wpg_negatives", "sampled"]),
     ("vsc,wpg", "separate", ["--world", "images=40,held_out=16", "--mix_pairs", "0.5"])])
 def test_learnability_sweep_reports_every_figure(tmp_path, objectives, negatives, extra, monkeypatch):
     threads = torch.get_num_threads()
