@@ -39,8 +39,9 @@ keeps the data pipeline's uniform draw among the other images' pairs; ``"sampled
 VSC's temperature; as ITM's sampled negatives, from ``batch.wpg_negative_draw``), ``"hardest"`` takes the
 most similar. A similar image tends to hold the same kinds of objects, so its regions differ from image i's
 in attributes and relations, which the phrases must then tell apart. On the built-in world (tiny model,
-stage 1 of VSC on joined pairs, then VSC + ITM + WPG ``"shared"`` weight 4, 600 steps) ``"sampled"`` grounds
-39.3% of the held-out phrases, ``"random"`` 26.4% (chance 6.7%; BENCHMARKS.md, learnability section).
+stage 1 of VSC on joined pairs, then VSC + ITM + WPG ``"shared"`` weight 4, 600 steps; one run each from the
+same stage 1) ``"sampled"`` grounds 37.8% of the held-out phrases, ``"random"`` 28.9% (chance 6.7%;
+BENCHMARKS.md, learnability section).
 
 ``"shared"`` is harsher than the hinge in one way: every phrase is pushed away from all of image j's regions,
 also from one that shows the same kind of object. With ``exclude_same_image`` off (``--recipe release``) a
