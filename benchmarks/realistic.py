@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from mvptr_ds.data.pair_joining import example_at
 from mvptr_ds.data.types import Example
 
 CAPTION_PIECES = (10, 25)
@@ -36,7 +37,13 @@ class RealisticLengths:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Example:
-        ex = self.dataset[i]
+        return self._realistic(self.dataset[i])
+
+    def example_at(self, i: int, epoch: int) -> Example:
+        """What the loader asks: the wrapped set's example as epoch ``epoch`` sees it (joined pairs differ)."""
+        return self._realistic(example_at(self.dataset, i, epoch))
+
+    def _realistic(self, ex: Example) -> Example:
         rng = np.random.default_rng([self.seed, 11, ex.sample_id])
         words = int(rng.integers(CAPTION_PIECES[0], CAPTION_PIECES[1] + 1))
         concepts = int(rng.integers(CONCEPTS[0], CONCEPTS[1] + 1))
@@ -49,10 +56,10 @@ class RealisticLengths:
 
 
 def realistic_loader(parts, cfg, info):
-    """This rank's loader over ``RealisticLengths(parts.data.train)``, like ``assembly.build``'s."""
+    """This rank's loader over ``RealisticLengths`` of ``assembly.build``'s training set (joined pairs included)."""
     from mvptr_ds.data.batching import ResumableLoader
 
-    return ResumableLoader(RealisticLengths(parts.data.train, cfg.train.seed), parts.data.collator,
+    return ResumableLoader(RealisticLengths(parts.loader.dataset, cfg.train.seed), parts.data.collator,
                            micro_batch=cfg.train.micro_batch, rank=info.rank, world_size=info.world_size,
                            seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                            prefetch_factor=cfg.data.prefetch_factor)

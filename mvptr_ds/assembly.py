@@ -85,9 +85,10 @@ def build(cfg: RunConfig, info) -> RunParts:
 
 def fresh_start_notes(cfg: RunConfig) -> List[str]:
     """Lines the run log shows when the weights start untrained (no ``--init_from``, no resume)."""
-    from mvptr_ds.objectives.itm import cold_start_note
+    from mvptr_ds.objectives import itm, wpg
 
-    return [n for n in (cold_start_note(cfg.objective_names, cfg.objectives.itm_negatives),) if n]
+    return [n for n in (itm.cold_start_note(cfg.objective_names, cfg.objectives.itm_negatives),
+                        wpg.cold_start_note(cfg.objective_names, cfg.objectives.wpg_negatives)) if n]
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:

@@ -125,9 +125,9 @@ class DataConfig:
     mask_prob: float = option(
         0.15, "Corruption rate of MLM, MCR and concepts (80% [MASK], 10% random, 10% kept).")
     join_pairs: float = option(
-        0.0, "Pre-training: probability that a training pair is joined with another image's pair (captions, "
-        "concepts, tags and regions concatenated; MixGen-style, data/pair_joining.py), drawn anew each epoch as a "
-        "function of seed, epoch and index (0: off).")
+        0.0, "Pre-training with MCR and/or VSC: probability that a training pair is joined with another image's pair "
+        "(captions, concepts, tags and regions concatenated; MixGen-style, data/pair_joining.py), drawn anew each "
+        "epoch as a function of seed, epoch and index (0: off).")
     num_workers: int = option(0, "DataLoader worker processes per rank.")
     prefetch_factor: int = option(2, "Batches each worker prepares ahead.")
 
@@ -376,6 +376,11 @@ class RunConfig:
                     f"does not run (stage {self.train.stage} can run: {', '.join(allowed)})")
         if not self.objective_names:
             raise ConfigError("no objective selected")
+        paired = [n for n in ("itm", "wpg") if n in self.objective_names]
+        if self.data.join_pairs and paired and self.eval.finetune_task is None:
+            raise ConfigError(f"data.join_pairs={self.data.join_pairs} with {' and '.join(paired)}: a joined pair keeps "
+                              "its first image's id, so a batch row showing the second image could be drawn as its "
+                              "negative; join pairs in a run of mcr and/or vsc (e.g. --stage 1 --objectives vsc)")
         if self.data.join_pairs and self.eval.finetune_task is not None:
             raise ConfigError(f"data.join_pairs={self.data.join_pairs}: joins pre-training pairs only; a fine-tuning "
                               f"task's ({self.eval.finetune_task}) examples are never joined")

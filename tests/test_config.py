@@ -39,6 +39,10 @@ def test_objectives_checked_against_stage():
     with pytest.raises(ConfigError, match="'foo' is unknown"):
         RunConfig(objectives=ObjectiveConfig(names=("foo",))).validate()
     assert RunConfig(train=TrainConfig(stage=1)).validate().objective_names == ("mcr",)
+    # Stage 1 runs exactly the objectives that do not need the cross-modal encoder (two homes, kept in step)
+    from mvptr_ds.config import OBJECTIVES, STAGE_OBJECTIVES
+    from mvptr_ds.objectives.pretraining import NEEDS_CROSS
+    assert STAGE_OBJECTIVES[1] == tuple(n for n in OBJECTIVES if n not in NEEDS_CROSS)
     # VSC reads only the uni-modal [CLS] embeddings: a contrastive stage 1 (beyond the release) is allowed
     for names in (("vsc",), ("mcr", "vsc")):
         assert RunConfig(objectives=ObjectiveConfig(names=names), train=TrainConfig(stage=1)).validate()

@@ -58,6 +58,12 @@ def sample_generator(seed: int, epoch: int, sample_id: int) -> np.random.Generat
     return generator(1, seed, epoch, sample_id)
 
 
+def join_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Generator for whether, and with which pair, dataset index ``index`` is joined in epoch ``epoch``
+    (``--join_pairs``, :mod:`~mvptr_ds.data.pair_joining`)."""
+    return generator(4, seed, epoch, index)
+
+
 def batch_generator(seed: int, epoch: int, position: int) -> np.random.Generator:
     """Generator for the per-batch draws of the micro batch whose first sample sits at global ``position``.
 

@@ -5,10 +5,11 @@ With probability ``P`` the training pair at dataset index i comes back, in epoch
 another image: captions, concepts and tags concatenated, the other image's regions appended (concept-word
 links and concept regions shifted). The joined caption still describes the joined image, and the images the
 model sees are no longer only the corpus's. Whether i is joined in epoch e, and with which pair, is a function
-of ``(seed, e, i)`` alone (:func:`~mvptr_ds.data.corruption.generator`), so a resumed run, on any number of
-ranks, sees the same joined pairs as an uninterrupted one. The joined pair keeps the first pair's sample and
+of ``(seed, e, i)`` alone (:func:`~mvptr_ds.data.corruption.join_generator`), so a resumed run, on any number
+of ranks, sees the same joined pairs as an uninterrupted one. The joined pair keeps the first pair's sample and
 image ids: the first image's other captions still describe it, so they are never its negatives; a batch row
-showing the second image still is (as in MixGen).
+showing the second image still is VSC's (as in MixGen). ITM and WPG would take such a row as a mismatched
+image, which it is not, so ``RunConfig`` refuses joining beside them (pre-training with MCR and/or VSC only).
 
 The loader asks :meth:`JoinedPairs.example_at` with the epoch; plain indexing (``ds[i]``) gives the pair
 unjoined (evaluation code that indexes a training set sees the corpus as it is).
@@ -22,7 +23,6 @@ import numpy as np
 from mvptr_ds.data import corruption
 from mvptr_ds.data.types import Example
 
-_JOIN_STREAM = 4   # corruption.generator's first value for this draw (1-3: samples, batches, epoch orders)
 _PARTNER_TRIES = 1000
 
 
@@ -58,7 +58,7 @@ class JoinedPairs:
 
     def example_at(self, index: int, epoch: int) -> Example:
         a = self.base[index]
-        gen = corruption.generator(_JOIN_STREAM, self.seed, epoch, index)
+        gen = corruption.join_generator(self.seed, epoch, index)
         if gen.random() >= self.probability:
             return a
         for _ in range(_PARTNER_TRIES):

@@ -3,13 +3,13 @@
 This is the ``nn.Module`` handed to DeepSpeed. Its state dict is ``backbone.*`` plus
 ``heads.{mcr,mlm,itm}.*`` (only the heads of the chosen objectives); the checkpoint converter relies on
 these names. The cross-modal encoder runs only when an objective reads it (ITM, MLM, WPG); stage 1 (MCR
-alone) builds a backbone without it. Objectives are plain functions of (outputs, batch), called by
+and/or VSC) builds a backbone without it. Objectives are plain functions of (outputs, batch), called by
 ``compute`` in the fixed order of ``config.OBJECTIVES``, so every rank runs the same code path.
 
 Every output the backbone computed is tied into the loss with an exact zero (``zero_loss``), so every
 parameter of the module receives a gradient on every step whatever the objectives read: exact zeros for
-the parts no objective uses (stage 1: the textual encoder, the contrastive projections and the logit
-scale; MLM/WPG without ITM: the pooler). ZeRO then sees the same set of gradients on every rank and every
+the parts no objective uses (stage 1 with MCR alone: the textual encoder, the contrastive projections and
+the logit scale; MLM/WPG without ITM: the pooler). ZeRO then sees the same set of gradients on every rank and every
 step. The cost is a backward pass of zeros through those parts.
 """
 from __future__ import annotations

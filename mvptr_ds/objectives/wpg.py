@@ -56,12 +56,11 @@ first, so no -inf - -inf (nor a NaN gradient) arises.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-
-import dataclasses
 
 from mvptr_ds.data.types import Batch
 from mvptr_ds.objectives.base import LossOutput, zero_loss
@@ -97,6 +96,16 @@ def phrase_region_scores(phrases: torch.Tensor, phrase_mask: torch.Tensor, regio
     scored = phrase_mask & (k_row[:, None] > 0)  # (B, Lt)
     picked = torch.where(scored, picked, torch.zeros_like(picked))
     return picked.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+
+
+def cold_start_note(objective_names, wpg_negatives: str) -> str:
+    """The log line for a run that mines WPG's negatives (``sampled``, ``hardest``) on weights nobody trained,
+    else "": until VSC has trained the contrastive similarity the mined image is no nearer than a random one."""
+    if "wpg" not in objective_names or wpg_negatives == "random":
+        return ""
+    return (f"note: --wpg_negatives {wpg_negatives} mines WPG's negative image from the contrastive similarity, "
+            "which a randomly initialised model does not have yet: the first negatives are random ones until VSC "
+            "has trained it (start from a stage 1 with --objectives vsc, or keep --wpg_negatives random)")
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mvptr_ds.config import ConfigError, DataConfig, EvalConfig, RunConfig
-from mvptr_ds.data.batching import Collator, ResumableLoader
+from mvptr_ds.config import ConfigError, DataConfig, EvalConfig, ObjectiveConfig, RunConfig
+from mvptr_ds.data.batching import Collator, ResumableLoader, epoch_permutation, step_plan
 from mvptr_ds.data.pair_joining import JoinedPairs, example_at
 from mvptr_ds.data.synthetic import SceneSpec, SceneWorld
 from mvptr_ds.data.types import Batch
@@ -90,10 +90,13 @@ def test_errors(world):
         DataConfig(join_pairs=1.5).validate()
     with pytest.raises(ConfigError, match="joins pre-training pairs only"):
         RunConfig(data=DataConfig(join_pairs=0.5), eval=EvalConfig(finetune_task="vqa")).validate()
+    with pytest.raises(ConfigError, match="with wpg: a joined pair keeps its first image's id"):
+        RunConfig(data=DataConfig(join_pairs=0.5), objectives=ObjectiveConfig(names=("vsc", "wpg"))).validate()
+    assert RunConfig(data=DataConfig(join_pairs=0.5), objectives=ObjectiveConfig(names=("mlm", "vsc"))).validate()
 
 
-def _batches(dataset, world, n, state=None, **kw):
-    loader = ResumableLoader(dataset, Collator(world.vocab, ALL), 4, 0, 1, seed=5, **kw)
+def _batches(dataset, world, n, state=None, micro=5, **kw):
+    loader = ResumableLoader(dataset, Collator(world.vocab, ALL), micro, 0, 1, seed=5, **kw)
     if state:
         loader.load_state_dict(state)
     return loader, list(itertools.islice(iter(loader), n))
@@ -105,14 +108,30 @@ def _same(a: Batch, b: Batch) -> bool:
 
 
 def test_loader_serves_joined_pairs_alike_inline_with_workers_and_resumed(world):
+    """Micro batches of 5 over 24 pairs: some batches hold samples of two epochs, and each sample is joined
+    as its own epoch draws it."""
     joined = JoinedPairs(world.train, 0.5, seed=5)
-    _, ref = _batches(joined, world, 12)                 # 48 samples: two epochs of 24
+    _, ref = _batches(joined, world, 12)                 # 60 samples: two and a half epochs of 24
+    stream = np.concatenate([epoch_permutation(len(world.train), 5, e) for e in range(3)])
+    collator = Collator(world.vocab, ALL)
+    spanning = 0
+    for step, batch in enumerate(ref):
+        plan = step_plan(len(world.train), 0, 0, 5, 0, 1, 5) if step == 0 else plan_next
+        plan_next = step_plan(len(world.train), plan.next_epoch, plan.next_position, 5, 0, 1, 5)
+        indices = stream[5 * step:5 * step + 5].tolist()
+        epochs = [(5 * step + k) // len(world.train) for k in range(5)]
+        assert list(plan.indices) == indices and list(plan.context.sample_epochs) == epochs
+        spanning += len(set(epochs)) > 1
+        expected, _ = collator.collate([joined.example_at(i, e) for i, e in zip(indices, epochs)], plan.context)
+        assert _same(batch, expected), step
+    assert spanning == 2                                 # steps 4 and 9 cross an epoch boundary
     _, plain = _batches(world.train, world, 12)
     assert any(not _same(x, y) for x, y in zip(ref, plain))
     longer = [int(b.text_mask.sum()) > int(p.text_mask.sum()) for b, p in zip(ref, plain)]
     assert any(longer)                                   # joined rows carry both captions
-    first, head = _batches(joined, world, 5)
-    _, rest = _batches(joined, world, 7, state=first.state_dict())
+    first, head = _batches(joined, world, 4)             # resumed just before the first epoch-spanning batch
+    assert first.state_dict() == {"epoch": 0, "position": 20}
+    _, rest = _batches(joined, world, 8, state=first.state_dict())
     assert all(_same(x, y) for x, y in zip(head + rest, ref))
     _, workers = _batches(joined, world, 12, num_workers=2)
     assert all(_same(x, y) for x, y in zip(workers, ref))

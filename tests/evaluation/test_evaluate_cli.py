@@ -75,8 +75,21 @@ def test_stage1_model_is_evaluated_on_retrieval_alone(trained):
     bad = run_cli(["evaluate", "--checkpoint", str(trained / "s1" / "final"), "--tasks", "grounding",
                    "--output", str(trained / "never.json"), "--no_progress"], timeout=300, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
-    assert "grounding needs the cross-modal encoder" in bad.stderr and "encode captions" not in bad.stderr
+    assert "grounding needs the cross-modal encoder" in bad.stderr
     assert not (trained / "never.json").exists()
+
+
+def test_grounding_on_a_stage1_model_fails_before_reading_data(trained, monkeypatch):
+    import mvptr_ds.evaluation.loading as loading
+    from mvptr_ds.config import ConfigError
+    from mvptr_ds.evaluation.evaluate import evaluate
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the evaluation data was read before the task check")
+
+    monkeypatch.setattr(loading, "load_eval_data", no_data)
+    with pytest.raises(ConfigError, match="grounding needs the cross-modal encoder"):
+        evaluate(str(trained / "s1" / "final"), tasks="retrieval,grounding", show_progress=False)
 
 
 def test_embed_cli_and_encode_api(trained):

@@ -153,8 +153,9 @@ def test_wpg_runs_without_host_sync():
 
 
 def mining_case(exclude_same_image=True):
-    """Four pairs; pairs 0 and 1 show image 7. Caption i's similarity to the images of the batch is ``sim[i]``
-    (unit embeddings in 4-d: text i = e_i rotated towards the image it resembles)."""
+    """Four pairs; pairs 0 and 1 show image 7. Caption i's similarity to the batch's images is ``sim[i]``: the
+    visual embeddings are the unit vectors e_0..e_3 and text i's embedding is the row ``sim[i]`` (not normalised:
+    the mining reads the products as they are)."""
     from mvptr_ds.objectives.wpg import mined_negative_pairs  # noqa: F401 (import checked here)
     visual = torch.eye(4)
     sim = torch.tensor([[1.0, 0.9, 0.5, 0.2],    # caption 0: pair 1 shows its own image; next best is 2
@@ -213,3 +214,11 @@ def dataclasses_replace(batch, **changes):
     import dataclasses
 
     return dataclasses.replace(batch, **changes)
+
+
+def test_cold_start_note_only_for_mined_wpg_negatives():
+    from mvptr_ds.objectives.wpg import cold_start_note
+
+    assert "--wpg_negatives sampled mines" in cold_start_note(("vsc", "wpg"), "sampled")
+    assert "hardest" in cold_start_note(("wpg",), "hardest")
+    assert cold_start_note(("vsc", "wpg"), "random") == "" and cold_start_note(("vsc", "itm"), "sampled") == ""
