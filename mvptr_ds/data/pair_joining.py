@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from mvptr_ds.config_types import ConfigError
 from mvptr_ds.data import corruption
 from mvptr_ds.data.types import Example
 
@@ -65,8 +66,8 @@ class JoinedPairs:
             b = self.base[int(gen.integers(len(self.base)))]
             if b.image_id != a.image_id:
                 return join_examples(a, b)
-        raise ValueError(f"join_pairs: no pair of an image other than {a.image_id} found in {_PARTNER_TRIES} draws "
-                         "(does the training set hold two images?)")
+        raise ConfigError(f"--join_pairs: no pair of an image other than {a.image_id} found in {_PARTNER_TRIES} "
+                          "draws (does the training set hold two images?)")
 
 
 def example_at(dataset, index: int, epoch: int) -> Example:

@@ -82,7 +82,7 @@ def test_draws_are_a_function_of_seed_epoch_and_index(world):
 
 def test_errors(world):
     lonely = SceneWorld(SceneSpec(seed=3, images=1, held_out=0))  # one image: no partner, one clear error
-    with pytest.raises(ValueError, match="no pair of an image other than"):
+    with pytest.raises(ConfigError, match="--join_pairs: no pair of an image other than"):
         JoinedPairs(lonely.train, 1.0, seed=1).example_at(0, 0)
     with pytest.raises(ValueError, match="probability 1.5"):
         JoinedPairs(world.train, 1.5, seed=1)
