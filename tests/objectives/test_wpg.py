@@ -201,13 +201,13 @@ def test_wpg_mined_negatives_sampled_follow_the_softmax():
         assert got.tolist() == expected, draw
         assert all(allowed[i, j] for i, j in enumerate(got.tolist()))
     # Over many draws the frequencies are the softmax (scale e^tau = 10, capped at 100 in general).
-    n = 4000
+    n = 2000
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(4, 4)
     for u in torch.rand(n, generator=gen):
         got = mined_negative_pairs(outputs, dataclasses_replace(batch, wpg_negative_draw=u.repeat(4)), "sampled")
         counts[torch.arange(4), got.wpg_negative_pair] += 1
-    assert torch.allclose(counts / n, probs, atol=0.03)
+    assert torch.allclose(counts / n, probs, atol=0.04)
 
 
 def dataclasses_replace(batch, **changes):
