@@ -376,15 +376,20 @@ class RunConfig:
                     f"does not run (stage {self.train.stage} can run: {', '.join(allowed)})")
         if not self.objective_names:
             raise ConfigError("no objective selected")
-        paired = [n for n in ("itm", "wpg") if n in self.objective_names]
-        if self.data.join_pairs and paired and self.eval.finetune_task is None:
-            raise ConfigError(f"data.join_pairs={self.data.join_pairs} with {' and '.join(paired)}: a joined pair keeps "
-                              "its first image's id, so a batch row showing the second image could be drawn as its "
-                              "negative; join pairs in a run of mcr and/or vsc (e.g. --stage 1 --objectives vsc)")
-        if self.data.join_pairs and self.eval.finetune_task is not None:
+        if self.data.join_pairs:
+            self._check_join_pairs()
+        return self
+
+    def _check_join_pairs(self) -> None:
+        """``--join_pairs`` serves pre-training runs of MCR and/or VSC only."""
+        if self.eval.finetune_task is not None:
             raise ConfigError(f"data.join_pairs={self.data.join_pairs}: joins pre-training pairs only; a fine-tuning "
                               f"task's ({self.eval.finetune_task}) examples are never joined")
-        return self
+        paired = [n for n in ("itm", "wpg") if n in self.objective_names]
+        if paired:
+            raise ConfigError(f"data.join_pairs={self.data.join_pairs} with {' and '.join(paired)}: a joined pair "
+                              "keeps its first image's id, so a batch row showing the second image could be drawn as "
+                              "its negative; join pairs in a run of mcr and/or vsc (e.g. --stage 1 --objectives vsc)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
