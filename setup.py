@@ -35,5 +35,5 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "wheel"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["mvptr_ds=mvptr_ds.run:main"]},
+    entry_points={"console_scripts": ["mvptr_ds=mvptr_ds.run:cli"]},
 )

@@ -386,5 +386,39 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the process as ``sys.exit(code)`` would, without Python's module teardown.
+
+    Every exit handler runs first (``atexit``: W&B, logging, torch.distributed's) and the standard streams are
+    flushed; what is skipped is the interpreter freeing every module: 0.6 s for torch alone, 1.3 s once the
+    optimizer has pulled in torch's compiler stack (measured on the 2-core CPU machine), paid by every rank of every
+    launch (a 4-step tiny run ends 2 s sooner). Nothing of ours is left open by then: files are written through
+    context managers, and non-daemon threads are joined first.
+    """
+    import atexit
+    import threading
+
+    join_threads, run_exit_handlers = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if join_threads is None or run_exit_handlers is None:  # not CPython: the ordinary exit
+        sys.exit(code)
+    join_threads()  # wait for non-daemon threads, as the interpreter does before its exit handlers
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def cli() -> None:
+    """The console script and ``python -m mvptr_ds.run``: :func:`main`, then :func:`exit_without_teardown`."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
