@@ -1,0 +1,126 @@
+"""Where ITM re-ranking loses to the coarse ranking, on a trained model and the built-in world's held-out images.
+
+    python benchmarks/fine_stage.py --checkpoint s2/final [--top 8] [--out fine_stage.json]
+
+Every held-out (caption, image) pair is scored twice: the contrastive similarity ``S`` of the uni-modal
+embeddings and the ITM head's ``logit(match) - logit(no match)`` on the cross-modal encoder (from the cached
+states, as ``evaluate`` does). It prints one JSON object of R@1 (TR, IR; percent) for:
+
+- ``coarse`` (``S``), ``itm`` (ITM on all pairs), ``fused`` (ITM + w e^tau S for each ``--weights`` w),
+  ``centred`` (ITM minus each candidate's mean score: the images' means for IR, the captions' for TR; a large
+  gain would mean a few candidates score high for every query, "hubs");
+- ``near_misses``: the captions whose image is among their ``--top`` coarse candidates (what re-ranking
+  those candidates could put first; ``captions`` counts them), and the wrong images among those candidates,
+  grouped by what they lack of the caption's concept tuples (from the world's scene graphs): ``object`` (an
+  object the caption names), ``attribute`` (only an (object, attribute) pair), ``relation`` (only a relation),
+  ``fits`` (nothing: the caption fits that image too); per group the pairs and the share each score orders
+  right (the true image above the wrong one). The coarse shares are of pairs the coarse ranking itself put
+  near the top, so they are below what the same score gives on pairs drawn at random; the ITM shares are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fit_ranking import image_facts  # noqa: E402
+
+from mvptr_ds.evaluation import retrieval as R  # noqa: E402
+from mvptr_ds.evaluation.metrics import retrieval_recalls  # noqa: E402
+
+
+def near_miss_kind(caption_tuples: Sequence[tuple], facts: set) -> str:
+    """What an image with scene-graph ``facts`` lacks of a caption's tuples (module docstring's groups)."""
+    missing = [t for t in caption_tuples if t not in facts]
+    if not missing:
+        return "fits"
+    if any(len(t) == 1 for t in missing):
+        return "object"
+    return "relation" if all(len(t) == 3 for t in missing) else "attribute"
+
+
+def near_misses(sim: torch.Tensor, itm: torch.Tensor, rset, caption_tuples: List[List[tuple]],
+                image_facts_: List[set], top: int) -> Dict[str, object]:
+    """Pairwise order of each caption's image against the wrong images in its coarse top ``top``, by group,
+    over the captions whose image is among those candidates (module docstring)."""
+    counts = defaultdict(lambda: [0, 0, 0])  # group -> [pairs, coarse right, ITM right]
+    counted = 0
+    for c in range(sim.shape[0]):
+        true = int(rset.caption_image[c])
+        candidates = torch.sort(sim[c], descending=True, stable=True).indices[:top].tolist()
+        wrong = [j for j in candidates if rset.image_key[j] != rset.image_key[true]]
+        if len(wrong) == len(candidates):  # its image is not among them: nothing to re-rank towards
+            continue
+        counted += 1
+        for j in wrong:
+            n = counts[near_miss_kind(caption_tuples[c], image_facts_[j])]
+            n[0] += 1
+            n[1] += int(sim[c, true] > sim[c, j])
+            n[2] += int(itm[c, true] > itm[c, j])
+    groups = {k: {"pairs": n, "coarse_right": round(cr / n, 3), "itm_right": round(ir / n, 3)}
+              for k, (n, cr, ir) in sorted(counts.items())}
+    return {"captions": counted, **groups}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a stage-2 model (a final/ or checkpoint directory)")
+    p.add_argument("--data", default=None, help="a built-in world (default: the checkpoint's)")
+    p.add_argument("--top", type=int, default=8, help="coarse candidates per caption in near_misses")
+    p.add_argument("--weights", default="0.25,1,4", help="comma list of w in fused = ITM + w e^tau S")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    from mvptr_ds.evaluation.loading import load_eval_data, load_model
+
+    model = load_model(args.checkpoint)
+    if model.itm_head is None or not model.backbone.with_cross:
+        sys.exit(f"error: {args.checkpoint} has no ITM head (a stage-2 model trained with itm is needed)")
+    bundle, split, _ = load_eval_data(model, args.data)
+    if bundle.world is None:
+        sys.exit("error: --data must be a built-in world (synthetic:...): near misses need its scene graphs")
+    model.backbone.eval()
+    model.itm_head.eval()
+    rset = R.retrieval_set(split)
+    with torch.no_grad():
+        enc = R.encode_set(model.backbone, rset, bundle.collator, 64, "cpu")
+        sim = enc.text_embed.float() @ enc.visual_embed.float().t()  # (C, I)
+        n_cap, n_img = sim.shape
+        itm = R.itm_pair_scores(model.backbone, model.itm_head, enc, R.all_pairs(n_cap, n_img),
+                                args.batch_size).reshape(n_cap, n_img)
+        scale = float(model.backbone.logit_scale.exp())
+
+    def r1(t2i: torch.Tensor, i2t: torch.Tensor = None) -> List[float]:
+        i2t = t2i.t() if i2t is None else i2t
+        r = retrieval_recalls(i2t.double(), t2i.double(), rset.caption_image, image_key=rset.image_key)
+        return [round(r["tr_r1"], 1), round(r["ir_r1"], 1)]
+
+    world = bundle.world
+    captions = {c.caption_id: c for c in world.captions}
+    images = {im.image_id: im for im in world.images}
+    out = {"checkpoint": args.checkpoint, "source": args.data or model.config.data.source, "images": n_img, "captions": n_cap,
+           "coarse": r1(sim), "itm": r1(itm),
+           "fused": {w: r1(itm + float(w) * scale * sim) for w in args.weights.split(",")},
+           "centred": r1(itm - itm.mean(0, keepdim=True), (itm - itm.mean(1, keepdim=True)).t()),
+           "near_misses": near_misses(
+               sim, itm, rset, [[tuple(t) for t in captions[ex.sample_id].tuples] for ex in rset.captions],
+               [image_facts(images[i]) for i in rset.image_ids], args.top),
+           "command": "python benchmarks/fine_stage.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
