@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fit_ranking import image_facts  # noqa: E402
+from machine import environment  # noqa: E402
 
 from mvptr_ds.evaluation import retrieval as R  # noqa: E402
 from mvptr_ds.evaluation.metrics import retrieval_recalls  # noqa: E402
@@ -115,6 +116,8 @@ def main(argv=None) -> dict:
                sim, itm, rset, [[tuple(t) for t in captions[ex.sample_id].tuples] for ex in rset.captions],
                [image_facts(images[i]) for i in rset.image_ids], args.top),
            "command": "python benchmarks/fine_stage.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    out["machine"] = environment(torch.device("cpu"))
+    out["date"] = out["machine"]["date"]
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

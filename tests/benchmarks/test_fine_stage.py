@@ -54,6 +54,7 @@ def test_script_on_a_trained_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert (got["images"], got["captions"], got["source"]) == (12, 24, source)
+    assert got["date"] and got["command"].startswith("python benchmarks/fine_stage.py --checkpoint")
     for r1 in (got["coarse"], got["itm"], got["centred"], *got["fused"].values()):
         assert len(r1) == 2 and all(0 <= v <= 100 for v in r1)
     assert set(got["fused"]) == {"0.25", "1", "4"}
