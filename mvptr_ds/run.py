@@ -366,7 +366,7 @@ def main(argv=None) -> int:
         if message and _rank0():
             print(message)
     except SystemExit as e:  # --help, --version
-        return e.code if isinstance(e.code, int) else 0
+        return system_exit_code(e)
     except KeyboardInterrupt as e:  # Ctrl-C twice in training (signals.Interrupted), or once elsewhere
         from mvptr_ds.training.signals import EXIT_INTERRUPTED
 
@@ -386,28 +386,55 @@ def main(argv=None) -> int:
     return 0
 
 
+def system_exit_code(e: SystemExit) -> int:
+    """The exit status ``sys.exit(e.code)`` gives: None 0, an int itself, anything else printed to stderr and 1."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
 def exit_without_teardown(code: int) -> None:
     """End the process as ``sys.exit(code)`` would, without Python's module teardown.
 
-    Every exit handler runs first (``atexit``: W&B, logging, torch.distributed's) and the standard streams are
-    flushed; what is skipped is the interpreter freeing every module: 0.6 s for torch alone, 1.3 s once the
-    optimizer has pulled in torch's compiler stack (measured on the 2-core CPU machine), paid by every rank of every
-    launch (a 4-step tiny run ends 2 s sooner). Nothing of ours is left open by then: files are written through
-    context managers, and non-daemon threads are joined first.
+    Non-daemon threads are joined and every exit handler runs (``atexit``: W&B's, logging's, multiprocessing's);
+    an open torch.distributed process group is destroyed (the interpreter's teardown would free it); Python's
+    streams (also ``sys.__stdout__``/``__stderr__`` where a library replaced them) and C's (DeepSpeed's C++
+    extensions print with ``printf``) are flushed. What is skipped is the interpreter freeing every module: 0.6 s for
+    torch alone, 1.3 s once the optimizer has pulled in torch's compiler stack (measured on the 2-core CPU machine),
+    paid by every rank of every launch (a 4-step tiny run ends 2 s sooner). Nothing of ours is left open by then:
+    files are written through context managers. An exception while joining threads is reported and the exit
+    status kept, as the interpreter does.
     """
     import atexit
     import threading
+    import traceback
 
     join_threads, run_exit_handlers = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
     if join_threads is None or run_exit_handlers is None:  # not CPython: the ordinary exit
         sys.exit(code)
-    join_threads()  # wait for non-daemon threads, as the interpreter does before its exit handlers
-    run_exit_handlers()
-    for stream in (sys.stdout, sys.stderr):
+    try:
+        join_threads()  # wait for non-daemon threads, as the interpreter does before its exit handlers
+    except BaseException:  # a failing thread-exit callback or Ctrl-C while waiting: reported, the status kept
+        traceback.print_exc()
+    run_exit_handlers()  # reports and skips a failing handler itself
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):
             pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # C stdio: os._exit skips the C runtime's exit, which would flush it
+    except (OSError, AttributeError, TypeError):
+        pass
     os._exit(code)
 
 
@@ -416,7 +443,7 @@ def cli() -> None:
     try:
         code = main()
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = system_exit_code(e)
     exit_without_teardown(code)
 
 
