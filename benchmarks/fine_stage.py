@@ -12,10 +12,11 @@ states, as ``evaluate`` does). It prints one JSON object of R@1 (TR, IR; percent
 - ``near_misses``: the captions whose image is among their ``--top`` coarse candidates (what re-ranking
   those candidates could put first; ``captions`` counts them), and the wrong images among those candidates,
   grouped by what they lack of the caption's concept tuples (from the world's scene graphs): ``object`` (an
-  object the caption names), ``attribute`` (only an (object, attribute) pair), ``relation`` (only a relation),
-  ``fits`` (nothing: the caption fits that image too); per group the pairs and the share each score orders
-  right (the true image above the wrong one). The coarse shares are of pairs the coarse ranking itself put
-  near the top, so they are below what the same score gives on pairs drawn at random; the ITM shares are not.
+  object the caption names), ``attribute`` (no object; an (object, attribute) pair, and perhaps a relation),
+  ``relation`` (only relations), ``fits`` (nothing: the caption fits that image too); per group the pairs and
+  the share each score orders right (the caption's image, or the best of its duplicates, above the wrong one).
+  The coarse shares are of pairs the coarse ranking itself put near the top, so they are below what the same
+  score gives on pairs drawn at random.
 """
 from __future__ import annotations
 
@@ -55,20 +56,28 @@ def near_misses(sim: torch.Tensor, itm: torch.Tensor, rset, caption_tuples: List
     counts = defaultdict(lambda: [0, 0, 0])  # group -> [pairs, coarse right, ITM right]
     counted = 0
     for c in range(sim.shape[0]):
-        true = int(rset.caption_image[c])
+        right = rset.image_key == rset.image_key[int(rset.caption_image[c])]  # (I,) its image and duplicates
         candidates = torch.sort(sim[c], descending=True, stable=True).indices[:top].tolist()
-        wrong = [j for j in candidates if rset.image_key[j] != rset.image_key[true]]
+        wrong = [j for j in candidates if not right[j]]
         if len(wrong) == len(candidates):  # its image is not among them: nothing to re-rank towards
             continue
         counted += 1
+        best_sim, best_itm = sim[c][right].max(), itm[c][right].max()
         for j in wrong:
             n = counts[near_miss_kind(caption_tuples[c], image_facts_[j])]
             n[0] += 1
-            n[1] += int(sim[c, true] > sim[c, j])
-            n[2] += int(itm[c, true] > itm[c, j])
+            n[1] += int(best_sim > sim[c, j])
+            n[2] += int(best_itm > itm[c, j])
     groups = {k: {"pairs": n, "coarse_right": round(cr / n, 3), "itm_right": round(ir / n, 3)}
               for k, (n, cr, ir) in sorted(counts.items())}
     return {"captions": counted, **groups}
+
+
+def rankings(sim: torch.Tensor, itm: torch.Tensor, scale: float, weights: Sequence[str]) -> Dict[str, object]:
+    """The ``[C, I]`` score matrices the module docstring lists: ``coarse``, ``itm``, ``fused`` (one per weight,
+    keyed by it) and ``centred`` (a pair: the IR matrix centred per image, the TR one per caption)."""
+    return {"coarse": sim, "itm": itm, "fused": {w: itm + float(w) * scale * sim for w in weights},
+            "centred": (itm - itm.mean(0, keepdim=True), itm - itm.mean(1, keepdim=True))}
 
 
 def main(argv=None) -> dict:
@@ -100,18 +109,19 @@ def main(argv=None) -> dict:
                                 args.batch_size).reshape(n_cap, n_img)
         scale = float(model.backbone.logit_scale.exp())
 
-    def r1(t2i: torch.Tensor, i2t: torch.Tensor = None) -> List[float]:
-        i2t = t2i.t() if i2t is None else i2t
-        r = retrieval_recalls(i2t.double(), t2i.double(), rset.caption_image, image_key=rset.image_key)
+    def r1(scores) -> List[float]:
+        """[TR, IR] R@1 of a ``[C, I]`` matrix, or of a pair (the IR matrix, the TR matrix)."""
+        for_ir, for_tr = scores if isinstance(scores, tuple) else (scores, scores)
+        r = retrieval_recalls(for_tr.t().double(), for_ir.double(), rset.caption_image, image_key=rset.image_key)
         return [round(r["tr_r1"], 1), round(r["ir_r1"], 1)]
 
     world = bundle.world
     captions = {c.caption_id: c for c in world.captions}
     images = {im.image_id: im for im in world.images}
+    ranked = rankings(sim, itm, scale, args.weights.split(","))
     out = {"checkpoint": args.checkpoint, "source": args.data or model.config.data.source, "images": n_img, "captions": n_cap,
-           "coarse": r1(sim), "itm": r1(itm),
-           "fused": {w: r1(itm + float(w) * scale * sim) for w in args.weights.split(",")},
-           "centred": r1(itm - itm.mean(0, keepdim=True), (itm - itm.mean(1, keepdim=True)).t()),
+           "coarse": r1(ranked["coarse"]), "itm": r1(ranked["itm"]),
+           "fused": {w: r1(m) for w, m in ranked["fused"].items()}, "centred": r1(ranked["centred"]),
            "near_misses": near_misses(
                sim, itm, rset, [[tuple(t) for t in captions[ex.sample_id].tuples] for ex in rset.captions],
                [image_facts(images[i]) for i in rset.image_ids], args.top),

@@ -25,12 +25,13 @@ def test_near_miss_kind_names_what_the_image_lacks():
 
 def test_near_misses_count_pairs_in_the_coarse_top_k_by_hand():
     """Three captions, four images (3 duplicates image 0's content). Caption 0 (image 0): coarse top 3 = 0, 3, 1;
-    image 3 is the same picture (skipped), image 1 lacks an object: coarse right (0.9 > 0.5), ITM wrong
-    (1.0 < 2.0). Caption 1 (image 2): top 3 = 1, 2, 0; image 1 lacks an attribute (coarse wrong, ITM right),
-    image 0 fits (coarse right, ITM right). Caption 2 (image 1): top 3 = 0, 2, 3, its image is not among them:
-    not counted."""
+    image 3 is the same picture (not a wrong one, and its scores count as the caption's image's: the best of the
+    two), image 1 lacks an object: coarse right (0.9 > 0.5), ITM right only through the duplicate (2.5 > 2.0 >
+    1.0). Caption 1 (image 2): top 3 = 1, 2, 0; image 1 lacks an attribute (coarse wrong, ITM right), image 0
+    fits (coarse right, ITM right). Caption 2 (image 1): top 3 = 0, 2, 3, its image is not among them: not
+    counted."""
     sim = torch.tensor([[0.9, 0.5, 0.1, 0.8], [0.3, 0.7, 0.6, 0.0], [0.9, 0.0, 0.8, 0.7]])
-    itm = torch.tensor([[1.0, 2.0, 0.0, 0.0], [-1.0, 0.5, 3.0, 9.0], [0.0, 5.0, 0.0, 0.0]])
+    itm = torch.tensor([[1.0, 2.0, 0.0, 2.5], [-1.0, 0.5, 3.0, 9.0], [0.0, 5.0, 0.0, 0.0]])
     rset = NS(caption_image=torch.tensor([0, 2, 1]), image_key=torch.tensor([0, 1, 2, 0]))
     tuples = [[("dog",)], [("cat",), ("cat", "black")], [("cat",)]]
     facts = [{("dog",), ("cat",), ("cat", "black")}, {("cat",)}, {("cat",), ("cat", "black")},
@@ -39,7 +40,22 @@ def test_near_misses_count_pairs_in_the_coarse_top_k_by_hand():
     assert got == {"captions": 2,
                    "attribute": {"pairs": 1, "coarse_right": 0.0, "itm_right": 1.0},
                    "fits": {"pairs": 1, "coarse_right": 1.0, "itm_right": 1.0},
-                   "object": {"pairs": 1, "coarse_right": 1.0, "itm_right": 0.0}}
+                   "object": {"pairs": 1, "coarse_right": 1.0, "itm_right": 1.0}}
+
+
+def test_rankings_fuse_and_centre_on_the_right_axes():
+    """Two captions x three images. Image 2 scores high with every caption (a hub): centring per image
+    (the IR matrix) removes it, so each caption's best image becomes its own (0, 1); centring per caption (the TR
+    matrix) keeps each column's order of captions. Fusion adds w * scale * S."""
+    sim = torch.tensor([[0.5, 0.1, 0.0], [0.0, 0.4, 0.2]])
+    itm = torch.tensor([[1.0, -1.0, 3.0], [-2.0, 0.0, 2.0]])
+    got = fine_stage.rankings(sim, itm, scale=10.0, weights=["0.5"])
+    assert torch.equal(got["coarse"], sim) and torch.equal(got["itm"], itm)
+    torch.testing.assert_close(got["fused"]["0.5"], torch.tensor([[3.5, -0.5, 3.0], [-2.0, 2.0, 3.0]]))
+    for_ir, for_tr = got["centred"]
+    torch.testing.assert_close(for_ir, torch.tensor([[1.5, -0.5, 0.5], [-1.5, 0.5, -0.5]]))  # minus column means
+    torch.testing.assert_close(for_tr, torch.tensor([[0.0, -2.0, 2.0], [-2.0, 0.0, 2.0]]))  # minus row means
+    assert itm.argmax(1).tolist() == [2, 2] and for_ir.argmax(1).tolist() == [0, 1]
 
 
 def test_script_on_a_trained_model(tmp_path):
