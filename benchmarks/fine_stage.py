@@ -3,8 +3,9 @@
     python benchmarks/fine_stage.py --checkpoint s2/final [--top 8] [--out fine_stage.json]
 
 Every held-out (caption, image) pair is scored twice: the contrastive similarity ``S`` of the uni-modal
-embeddings and the ITM head's ``logit(match) - logit(no match)`` on the cross-modal encoder (from the cached
-states, as ``evaluate`` does). It prints one JSON object of R@1 (TR, IR; percent) for:
+embeddings and the ITM score re-ranking uses, the head's ``logit(match) - logit(no match)`` on the cross-modal
+encoder (from the cached states, as ``evaluate`` does; plus ``e^tau S`` for a model trained with ``--itm_prior``).
+It prints one JSON object of R@1 (TR, IR; percent) for:
 
 - ``coarse`` (``S``), ``itm`` (ITM on all pairs), ``fused`` (ITM + w e^tau S for each ``--weights`` w),
   ``centred`` (ITM minus each candidate's mean score: the images' means for IR, the captions' for TR; a large
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
         sim = enc.text_embed.float() @ enc.visual_embed.float().t()  # (C, I)
         n_cap, n_img = sim.shape
         itm = R.itm_pair_scores(model.backbone, model.itm_head, enc, R.all_pairs(n_cap, n_img),
-                                args.batch_size).reshape(n_cap, n_img)
+                                args.batch_size).reshape(n_cap, n_img) + model.itm_prior_scale * sim
         scale = float(model.backbone.logit_scale.exp())
 
     def r1(scores) -> List[float]:

@@ -32,6 +32,7 @@ from mvptr_ds.data.pipeline import build_data  # noqa: E402
 from mvptr_ds.data.pair_joining import JoinedPairs  # noqa: E402
 from mvptr_ds.evaluation.grounding import evaluate_grounding  # noqa: E402
 from mvptr_ds.evaluation.retrieval import eval_collator, evaluate_retrieval, retrieval_set  # noqa: E402
+from mvptr_ds.objectives.itm import prior_scale  # noqa: E402
 from mvptr_ds.objectives.pretraining import build_pretraining_module, check_objectives, needs_cross  # noqa: E402
 from mvptr_ds.config_types import name_values, parse_names  # noqa: E402
 from mvptr_ds.training.optim import decay_groups, linear_schedule  # noqa: E402
@@ -52,7 +53,9 @@ def evaluate_held_out(module, data, source: str, train_images: int = 0) -> dict:
         out.update({f"{prefix}coarse_tr_r1": coarse["tr_r1"], f"{prefix}coarse_ir_r1": coarse["ir_r1"],
                     f"{prefix}r1_chance": coarse["tr_r1_chance"]})
         if "itm" in module.heads:
-            fine = evaluate_retrieval(module.backbone, module.heads["itm"], rset, collator)
+            oc = module.objective_cfg
+            fine = evaluate_retrieval(module.backbone, module.heads["itm"], rset, collator, itm_prior_scale=prior_scale(
+                module.backbone.logit_scale, oc.itm_prior, oc.cap_logit_scale))
             out.update({f"{prefix}itm_tr_r1": fine["tr_r1"], f"{prefix}itm_ir_r1": fine["ir_r1"]})
     if module.backbone.with_cross:
         g = evaluate_grounding(module.backbone, data.held_out, collator)
@@ -123,6 +126,8 @@ def main(argv=None) -> dict:
     p.add_argument("--wpg_negative_encoding", default="shared",
                    help="default: the demo's choice (the release: separate; also joint)")
     p.add_argument("--wpg_negatives", default="random", help="WPG's negative image (the trainer's --wpg_negatives)")
+    p.add_argument("--itm_prior", action="store_true", help="ITM as a correction of the contrastive score (the "
+                   "trainer's --itm_prior)")
     p.add_argument("--loss_weights", default="")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
     objective_cfg = ObjectiveConfig(weights=name_values("--loss_weights", "wpg=3")(args.loss_weights) if args.loss_weights else (),
                                     itm_negatives=args.itm_negatives,
                                     wpg_negative_encoding=args.wpg_negative_encoding,
-                                    wpg_negatives=args.wpg_negatives)
+                                    wpg_negatives=args.wpg_negatives, itm_prior=args.itm_prior)
     objective_cfg.validate()
     stage1, stage1_history = None, []
     if args.stage1_steps:

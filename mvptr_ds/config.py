@@ -173,6 +173,11 @@ class ObjectiveConfig:
         "hardest", "ITM negatives: hardest in-batch (the release); sampled with probability softmax(scale * "
         "similarity) over the other images' pairs (as ALBEF); or random among them (what a small model trained "
         "from scratch, like the built-in demo's, learns from fastest).", metavar="|".join(ITM_NEGATIVES))
+    itm_prior: bool = option(
+        False, "ITM scores a pair as the head's logit(match) - logit(no match) plus e^tau S, the contrastive "
+        "similarity at VSC's temperature (no gradient through it), in training and in re-ranking: the head "
+        "learns what the contrastive score misses and re-ranking starts from the coarse ranking (beyond the "
+        "release, whose ITM is the head alone).")
     global_negatives: bool = option(
         False, "Contrastive negatives and ITM hard negatives from all ranks (beyond the release).")
     exclude_same_image: bool = option(
@@ -422,14 +427,14 @@ class RunConfig:
 # options given on the command line, which win. Each recipe names every setting where the project departs
 # from the authors' release, so switching recipes never leaves one behind:
 # * "release": the authors' released code exactly: the three corrections off, the region LayerNorm off (their
-#   pre-training; finetune's retrieval turns it on as theirs does), and each choice that goes
-#   beyond the release (WPG's negative encoding and negatives, ITM's negatives, global negatives, loss weights,
+#   pre-training; finetune's retrieval turns it on as theirs does), and each choice that goes beyond the
+#   release (WPG's negative encoding and negatives, ITM's negatives and prior, global negatives, loss weights,
 #   the objectives of the stage, joined pairs) at the release's value.
 # * "project" (the defaults): the same, with the corrections and the region LayerNorm on.
 # The README's recipe table lists these settings with the reason for each correction.
 _RELEASE_CHOICES: Dict[str, Dict[str, Any]] = {
     "objectives": {"names": (), "weights": (), "itm_negatives": "hardest", "wpg_negative_encoding": "separate",
-                   "wpg_negatives": "random", "global_negatives": False},
+                   "wpg_negatives": "random", "global_negatives": False, "itm_prior": False},
     "data": {"join_pairs": 0.0},
 }
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {

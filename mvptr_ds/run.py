@@ -142,7 +142,13 @@ def export_original(checkpoint: str, dst: str):
     from mvptr_ds.training.weights import read_model_weights
 
     state, cfg, _ = read_model_weights(checkpoint, "--checkpoint")
-    _summary(write_original(dst, state, cfg.model))
+    report = write_original(dst, state, cfg.model)
+    if cfg.objectives.itm_prior:  # their code ranks by the head alone; this head was trained as a correction
+        cap = ", capped at 100" if cfg.objectives.cap_logit_scale else ""
+        report["note"] = ("trained with --itm_prior: rank pairs by the ITM head's logit(match) - logit(no match) plus "
+                          f"e^tau S (S the cosine of the contrastive embeddings, e^tau VSC's temperature{cap}); the "
+                          "authors' code ranks by the head alone")
+    _summary(report)
 
 
 def convert_features(tsv: str, out: str, dtype: str = "float16", shard_size: int = 4096):

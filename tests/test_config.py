@@ -109,12 +109,12 @@ def test_recipes_switch_every_correction():
     from mvptr_ds.config import RECIPES, apply_recipe
 
     release = apply_recipe(RunConfig(objectives=ObjectiveConfig(itm_negatives="random", wpg_negatives="sampled",
-                                                                weights=(("wpg", 2.0),)),
+                                                                weights=(("wpg", 2.0),), itm_prior=True),
                                      data=DataConfig(join_pairs=0.5)), "release").validate()
     assert (release.objectives.exclude_same_image, release.objectives.cap_logit_scale,
             release.train.decay_logit_scale) == (False, False, True)
-    assert (release.objectives.itm_negatives, release.objectives.wpg_negatives, release.objectives.weights) == \
-        ("hardest", "random", ())
+    assert (release.objectives.itm_negatives, release.objectives.wpg_negatives, release.objectives.weights,
+            release.objectives.itm_prior) == ("hardest", "random", (), False)
     assert release.data.join_pairs == 0.0
     assert release.model.use_img_layernorm is False and RunConfig().model.use_img_layernorm is True
     # "project" is the defaults, whatever came before; both recipes name the same settings.

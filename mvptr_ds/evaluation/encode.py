@@ -28,8 +28,9 @@ class PairEncoding:
 
     ``text_embed`` / ``visual_embed`` ``[N, D]``: unit-norm contrastive embeddings (the VSC space);
     ``similarity`` ``[N]``: their cosine; ``text_cls`` / ``visual_cls`` ``[N, H]``: uni-modal ``[CLS]`` outputs;
-    ``pooled`` ``[N, H]``: pooled cross-modal output and ``itm_score`` ``[N]``: logit(match) - logit(no match)
-    (None for a stage-1 model or one without an ITM head); ``sample_ids``, ``image_ids`` ``[N]`` int64.
+    ``pooled`` ``[N, H]``: pooled cross-modal output and ``itm_score`` ``[N]``: logit(match) - logit(no match),
+    plus e^tau ``similarity`` for a model trained with ``--itm_prior`` (the score re-ranking uses; None for a
+    stage-1 model or one without an ITM head); ``sample_ids``, ``image_ids`` ``[N]`` int64.
     """
 
     sample_ids: np.ndarray
@@ -78,8 +79,8 @@ def encode_pairs(model, examples: Sequence, collator, batch_size: int = 64, devi
         cols["visual_cls"].append(out.visual[:, 0])
         if out.pooled is not None:
             cols["pooled"].append(out.pooled)
-            if head is not None:
-                cols["itm_score"].append(itm_score(head, out.pooled))
+            if head is not None:  # the score re-ranking uses (with --itm_prior: plus e^tau S)
+                cols["itm_score"].append(itm_score(head, out.pooled) + model.itm_prior_scale * cols["similarity"][-1])
     arrays = {}
     for name, parts in cols.items():
         if parts:

@@ -38,6 +38,14 @@ class LoadedModel:
     tokenizer: Optional[object] = None   # from_pretrained: the folder's Hugging Face tokenizer (tokenizer/)
     concepts: Optional[object] = None    # from_pretrained: its concept vocabulary (id2phrase.json, ConceptVocab)
 
+    @property
+    def itm_prior_scale(self) -> float:
+        """The contrastive similarity's weight in this model's ITM score (``--itm_prior``; 0 without it)."""
+        from mvptr_ds.objectives.itm import prior_scale
+
+        objectives = self.config.objectives
+        return prior_scale(self.backbone.logit_scale, objectives.itm_prior, objectives.cap_logit_scale)
+
 
 def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -9,7 +9,8 @@
    scored once. With several ranks (``torch.distributed`` initialised), rank r scores pairs r, r+W, ... and
    the scores are all-gathered, so every rank ends with the same matrices (the uni-modal pass, one
    encoder layer stack per image and per caption, is cheap next to the pairs and runs on every rank).
-4. **Rank.** Re-ranked candidates come first, in ITM order (score = logit(match) - logit(no match));
+4. **Rank.** Re-ranked candidates come first, in ITM order (score = logit(match) - logit(no match), plus
+   ``itm_prior_scale * S`` for a model trained with ``--itm_prior``: :func:`mvptr_ds.objectives.itm.prior_scale`);
    the others follow in coarse order. Recalls: :func:`mvptr_ds.evaluation.metrics.retrieval_recalls`
    (pessimistic ties and duplicated images, documented there).
 
@@ -297,7 +298,8 @@ def coarse_to_fine_scores(sim: torch.Tensor, pairs: torch.Tensor, itm: torch.Ten
 @torch.no_grad()
 def evaluate_retrieval(backbone, itm_head, rset: RetrievalSet, collator, k_captions: int = 128,
                        k_images: int = 64, batch_size: int = 64, device="cpu", rank: int = 0,
-                       world_size: int = 1, show_progress: bool = False) -> Dict[str, float]:
+                       world_size: int = 1, show_progress: bool = False, itm_prior_scale: float = 0.0
+                       ) -> Dict[str, float]:
     """Coarse-to-fine retrieval metrics (module docstring): ``tr_r1/5/10``, ``ir_r1/5/10``, ``rsum``,
     ``r_mean``, ``n_images``, ``n_captions``, ``itm_pairs`` (pairs the ITM head scored; 0 without a head),
     ``tr_r1_chance``/``ir_r1_chance`` (R@1 of a random ranking), and ``coarse``: the same recalls of the
@@ -317,6 +319,8 @@ def evaluate_retrieval(backbone, itm_head, rset: RetrievalSet, collator, k_capti
             itm = shard_and_gather(
                 pairs, lambda p: itm_pair_scores(backbone, itm_head, enc, p, batch_size, show_progress),
                 rank, world_size)
+            if itm_prior_scale:  # the score the head was trained with (module docstring, step 4)
+                itm = itm + itm_prior_scale * sim[pairs[:, 0], pairs[:, 1]].to(itm)
             i2t, t2i = coarse_to_fine_scores(sim, pairs, itm, k_captions, k_images)
             n_pairs = int(pairs.shape[0])
     finally:

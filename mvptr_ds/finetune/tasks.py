@@ -101,7 +101,8 @@ class FinetuneModule(nn.Module):
             vsc = vsc_loss(out.text_embed, out.visual_embed, b.image_ids, out.logit_scale,
                            exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
             itm = itm_loss(out, b, self.backbone, self.heads["retrieval"], negatives=oc.itm_negatives,
-                           exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale)
+                           exclude_same_image=oc.exclude_same_image, cap_scale=oc.cap_logit_scale,
+                           prior=oc.itm_prior)
             losses = {"vsc": vsc.loss, "itm": itm.loss}
             metrics.update({f"vsc/{k}": v for k, v in vsc.metrics.items()})
             metrics.update({f"itm/{k}": v for k, v in itm.metrics.items()})

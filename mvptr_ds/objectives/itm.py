@@ -19,6 +19,13 @@ leave the ITM loss near ln 2 (0.691 and 0.683 averaged over the run; re-ranked R
 ones bring it to 0.474 (accuracy 0.73) and re-ranked R@1 to 14.1% / 9.4% (chance 1.6%); see
 the learnability section of ``BENCHMARKS.md``.
 
+With ``prior`` (``ObjectiveConfig.itm_prior``, beyond the release) every example's match logit gets
+``e^tau S`` added, ``S`` the contrastive similarity of its text and image and ``e^tau`` VSC's temperature, both
+without gradient: the head learns a correction of the contrastive score, and re-ranking with the same score
+(:func:`prior_scale`, used by the evaluation) starts from the coarse ranking. On the built-in world a head
+trained alone fits the training images and ranks held-out near misses below the contrastive similarity; with the
+prior, re-ranking is at or above the coarse ranking (BENCHMARKS.md, learnability section).
+
 A row without any allowed negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
 depend on the data, so every rank does the same work. The loss is the mean over weighted examples.
@@ -137,12 +144,18 @@ def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Ga
             gather(_pad_to(region_h, lr)), gather(_pad_to(region_mask, lr).to(torch.uint8)).bool())
 
 
+def prior_scale(logit_scale: torch.Tensor, prior: bool, cap_scale: bool = True) -> float:
+    """The weight of the contrastive similarity in an ITM score: VSC's temperature ``e^tau`` with ``prior``
+    (``ObjectiveConfig.itm_prior``), else 0. Training and re-ranking both read it here."""
+    return float(temperature(logit_scale.detach(), cap_scale)) if prior else 0.0
+
+
 def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head: nn.Module,
              gather: Optional[Gather] = None, negatives: str = "hardest", exclude_same_image: bool = True,
-             cap_scale: bool = True) -> LossOutput:
+             cap_scale: bool = True, prior: bool = False) -> LossOutput:
     """Cross-entropy of the ITM head over B positives and B negatives (label 1 = matched); ``negatives``
     "hardest" (the release), "sampled" or "random" (module docstring); ``cap_scale``: VSC's cap on the
-    temperature, which "sampled" uses.
+    temperature, which "sampled" and ``prior`` use; ``prior``: ``e^tau S`` added to the match logit.
 
     Reads ``outputs.text`` ``[B, Lt, H]``, the regions ``outputs.visual[:, num_tags:]`` ``[B, Lr, H]``,
     ``outputs.text_embed``/``visual_embed`` ``[B, D]`` (for mining), ``outputs.pooled`` ``[B, H]``,
@@ -172,6 +185,12 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
                                     region_h[image_idx], region_mask[image_idx])  # (B, H)
     pooled = torch.cat([outputs.pooled, neg_pooled], dim=0)  # (2B, H)
     logits = head(pooled).float()  # (2B, 2)
+    if prior:
+        with torch.no_grad():
+            s_pos = (outputs.text_embed.float() * outputs.visual_embed.float()).sum(-1)  # (B,)
+            s_neg = (all_text_e[text_idx].float() * all_visual_e[image_idx].float()).sum(-1)  # (B,)
+            shift = prior_scale(outputs.logit_scale, True, cap_scale) * torch.cat([s_pos, s_neg])  # (2B,)
+        logits = torch.stack([logits[:, 0], logits[:, 1] + shift], dim=1)
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
                         torch.zeros(b, dtype=torch.long, device=logits.device)])  # (2B,)
     weight = torch.cat([torch.ones(b, device=logits.device), valid.float()])  # (2B,)

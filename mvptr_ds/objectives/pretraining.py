@@ -88,7 +88,7 @@ class PretrainingModule(nn.Module):
         if name == "itm":
             return itm_loss(outputs, batch, self.backbone, self.heads["itm"], gather=self.gather,
                             negatives=cfg.itm_negatives, exclude_same_image=cfg.exclude_same_image,
-                            cap_scale=cfg.cap_logit_scale)
+                            cap_scale=cfg.cap_logit_scale, prior=cfg.itm_prior)
         if name == "wpg":
             batch = mined_negative_pairs(outputs, batch, cfg.wpg_negatives, cfg.exclude_same_image,
                                          cfg.cap_logit_scale)

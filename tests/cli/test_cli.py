@@ -175,8 +175,10 @@ def test_options_not_given_keep_the_config_files_values(tmp_path):
 
 
 def test_negatives_and_loss_weights_reach_the_config_and_survive_a_config_file(tmp_path):
-    cfg = config_of(["--itm_negatives", "random", "--wpg_negative_encoding", "separate", "--loss_weights", "wpg=2, mlm=0.5"])
+    cfg = config_of(["--itm_negatives", "random", "--wpg_negative_encoding", "separate", "--loss_weights", "wpg=2, mlm=0.5",
+                     "--itm_prior"])
     assert (cfg.objectives.itm_negatives, cfg.objectives.wpg_negative_encoding) == ("random", "separate")
+    assert cfg.objectives.itm_prior is True and config_of([]).objectives.itm_prior is False
     assert cfg.objectives.weight("wpg") == 2.0 and cfg.objectives.weight("mlm") == 0.5
     assert cfg.objectives.weight("vsc") == 1.0
     path = tmp_path / "config.json"

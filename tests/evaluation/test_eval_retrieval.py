@@ -65,6 +65,26 @@ def test_full_rerank_equals_brute_force(setup):
     assert got["tr_r1"] < 100 and got["ir_r1"] < 100  # an untrained model: the check is not trivially all-right
 
 
+@pytest.mark.parametrize("scale", [0.7, 1e4])
+def test_a_prior_adds_the_scaled_similarity_to_every_fine_score(setup, scale):
+    """A model trained with --itm_prior re-ranks by ITM + scale * S: by hand on the brute-force scores; a
+    huge scale gives back the coarse ranking."""
+    s = setup
+    brute = brute_force_matrix(s)
+    enc = encode_set(s.backbone, s.rset, s.collator, 64, "cpu")
+    sim = (enc.text_embed @ enc.visual_embed.t()).double()  # (C, I)
+    fine = brute + scale * sim
+    expected = retrieval_recalls(fine.t(), fine, s.rset.caption_image, image_key=s.rset.image_key)
+    got = evaluate_retrieval(s.backbone, s.head, s.rset, s.collator, k_captions=100, k_images=100, batch_size=6,
+                             itm_prior_scale=scale)
+    plain = evaluate_retrieval(s.backbone, s.head, s.rset, s.collator, k_captions=100, k_images=100, batch_size=6)
+    keys = ("tr_r1", "tr_r5", "ir_r1", "ir_r5")
+    assert all(got[k] == expected[k] for k in keys), (got, expected)
+    assert any(plain[k] != got["coarse"][k] for k in keys)  # the head alone ranks differently from S here
+    if scale > 1e3:
+        assert all(got[k] == got["coarse"][k] for k in keys)
+
+
 @pytest.mark.parametrize("kc,ki", [(1, 1), (3, 2), (2, 5)])
 def test_partial_rerank_matches_a_loop_reference(setup, kc, ki):
     s = setup

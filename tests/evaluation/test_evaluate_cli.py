@@ -110,6 +110,45 @@ def test_embed_cli_and_encode_api(trained):
     assert stage1.pooled is None and stage1.itm_score is None and stage1.text_embed.shape == (3, 128)
 
 
+def test_a_model_trained_with_the_itm_prior_is_scored_with_it(trained, tmp_path):
+    """The same weights with ``objectives.itm_prior`` on in their config.json: ``evaluate`` re-ranks by ITM +
+    e^tau S and ``embed``'s itm_score is that score (the option is read from the checkpoint)."""
+    import shutil
+
+    from mvptr_ds.evaluation.evaluate import evaluate
+    from mvptr_ds.evaluation.loading import load_model
+    from mvptr_ds.evaluation.retrieval import evaluate_retrieval, retrieval_set
+
+    plain = str(trained / "s2" / "final")
+    prior = tmp_path / "prior"
+    shutil.copytree(plain, prior)
+    config = json.loads((prior / "config.json").read_text())
+    assert config["objectives"]["itm_prior"] is False
+    config["objectives"]["itm_prior"] = True
+    (prior / "config.json").write_text(json.dumps(config))
+    model = load_model(str(prior))
+    scale = float(model.backbone.logit_scale.exp())
+    assert load_model(plain).itm_prior_scale == 0.0 and model.itm_prior_scale == pytest.approx(scale)
+    got = evaluate(str(prior), tasks="retrieval", max_images=12, show_progress=False)["retrieval"]
+    from mvptr_ds.evaluation.loading import load_eval_data
+
+    bundle, split, _ = load_eval_data(model, None)
+    rset = retrieval_set(split, max_images=12)
+    want = evaluate_retrieval(model.backbone, model.itm_head, rset, bundle.collator, itm_prior_scale=scale)
+    without = evaluate_retrieval(model.backbone, model.itm_head, rset, bundle.collator)
+    assert {k: got[k] for k in ("tr_r1", "tr_r5", "ir_r1", "ir_r5")} == {
+        k: want[k] for k in ("tr_r1", "tr_r5", "ir_r1", "ir_r5")}
+    keys = ("tr_r1", "tr_r5", "ir_r1", "ir_r5")
+    assert any(without[k] != want[k] for k in keys), (without, want)  # the prior changes the ranking here
+    head_only, with_prior = mvptr_ds.encode(plain, limit=10), mvptr_ds.encode(str(prior), limit=10)
+    np.testing.assert_allclose(with_prior.itm_score, head_only.itm_score + scale * head_only.similarity,
+                               rtol=1e-4, atol=1e-4)
+    # The authors' code ranks by the head alone: the export says how to score this model.
+    notes = [json.loads(run_cli(["export_original", "--checkpoint", ckpt, "--dst", str(tmp_path / name)],
+                                timeout=300).stdout).get("note", "") for name, ckpt in (("a", plain), ("b", str(prior)))]
+    assert notes[0] == "" and "--itm_prior" in notes[1] and "capped at 100" in notes[1]
+
+
 def test_final_is_self_contained_and_loads_in_one_line(trained):
     from safetensors.torch import load_file
 

@@ -26,6 +26,7 @@ class Outputs:
     num_tags: int
     cross: Optional[torch.Tensor] = None
     pooled: Optional[torch.Tensor] = None
+    logit_scale: Optional[torch.Tensor] = None
 
 
 def make_batch(image_ids: Sequence[int], text_lens: Sequence[int], num_phrases: Sequence[int],

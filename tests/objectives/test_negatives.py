@@ -325,3 +325,34 @@ def test_cold_start_note_only_for_hardest_negatives():
 
     assert "--itm_negatives random" in cold_start_note(("vsc", "itm"), "hardest")
     assert cold_start_note(("vsc", "itm"), "random") == "" and cold_start_note(("mcr",), "hardest") == ""
+
+
+def test_itm_prior_reaches_the_pretraining_and_retrieval_finetuning_losses(world_batch):
+    """--itm_prior: the pre-training module's ITM loss is itm_loss(prior=True) on its own outputs, and the
+    retrieval fine-tuning loss changes with it (same weights, same batch)."""
+    from mvptr_ds.config import RunConfig
+    from mvptr_ds.finetune.batching import TaskCollator, TaskExample
+    from mvptr_ds.finetune.tasks import FinetuneModule
+    from mvptr_ds.objectives.itm import itm_loss
+
+    cfg, batch = world_batch
+    torch.manual_seed(0)
+    plain = ObjectiveConfig(itm_negatives="random")
+    prior = dataclasses.replace(plain, itm_prior=True)
+    module = build_pretraining_module(cfg, ("vsc", "itm"), prior).eval()
+    with torch.no_grad():
+        outputs = module.backbone(batch)
+        want = itm_loss(outputs, batch, module.backbone, module.heads["itm"], negatives="random", prior=True)
+        without = itm_loss(outputs, batch, module.backbone, module.heads["itm"], negatives="random")
+        assert abs(want.loss.item() - without.loss.item()) > 1e-4
+        assert module(batch).losses["itm"].item() == pytest.approx(want.loss.item(), abs=1e-6)
+
+    data = build_data(DataConfig(source="synthetic:seed=11,images=24,held_out=0"), ())
+    tb = TaskCollator(RunConfig().data, data.vocab, "retrieval")([TaskExample(data.train[i]) for i in range(8)])
+    losses = []
+    for oc in (plain, prior):
+        torch.manual_seed(0)
+        ft = FinetuneModule(cfg, "retrieval", objective_cfg=oc).eval()
+        with torch.no_grad():
+            losses.append(ft(tb).losses["itm"].item())
+    assert abs(losses[0] - losses[1]) > 1e-4

@@ -1,4 +1,5 @@
 """MCR, MLM, VSC and ITM on plain tensors and fake outputs: exact values, gradients, degenerate batches."""
+import dataclasses
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from mvptr_ds.objectives import itm_loss, masked_token_loss, mcr_loss, mlm_loss, vsc_loss, zero_loss
-from mvptr_ds.objectives.itm import negative_pairs
+from mvptr_ds.objectives.itm import negative_pairs, prior_scale
 from objective_fixtures import FakeCrossModel, fake_outputs, make_batch
 
 
@@ -251,6 +252,36 @@ def test_itm_exact_value_reuses_unimodal_states_and_no_grad_through_choice():
     assert outs.text_embed.grad is None and outs.visual_embed.grad is None  # mining is gradient-free
     assert outs.text.grad is not None and outs.pooled.grad is not None
     assert outs.visual.grad[:, :outs.num_tags].abs().max() == 0  # only regions feed the cross encoder
+
+
+@pytest.mark.parametrize("tau, scale", [(math.log(20.0), 20.0), (math.log(1000.0), 100.0)])
+def test_itm_prior_adds_the_scaled_similarity_to_the_match_logit_without_gradient(tau, scale):
+    """--itm_prior: logit(match) += e^tau S(text, image) for the B positives and the B mined negatives, e^tau
+    capped at 100 as VSC's; neither S nor tau gets a gradient through it."""
+    batch = make_batch([0, 1, 2], [6, 5, 6], [1, 1, 0], [2, 3, 1])
+    outs = dataclasses.replace(fake_outputs(batch), logit_scale=torch.tensor(tau, requires_grad=True))
+    head = nn.Linear(8, 2)
+    plain = itm_loss(outs, batch, FakeCrossModel(), head)
+    out = itm_loss(outs, batch, FakeCrossModel(), head, prior=True)
+    with torch.no_grad():
+        s = outs.text_embed @ outs.visual_embed.t()
+        s_ex = s - 10 * torch.eye(3)
+        hard_img, hard_txt = s_ex.argmax(1), s_ex.argmax(0)
+        side = batch.itm_text_side.tolist()
+        rows = [(i, int(hard_img[i])) if side[i] else (int(hard_txt[i]), i) for i in range(3)]
+        regions = outs.visual[:, outs.num_tags:]
+        neg = torch.stack([outs.text[ti, 0] + regions[ii, 0] for ti, ii in rows])
+        logits = head(torch.cat([outs.pooled, neg]))
+        shift = scale * torch.cat([s.diag(), torch.stack([s[ti, ii] for ti, ii in rows])])
+        logits = torch.stack([logits[:, 0], logits[:, 1] + shift], 1)
+        expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert abs(out.loss.item() - plain.loss.item()) > 1e-3
+    out.loss.backward()
+    assert outs.text_embed.grad is None and outs.visual_embed.grad is None and outs.logit_scale.grad is None
+    assert prior_scale(outs.logit_scale, True) == pytest.approx(scale, rel=1e-6)
+    assert prior_scale(outs.logit_scale, False) == 0.0
+    assert prior_scale(outs.logit_scale, True, cap_scale=False) == pytest.approx(math.exp(tau), rel=1e-6)
 
 
 @pytest.mark.parametrize("ids", [[3, 3, 3], [8]])
