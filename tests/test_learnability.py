@@ -2,12 +2,13 @@
 
 ``make demo``'s commands (read from the Makefile) with a shorter stage 2 (250 of its 600 steps) on a world
 seed of this test's own (5; the acceptance seeds in BENCHMARKS.md are never used by tests), evaluated on the
-world's held-out images: the contrastive ranking at least 5x chance both ways and phrase grounding at least
-5x chance (chance is 1.56% for R@1 and about 7% for grounding; an untrained or broken model stays near them).
-ITM re-ranking is not asserted: after 250 steps it is still near chance in the text-retrieval direction
-(measured 2026-11-30: re-ranked 1.6 / 3.1 vs coarse 18.8 / 17.2, grounding 46.1 vs chance 6.8), and below
-the coarse ranking after the README's 600 (issue 16, BENCHMARKS.md). Then the pre-training's phrase grounding
-is put to use: referring expressions fine-tuned from it against the same fine-tuning from scratch.
+world's held-out images: the contrastive ranking and the ITM re-ranking (``--itm_prior``: ITM corrects the
+contrastive score) at least 10x chance both ways, the re-ranking at most 10 points below the coarse ranking, and
+phrase grounding at least 5x chance (chance is 1.56% for R@1 and about 7% for grounding; an untrained or broken
+model stays near them). Measured 2026-12-01 at this test's settings: re-ranked 29.7 / 21.9, coarse 32.8 / 21.9,
+grounding 38.0 vs chance 6.8; an ITM head trained without the prior re-ranked to 1.6 / 3.1 after 250 steps of
+the previous recipe, 17-25 points below its coarse ranking. Then the pre-training's phrase grounding is put to
+use: referring expressions fine-tuned from it against the same fine-tuning from scratch.
 """
 import json
 import shlex
@@ -74,9 +75,12 @@ def test_retrieval_and_grounding_beat_chance_on_held_out_images(trained, tmp_pat
     assert result["data"] == f"synthetic:seed={SEED}" and result["split"] == "held_out"
     r, g = result["retrieval"], result["grounding"]
     assert r["reranked"] and r["n_images"] == 64 and r["n_captions"] == 128
-    # The contrastive ranking (reported beside the re-ranked one): at least 5x chance both ways.
+    # The contrastive ranking (reported beside the re-ranked one) and the re-ranking: at least 10x chance both
+    # ways; the re-ranking within 10 points of the coarse ranking (it starts from it: --itm_prior).
     coarse = r["coarse"]
-    assert coarse["tr_r1"] >= 5 * r["tr_r1_chance"] and coarse["ir_r1"] >= 5 * r["ir_r1_chance"], r
+    for ranking in (coarse, r):
+        assert ranking["tr_r1"] >= 10 * r["tr_r1_chance"] and ranking["ir_r1"] >= 10 * r["ir_r1_chance"], r
+    assert r["tr_r1"] >= coarse["tr_r1"] - 10 and r["ir_r1"] >= coarse["ir_r1"] - 10, r
     # Phrase grounding under the WPG similarity: at least 5x chance.
     assert g["n"] > 300 and g["accuracy"] >= 5 * g["chance"], g
 
@@ -90,7 +94,7 @@ def finetune_refcoco(root, *init):
 
 
 def test_pretraining_helps_referring_expressions(trained, tmp_path):
-    # Measured on this machine (2026-11-30): 58.6% from the pre-trained model vs 21.9% from scratch (chance 8.5%).
+    # Measured on this machine (2026-12-01): 62.5% from the pre-trained model vs 21.9% from scratch (chance 8.5%).
     pretrained = finetune_refcoco(tmp_path, "--init_from", str(trained))
     scratch = finetune_refcoco(tmp_path)
     assert pretrained["n"] == scratch["n"] > 100

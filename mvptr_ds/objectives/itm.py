@@ -23,8 +23,9 @@ With ``prior`` (``ObjectiveConfig.itm_prior``, beyond the release) every example
 ``e^tau S`` added, ``S`` the contrastive similarity of its text and image and ``e^tau`` VSC's temperature, both
 without gradient: the head learns a correction of the contrastive score, and re-ranking with the same score
 (:func:`prior_scale`, used by the evaluation) starts from the coarse ranking. On the built-in world a head
-trained alone fits the training images and ranks held-out near misses below the contrastive similarity; with the
-prior, re-ranking is at or above the coarse ranking (BENCHMARKS.md, learnability section).
+trained alone fits the training images and ranks held-out near misses below the contrastive similarity
+(re-ranking 3-27 points below the coarse ranking); with the prior, re-ranking stays within about 3 points of it
+(BENCHMARKS.md, learnability section).
 
 A row without any allowed negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
