@@ -86,7 +86,8 @@ def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Optional[Sequen
                                  eval_cfg.rerank_images, eval_cfg.batch_size, device, rank, world_size,
                                  show_progress=show_progress and main, itm_prior_scale=model.itm_prior_scale)
         ret.update(k_captions=eval_cfg.rerank_captions, k_images=eval_cfg.rerank_images,
-                   reranked=model.itm_head is not None, seconds=round(time.perf_counter() - start, 3))
+                   reranked=model.itm_head is not None, itm_prior_scale=model.itm_prior_scale,
+                   seconds=round(time.perf_counter() - start, 3))
         result["retrieval"] = ret
     if "grounding" in tasks:
         start = time.perf_counter()

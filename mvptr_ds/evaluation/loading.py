@@ -43,6 +43,8 @@ class LoadedModel:
         """The contrastive similarity's weight in this model's ITM score (``--itm_prior``; 0 without it)."""
         from mvptr_ds.objectives.itm import prior_scale
 
+        if self.config is None:  # weights without a run config (benchmarks' random initialisations)
+            return 0.0
         objectives = self.config.objectives
         return prior_scale(self.backbone.logit_scale, objectives.itm_prior, objectives.cap_logit_scale)
 

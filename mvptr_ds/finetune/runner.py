@@ -12,12 +12,14 @@ uniformly random prediction), the checkpoint and the data evaluated.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Optional
 
 import torch
 
 from mvptr_ds.config import ConfigError, RunConfig
+from mvptr_ds.config_types import read_json
 from mvptr_ds.finetune.data import TaskData, build_task_data
 from mvptr_ds.finetune.metrics import task_scores
 from mvptr_ds.finetune.tasks import FinetuneModule
@@ -137,6 +139,23 @@ def write_report(cfg: RunConfig, result: Dict[str, float], data: TaskData, check
     return path
 
 
+def _scored_as_trained(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the ITM score (``objectives.itm_prior``) of the fine-tuned retrieval model ``--init_from`` names,
+    when its config.json says so: ``--eval_only`` then ranks as that model was trained."""
+    if cfg.eval.finetune_task != "retrieval":
+        return cfg
+    path = os.path.join(cfg.train.init_from, "config.json")
+    if not os.path.isfile(path):  # a Hugging Face folder or a checkpoint without one: the run's own setting
+        return cfg
+    saved = read_json(path, path)
+    prior = (saved.get("objectives") or {}).get("itm_prior") if isinstance(saved, dict) else None
+    if isinstance(prior, bool) and prior != cfg.objectives.itm_prior:
+        if _rank_world()[0] == 0:
+            print(f"note: {cfg.train.init_from} was trained with itm_prior={prior}: scoring it so")
+        cfg = dataclasses.replace(cfg, objectives=dataclasses.replace(cfg.objectives, itm_prior=prior))
+    return cfg
+
+
 def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
     """Train (unless ``eval_only``) and evaluate; returns the report written to ``<output_dir>/eval.json``."""
     from mvptr_ds.training import checkpoint as checkpoint_lib
@@ -149,6 +168,7 @@ def finetune(cfg: RunConfig, eval_only: bool = False) -> Dict[str, object]:
         if not cfg.train.init_from:
             raise ConfigError("--eval_only evaluates the weights of --init_from; give it")
         checkpoint_lib.check_output_dir(cfg.train.output_dir)  # eval.json goes there
+        cfg = _scored_as_trained(cfg)
         info = distributed.setup()
         parts = builder(cfg, info)
         for line in init_weights(parts.module, cfg.train.init_from):

@@ -24,8 +24,8 @@ With ``prior`` (``ObjectiveConfig.itm_prior``, beyond the release) every example
 without gradient: the head learns a correction of the contrastive score, and re-ranking with the same score
 (:func:`prior_scale`, used by the evaluation) starts from the coarse ranking. On the built-in world a head
 trained alone fits the training images and ranks held-out near misses below the contrastive similarity
-(re-ranking 3-27 points below the coarse ranking); with the prior, re-ranking stays within about 3 points of it
-(BENCHMARKS.md, learnability section).
+(re-ranking 3-27 points below the coarse ranking); with the prior and the quick start's recipe, re-ranking stays
+within about 3 points of it (BENCHMARKS.md, learnability section).
 
 A row without any allowed negative (every pair of the batch shows its image, or a batch of one) still runs
 through the cross-modal encoder, paired with its own image, with weight 0: shapes and code path never
@@ -146,8 +146,9 @@ def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Ga
 
 
 def prior_scale(logit_scale: torch.Tensor, prior: bool, cap_scale: bool = True) -> float:
-    """The weight of the contrastive similarity in an ITM score: VSC's temperature ``e^tau`` with ``prior``
-    (``ObjectiveConfig.itm_prior``), else 0. Training and re-ranking both read it here."""
+    """The weight of the contrastive similarity in an ITM score at evaluation: VSC's temperature ``e^tau`` (the
+    one :func:`itm_loss` adds, as a tensor there: no host sync per step) with ``prior``
+    (``ObjectiveConfig.itm_prior``), else 0."""
     return float(temperature(logit_scale.detach(), cap_scale)) if prior else 0.0
 
 
@@ -190,7 +191,7 @@ def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head:
         with torch.no_grad():
             s_pos = (outputs.text_embed.float() * outputs.visual_embed.float()).sum(-1)  # (B,)
             s_neg = (all_text_e[text_idx].float() * all_visual_e[image_idx].float()).sum(-1)  # (B,)
-            shift = prior_scale(outputs.logit_scale, True, cap_scale) * torch.cat([s_pos, s_neg])  # (2B,)
+            shift = temperature(outputs.logit_scale.detach(), cap_scale) * torch.cat([s_pos, s_neg])  # (2B,)
         logits = torch.stack([logits[:, 0], logits[:, 1] + shift], dim=1)
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
                         torch.zeros(b, dtype=torch.long, device=logits.device)])  # (2B,)

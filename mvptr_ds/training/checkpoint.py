@@ -297,6 +297,11 @@ def check_compatible(path: str, cfg: RunConfig) -> None:
     if saved_names and tuple(cfg.objective_names) != saved_names:
         raise ConfigError(f"{file}: objectives {','.join(saved_names)} in the checkpoint, "
                           f"{','.join(cfg.objective_names)} in this run (different heads); use --init_from")
+    saved_prior = bool((saved.get("objectives") or {}).get("itm_prior", False))
+    if saved_prior != cfg.objectives.itm_prior:  # the ITM head means another score with and without it
+        raise ConfigError(f"{file}: objectives.itm_prior={saved_prior} in the checkpoint, {cfg.objectives.itm_prior} "
+                          "in this run (the ITM head was trained for the other score); resume with the checkpoint's "
+                          "setting or start fresh with --init_from")
 
 
 def load(engine, path: str, tag: Optional[str] = None) -> Dict[str, Any]:

@@ -130,6 +130,7 @@ def test_a_model_trained_with_the_itm_prior_is_scored_with_it(trained, tmp_path)
     scale = float(model.backbone.logit_scale.exp())
     assert load_model(plain).itm_prior_scale == 0.0 and model.itm_prior_scale == pytest.approx(scale)
     got = evaluate(str(prior), tasks="retrieval", max_images=12, show_progress=False)["retrieval"]
+    assert got["itm_prior_scale"] == pytest.approx(scale)  # the JSON says how it ranked
     from mvptr_ds.evaluation.loading import load_eval_data
 
     bundle, split, _ = load_eval_data(model, None)

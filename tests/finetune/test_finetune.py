@@ -290,3 +290,25 @@ def test_launcher_local_rank_does_not_hide_the_command(capsys):
 
     assert main(["--local_rank=1", "no_such_command"]) == 2
     assert "unknown command 'no_such_command'" in capsys.readouterr().err
+
+
+def test_eval_only_scores_a_retrieval_model_as_it_was_trained(tmp_path, capsys):
+    """``finetune --eval_only --init_from X``: retrieval takes X's objectives.itm_prior (with a note); other
+    tasks, and folders without a config.json (Hugging Face BERT), keep the run's own setting."""
+    import dataclasses
+
+    from mvptr_ds.config import EvalConfig, RunConfig, TrainConfig
+    from mvptr_ds.finetune.runner import _scored_as_trained
+
+    model = tmp_path / "model"
+    model.mkdir()
+    saved = RunConfig().to_dict()
+    saved["objectives"]["itm_prior"] = True
+    (model / "config.json").write_text(json.dumps(saved))
+    cfg = RunConfig(train=TrainConfig(init_from=str(model)), eval=EvalConfig(finetune_task="retrieval"))
+    assert _scored_as_trained(cfg).objectives.itm_prior is True
+    assert "was trained with itm_prior=True" in capsys.readouterr().out
+    vqa = dataclasses.replace(cfg, eval=EvalConfig(finetune_task="vqa"))
+    assert _scored_as_trained(vqa) == vqa
+    bert = dataclasses.replace(cfg, train=TrainConfig(init_from=str(tmp_path)))  # no config.json there
+    assert _scored_as_trained(bert) == bert

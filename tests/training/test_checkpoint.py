@@ -114,3 +114,27 @@ def test_elastic_plan():
     assert not elastic.plan_resume("/c/step2", {"world_size": 2, "zero_stage": 0}, 1, 0).universal
     assert elastic.rank_rng_state([{"a": 0}, {"a": 1}], 1) == {"a": 1}
     assert elastic.rank_rng_state([{"a": 0}], 2) is None
+
+
+def test_a_resume_keeps_the_itm_score_its_head_was_trained_for(tmp_path):
+    """A checkpoint of a --itm_prior run resumes only with --itm_prior (and one without, only without); a
+    checkpoint config from before the option reads as without."""
+    import dataclasses
+
+    from mvptr_ds.config import ObjectiveConfig, RunConfig
+
+    plain = RunConfig()
+    prior = dataclasses.replace(plain, objectives=ObjectiveConfig(itm_prior=True))
+    saved = plain.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_compatible(str(tmp_path), plain)
+    with pytest.raises(ConfigError, match="itm_prior=False in the checkpoint, True in this run"):
+        checkpoint.check_compatible(str(tmp_path), prior)
+    del saved["objectives"]["itm_prior"]  # written before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_compatible(str(tmp_path), plain)
+    saved["objectives"]["itm_prior"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    checkpoint.check_compatible(str(tmp_path), prior)
+    with pytest.raises(ConfigError, match="itm_prior=True in the checkpoint, False in this run"):
+        checkpoint.check_compatible(str(tmp_path), plain)
