@@ -36,6 +36,15 @@ def run(tmp_path, *args, prelude=PRELUDE):
     return proc, marker
 
 
+def cli_with_command(body: str):
+    """``cli()`` in a child process whose command (``run_command``) runs ``body``."""
+    code = ("import mvptr_ds.run as r\n"
+            f"def command(*a, **k):\n    {body}\n"
+            "r.run_command = command\nimport sys; sys.argv = ['mvptr_ds', '--max_steps', '1']\nr.cli()")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_success_keeps_code_handlers_threads_and_output(tmp_path):
     proc, marker = run(tmp_path, "--version")
     assert proc.returncode == 0, proc.stderr
@@ -64,11 +73,7 @@ def test_a_failing_thread_exit_callback_keeps_the_status(tmp_path):
 
 def test_a_string_exit_is_status_1_with_its_message():
     """``sys.exit("message")`` inside a command: the message on stderr, status 1 (never 0)."""
-    code = ("import mvptr_ds.run as r\n"
-            "def fatal(*a, **k):\n    raise SystemExit('fatal: stopped')\n"
-            "r.run_command = fatal\nimport sys; sys.argv = ['mvptr_ds', '--max_steps', '1']\nr.cli()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = cli_with_command("raise SystemExit('fatal: stopped')")
     assert proc.returncode == 1 and proc.stderr.strip() == "fatal: stopped", proc.stderr
 
 
@@ -86,10 +91,6 @@ def test_the_process_group_is_destroyed(tmp_path):
 
 def test_a_crash_is_an_ordinary_traceback():
     """An unexpected exception leaves cli() the usual way: traceback, exit code 1."""
-    code = ("import mvptr_ds.run as r\n"
-            "def boom(*a, **k):\n    raise RuntimeError('unexpected')\n"
-            "r.run_command = boom\nimport sys; sys.argv = ['mvptr_ds', '--max_steps', '1']\nr.cli()")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = cli_with_command("raise RuntimeError('unexpected')")
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and proc.stderr.strip().endswith("RuntimeError: unexpected"), proc.stderr

@@ -228,22 +228,29 @@ def test_itm_hardest_negatives_by_direction_and_same_image_excluded():
     assert image_idx.tolist()[:2] == [1, 2] and valid.all()
 
 
+@torch.no_grad()
+def hardest_itm_reference(outs, batch, head):
+    """By hand, for a batch of three pairs of distinct images: the similarity ``[3, 3]``, each row's (text, image)
+    negative (hardest image for text-side rows, hardest text otherwise) and the head's logits ``[6, 2]`` on the
+    positives then those negatives (FakeCrossModel: pooled = text [CLS] + first region)."""
+    s = outs.text_embed @ outs.visual_embed.t()
+    s_ex = s - 10 * torch.eye(3)
+    hard_img, hard_txt = s_ex.argmax(1), s_ex.argmax(0)
+    side = batch.itm_text_side.tolist()
+    rows = [(i, int(hard_img[i])) if side[i] else (int(hard_txt[i]), i) for i in range(3)]
+    regions = outs.visual[:, outs.num_tags:]
+    neg = torch.stack([outs.text[ti, 0] + regions[ii, 0] for ti, ii in rows])
+    return s, rows, head(torch.cat([outs.pooled, neg]))
+
+
 def test_itm_exact_value_reuses_unimodal_states_and_no_grad_through_choice():
     batch = make_batch([0, 1, 2], [6, 5, 6], [1, 1, 0], [2, 3, 1])
     outs = fake_outputs(batch)
     model = FakeCrossModel()
     head = nn.Linear(8, 2)
     out = itm_loss(outs, batch, model, head)
-    with torch.no_grad():
-        s = outs.text_embed @ outs.visual_embed.t()
-        s_ex = s - 10 * torch.eye(3)
-        hard_img, hard_txt = s_ex.argmax(1), s_ex.argmax(0)
-        side = batch.itm_text_side.tolist()
-        rows = [(i, int(hard_img[i])) if side[i] else (int(hard_txt[i]), i) for i in range(3)]
-        regions = outs.visual[:, outs.num_tags:]
-        neg = torch.stack([outs.text[ti, 0] + regions[ii, 0] for ti, ii in rows])
-        logits = head(torch.cat([outs.pooled, neg]))
-        expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
+    _, rows, logits = hardest_itm_reference(outs, batch, head)
+    expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     text_h, text_mask, _, region_mask = model.calls[0]
     assert torch.equal(text_mask, batch.text_mask[[r[0] for r in rows]])
@@ -263,18 +270,10 @@ def test_itm_prior_adds_the_scaled_similarity_to_the_match_logit_without_gradien
     head = nn.Linear(8, 2)
     plain = itm_loss(outs, batch, FakeCrossModel(), head)
     out = itm_loss(outs, batch, FakeCrossModel(), head, prior=True)
-    with torch.no_grad():
-        s = outs.text_embed @ outs.visual_embed.t()
-        s_ex = s - 10 * torch.eye(3)
-        hard_img, hard_txt = s_ex.argmax(1), s_ex.argmax(0)
-        side = batch.itm_text_side.tolist()
-        rows = [(i, int(hard_img[i])) if side[i] else (int(hard_txt[i]), i) for i in range(3)]
-        regions = outs.visual[:, outs.num_tags:]
-        neg = torch.stack([outs.text[ti, 0] + regions[ii, 0] for ti, ii in rows])
-        logits = head(torch.cat([outs.pooled, neg]))
-        shift = scale * torch.cat([s.diag(), torch.stack([s[ti, ii] for ti, ii in rows])])
-        logits = torch.stack([logits[:, 0], logits[:, 1] + shift], 1)
-        expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
+    s, rows, logits = hardest_itm_reference(outs, batch, head)
+    shift = scale * torch.cat([s.diag(), torch.stack([s[ti, ii] for ti, ii in rows])])
+    logits = torch.stack([logits[:, 0], logits[:, 1] + shift], 1)
+    expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert abs(out.loss.item() - plain.loss.item()) > 1e-3
     out.loss.backward()
