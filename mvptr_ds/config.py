@@ -381,6 +381,9 @@ class RunConfig:
                     f"does not run (stage {self.train.stage} can run: {', '.join(allowed)})")
         if not self.objective_names:
             raise ConfigError("no objective selected")
+        if self.objectives.itm_prior and self.eval.finetune_task is None and "itm" not in self.objective_names:
+            raise ConfigError(f"objectives.itm_prior: changes ITM's score, and this run does not train ITM "
+                              f"(objectives: {','.join(self.objective_names)})")
         if self.data.join_pairs:
             self._check_join_pairs()
         return self

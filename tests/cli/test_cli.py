@@ -179,6 +179,8 @@ def test_negatives_and_loss_weights_reach_the_config_and_survive_a_config_file(t
                      "--itm_prior"])
     assert (cfg.objectives.itm_negatives, cfg.objectives.wpg_negative_encoding) == ("random", "separate")
     assert cfg.objectives.itm_prior is True and config_of([]).objectives.itm_prior is False
+    with pytest.raises(ConfigError, match="itm_prior: changes ITM's score, and this run does not train ITM"):
+        config_of(["--stage", "1", "--itm_prior"])
     assert cfg.objectives.weight("wpg") == 2.0 and cfg.objectives.weight("mlm") == 0.5
     assert cfg.objectives.weight("vsc") == 1.0
     path = tmp_path / "config.json"
