@@ -16,7 +16,7 @@ install:
 
 # The main job on the built-in corpus, on a machine without a GPU: a contrastive stage 1 on joined pairs, stage 2
 # from it, then evaluation on the world's held-out images (the recipe of BENCHMARKS.md's learnability section;
-# about 7 minutes on 2 cores). DATA picks another world (make demo DATA=synthetic:seed=7331).
+# under 10 minutes on 2 cores). DATA picks another world (make demo DATA=synthetic:seed=7331).
 # tests/test_learnability.py trains this recipe.
 DATA ?= synthetic
 DEMO = --model tiny --data $(DATA) --micro_batch 32 --resume none --save_every 500
