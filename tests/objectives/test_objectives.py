@@ -208,6 +208,10 @@ def test_world_size_one_gather_is_exactly_the_local_loss():
     b = itm_loss(outs, batch, model, head, gather=Identity1())
     assert torch.equal(a.loss, b.loss)
     assert all(torch.equal(x, y) for x, y in zip(model.calls[0], model.calls[1]))
+    outs = dataclasses.replace(outs, logit_scale=tau)  # --itm_prior reads the gathered embeddings of the negatives
+    a = itm_loss(outs, batch, model, head, prior=True)
+    b = itm_loss(outs, batch, model, head, gather=Identity1(), prior=True)
+    assert torch.equal(a.loss, b.loss) and abs(a.loss.item() - itm_loss(outs, batch, model, head).loss.item()) > 1e-4
 
 
 # ---- ITM --------------------------------------------------------------------------------------------
