@@ -127,7 +127,7 @@ def test_a_model_trained_with_the_itm_prior_is_scored_with_it(trained, tmp_path)
     config["objectives"]["itm_prior"] = True
     (prior / "config.json").write_text(json.dumps(config))
     model = load_model(str(prior))
-    scale = float(model.backbone.logit_scale.exp())
+    scale = float(model.backbone.logit_scale.detach().exp())
     assert load_model(plain).itm_prior_scale == 0.0 and model.itm_prior_scale == pytest.approx(scale)
     got = evaluate(str(prior), tasks="retrieval", max_images=12, show_progress=False)["retrieval"]
     assert got["itm_prior_scale"] == pytest.approx(scale)  # the JSON says how it ranked
