@@ -428,7 +428,10 @@ def exit_without_teardown(code: int) -> None:
     run_exit_handlers()  # reports and skips a failing handler itself
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a backend that fails to shut down: reported, the status kept
+            traceback.print_exc()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             if stream is not None:
