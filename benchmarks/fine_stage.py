@@ -116,16 +116,15 @@ def main(argv=None) -> dict:
         r = retrieval_recalls(for_tr.t().double(), for_ir.double(), rset.caption_image, image_key=rset.image_key)
         return [round(r["tr_r1"], 1), round(r["ir_r1"], 1)]
 
-    world = bundle.world
-    captions = {c.caption_id: c for c in world.captions}
-    images = {im.image_id: im for im in world.images}
+    world = bundle.world  # captions and images are lists indexed by their ids
     ranked = rankings(sim, itm, scale, args.weights.split(","))
-    out = {"checkpoint": args.checkpoint, "source": args.data or model.config.data.source, "images": n_img, "captions": n_cap,
+    out = {"checkpoint": args.checkpoint, "source": args.data or model.config.data.source, "images": n_img,
+           "captions": n_cap,
            "coarse": r1(ranked["coarse"]), "itm": r1(ranked["itm"]),
            "fused": {w: r1(m) for w, m in ranked["fused"].items()}, "centred": r1(ranked["centred"]),
            "near_misses": near_misses(
-               sim, itm, rset, [[tuple(t) for t in captions[ex.sample_id].tuples] for ex in rset.captions],
-               [image_facts(images[i]) for i in rset.image_ids], args.top),
+               sim, itm, rset, [[tuple(t) for t in world.captions[ex.sample_id].tuples] for ex in rset.captions],
+               [image_facts(world.images[i]) for i in rset.image_ids], args.top),
            "command": "python benchmarks/fine_stage.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out["machine"] = environment(torch.device("cpu"))
     out["date"] = out["machine"]["date"]

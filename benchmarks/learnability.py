@@ -53,9 +53,8 @@ def evaluate_held_out(module, data, source: str, train_images: int = 0) -> dict:
         out.update({f"{prefix}coarse_tr_r1": coarse["tr_r1"], f"{prefix}coarse_ir_r1": coarse["ir_r1"],
                     f"{prefix}r1_chance": coarse["tr_r1_chance"]})
         if "itm" in module.heads:
-            oc = module.objective_cfg
-            fine = evaluate_retrieval(module.backbone, module.heads["itm"], rset, collator, itm_prior_scale=prior_scale(
-                module.backbone.logit_scale, oc.itm_prior, oc.cap_logit_scale))
+            fine = evaluate_retrieval(module.backbone, module.heads["itm"], rset, collator,
+                                      itm_prior_scale=prior_scale(module.backbone.logit_scale, module.objective_cfg))
             out.update({f"{prefix}itm_tr_r1": fine["tr_r1"], f"{prefix}itm_ir_r1": fine["ir_r1"]})
     if module.backbone.with_cross:
         g = evaluate_grounding(module.backbone, data.held_out, collator)

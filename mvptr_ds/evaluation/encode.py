@@ -65,6 +65,7 @@ def encode_pairs(model, examples: Sequence, collator, batch_size: int = 64, devi
     if len(examples) == 0:
         raise ConfigError("encode: no image-caption pairs to encode")
     backbone, head = model.backbone, model.itm_head
+    prior = model.itm_prior_scale  # the score re-ranking uses: with --itm_prior, plus e^tau S
     backbone.eval()
     cols: Dict[str, list] = {f.name: [] for f in fields(PairEncoding)}
     for lo, hi in progress(list(_chunks(len(examples), batch_size)), "encode", show_progress):
@@ -79,8 +80,8 @@ def encode_pairs(model, examples: Sequence, collator, batch_size: int = 64, devi
         cols["visual_cls"].append(out.visual[:, 0])
         if out.pooled is not None:
             cols["pooled"].append(out.pooled)
-            if head is not None:  # the score re-ranking uses (with --itm_prior: plus e^tau S)
-                cols["itm_score"].append(itm_score(head, out.pooled) + model.itm_prior_scale * cols["similarity"][-1])
+            if head is not None:
+                cols["itm_score"].append(itm_score(head, out.pooled) + prior * cols["similarity"][-1])
     arrays = {}
     for name, parts in cols.items():
         if parts:

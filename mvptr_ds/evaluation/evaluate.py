@@ -82,11 +82,12 @@ def evaluate(checkpoint: str, data: Optional[str] = None, tasks: Optional[Sequen
     if "retrieval" in tasks:
         start = time.perf_counter()
         rset = retrieval_set(split, max_images=max_images)
+        prior = model.itm_prior_scale
         ret = evaluate_retrieval(model.backbone, model.itm_head, rset, collator, eval_cfg.rerank_captions,
                                  eval_cfg.rerank_images, eval_cfg.batch_size, device, rank, world_size,
-                                 show_progress=show_progress and main, itm_prior_scale=model.itm_prior_scale)
+                                 show_progress=show_progress and main, itm_prior_scale=prior)
         ret.update(k_captions=eval_cfg.rerank_captions, k_images=eval_cfg.rerank_images,
-                   reranked=model.itm_head is not None, itm_prior_scale=model.itm_prior_scale,
+                   reranked=model.itm_head is not None, itm_prior_scale=prior,
                    seconds=round(time.perf_counter() - start, 3))
         result["retrieval"] = ret
     if "grounding" in tasks:

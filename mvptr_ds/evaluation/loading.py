@@ -45,8 +45,7 @@ class LoadedModel:
 
         if self.config is None:  # weights without a run config (benchmarks' random initialisations)
             return 0.0
-        objectives = self.config.objectives
-        return prior_scale(self.backbone.logit_scale, objectives.itm_prior, objectives.cap_logit_scale)
+        return prior_scale(self.backbone.logit_scale, self.config.objectives)
 
 
 def _sub_state(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -104,12 +104,11 @@ def evaluate_retrieval_task(module: FinetuneModule, data: TaskData, cfg: RunConf
     from mvptr_ds.objectives.itm import prior_scale
 
     rank, world = _rank_world()
-    oc = cfg.objectives
     return evaluate_retrieval(module.backbone, module.heads["retrieval"], retrieval_set(data.eval_pairs),
                               eval_collator(cfg.data, data.vocab), k_captions=cfg.eval.rerank_captions,
                               k_images=cfg.eval.rerank_images, batch_size=cfg.eval.batch_size, device=device,
-                              rank=rank, world_size=world, itm_prior_scale=prior_scale(
-                                  module.backbone.logit_scale, oc.itm_prior, oc.cap_logit_scale))
+                              rank=rank, world_size=world,
+                              itm_prior_scale=prior_scale(module.backbone.logit_scale, cfg.objectives))
 
 
 def evaluate(module: FinetuneModule, data: TaskData, cfg: RunConfig, device="cpu") -> Dict[str, float]:

@@ -51,6 +51,7 @@ from mvptr_ds.objectives.base import Gather, LossOutput
 from mvptr_ds.objectives.vsc import gathered, temperature
 
 if TYPE_CHECKING:
+    from mvptr_ds.config import ObjectiveConfig
     from mvptr_ds.model.mvptr import EncoderOutputs, MVPTRModel
 
 
@@ -145,11 +146,11 @@ def _gather_states(text_h, text_mask, region_h, region_mask, gather: Optional[Ga
             gather(_pad_to(region_h, lr)), gather(_pad_to(region_mask, lr).to(torch.uint8)).bool())
 
 
-def prior_scale(logit_scale: torch.Tensor, prior: bool, cap_scale: bool = True) -> float:
+def prior_scale(logit_scale: torch.Tensor, objectives: "ObjectiveConfig") -> float:
     """The weight of the contrastive similarity in an ITM score at evaluation: VSC's temperature ``e^tau`` (the
-    one :func:`itm_loss` adds, as a tensor there: no host sync per step) with ``prior``
-    (``ObjectiveConfig.itm_prior``), else 0."""
-    return float(temperature(logit_scale.detach(), cap_scale)) if prior else 0.0
+    one :func:`itm_loss` adds, as a tensor there: no host sync per step; capped as ``objectives.cap_logit_scale``
+    says) with ``objectives.itm_prior``, else 0."""
+    return float(temperature(logit_scale.detach(), objectives.cap_logit_scale)) if objectives.itm_prior else 0.0
 
 
 def itm_loss(outputs: "EncoderOutputs", batch: Batch, model: "MVPTRModel", head: nn.Module,

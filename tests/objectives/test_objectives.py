@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from mvptr_ds.config import ObjectiveConfig
 from mvptr_ds.objectives import itm_loss, masked_token_loss, mcr_loss, mlm_loss, vsc_loss, zero_loss
 from mvptr_ds.objectives.itm import negative_pairs, prior_scale
 from objective_fixtures import FakeCrossModel, fake_outputs, make_batch
@@ -282,9 +283,10 @@ def test_itm_prior_adds_the_scaled_similarity_to_the_match_logit_without_gradien
     assert abs(out.loss.item() - plain.loss.item()) > 1e-3
     out.loss.backward()
     assert outs.text_embed.grad is None and outs.visual_embed.grad is None and outs.logit_scale.grad is None
-    assert prior_scale(outs.logit_scale, True) == pytest.approx(scale, rel=1e-6)
-    assert prior_scale(outs.logit_scale, False) == 0.0
-    assert prior_scale(outs.logit_scale, True, cap_scale=False) == pytest.approx(math.exp(tau), rel=1e-6)
+    assert prior_scale(outs.logit_scale, ObjectiveConfig(itm_prior=True)) == pytest.approx(scale, rel=1e-6)
+    assert prior_scale(outs.logit_scale, ObjectiveConfig(itm_prior=False)) == 0.0
+    assert prior_scale(outs.logit_scale, ObjectiveConfig(itm_prior=True, cap_logit_scale=False)) == pytest.approx(
+        math.exp(tau), rel=1e-6)
 
 
 @pytest.mark.parametrize("ids", [[3, 3, 3], [8]])
